@@ -1,0 +1,194 @@
+"""The proxy's configuration: one frozen model, read from the YAML file the operator renders.
+
+Secrets never live in the file; they come from the environment (see `Secrets`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+Strategy = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "least_response_time",
+    "equal_weighted",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(_Frozen):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    # /health, /ready, /stats and /metrics are served here, never on the client port.
+    admin_port: Annotated[int, Field(ge=1, le=65535)] = 9090
+    backlog: Annotated[int, Field(ge=1)] = 65535
+
+
+class BackendConfig(_Frozen):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+    url: HttpUrl
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    health_path: str = "/health"
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class LoadBalancingConfig(_Frozen):
+    strategy: Strategy = "least_connections"
+    # Smoothing factor for the least_response_time latency EWMA.
+    ewma_alpha: Annotated[float, Field(gt=0, le=1)] = 0.3
+
+
+class UpstreamConfig(_Frozen):
+    connect_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
+    max_connections_per_backend: Annotated[int, Field(ge=1)] = 1024
+    retry_on_connect_failure: bool = True
+
+
+class HealthCheckConfig(_Frozen):
+    interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    healthy_threshold: Annotated[int, Field(ge=1)] = 1
+    ejection_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+
+class AuthConfig(_Frozen):
+    enabled: bool = True
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: Annotated[int, Field(ge=0)] = 30
+    api_key_cache_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+
+class RateLimitConfig(_Frozen):
+    enabled: bool = True
+    per_ip: Annotated[int, Field(ge=1)] = 1000
+    per_user: Annotated[int, Field(ge=1)] = 10000
+    per_api_key: Annotated[int, Field(ge=1)] = 100000
+    window_seconds: Annotated[int, Field(ge=1)] = 60
+    # What happens while Redis is unreachable: an in-process limiter ("local"),
+    # let everything through ("open"), or reject with 503 ("closed").
+    on_redis_failure: Literal["local", "open", "closed"] = "local"
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+
+class RedisConfig(_Frozen):
+    url: str = "redis://127.0.0.1:6379/0"
+    socket_timeout_seconds: Annotated[float, Field(gt=0)] = 0.25
+
+
+class DatabaseConfig(_Frozen):
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 6432
+    database: str = "gpuproxy"
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = (
+        "prefer"
+    )
+    pool_min_size: Annotated[int, Field(ge=0)] = 1
+    pool_max_size: Annotated[int, Field(ge=1)] = 10
+
+
+class MeteringConfig(_Frozen):
+    enabled: bool = True
+    batch_size: Annotated[int, Field(ge=1)] = 500
+    flush_interval_seconds: Annotated[float, Field(gt=0)] = 1.0
+    max_buffered_records: Annotated[int, Field(ge=1)] = 100000
+
+
+class LimitsConfig(_Frozen):
+    max_connections_per_worker: Annotated[int, Field(ge=1)] = 30000
+    max_in_flight_per_worker: Annotated[int, Field(ge=1)] = 10000
+    max_body_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
+    keepalive_timeout_seconds: Annotated[float, Field(gt=0)] = 75.0
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 50.0
+
+
+class LoggingConfig(_Frozen):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = True
+
+
+class ProxyConfig(_Frozen):
+    """Everything one proxy pod needs, except secrets."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    backends: list[BackendConfig] = Field(default_factory=list)
+    load_balancing: LoadBalancingConfig = Field(default_factory=LoadBalancingConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    redis: RedisConfig | None = None
+    database: DatabaseConfig | None = None
+    metering: MeteringConfig = Field(default_factory=MeteringConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _unique_backends(self) -> ProxyConfig:
+        names = [b.name for b in self.backends]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+class Secrets(_Frozen):
+    """Secrets from the environment; the operator wires them from Kubernetes Secrets."""
+
+    jwt_secret: str | None = None
+    admin_token: str | None = None
+    db_user: str | None = None
+    db_password: str | None = None
+    redis_password: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Secrets:
+        source = os.environ if env is None else env
+        return cls(
+            jwt_secret=source.get("GPUPROXY_JWT_SECRET") or None,
+            admin_token=source.get("GPUPROXY_ADMIN_TOKEN") or None,
+            db_user=source.get("GPUPROXY_DB_USER") or None,
+            db_password=source.get("GPUPROXY_DB_PASSWORD") or None,
+            redis_password=source.get("GPUPROXY_REDIS_PASSWORD") or None,
+        )
+
+
+SECRET_ENV_VARS = (
+    "GPUPROXY_JWT_SECRET",
+    "GPUPROXY_ADMIN_TOKEN",
+    "GPUPROXY_DB_USER",
+    "GPUPROXY_DB_PASSWORD",
+    "GPUPROXY_REDIS_PASSWORD",
+)
+
+
+def parse_config(text: str) -> ProxyConfig:
+    """Parse the YAML text of a config file; raises pydantic.ValidationError or ValueError."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError("the proxy config file must hold a YAML mapping at the top level")
+    return ProxyConfig.model_validate(data)
+
+
+def load_config(path: Path) -> ProxyConfig:
+    return parse_config(path.read_text(encoding="utf-8"))

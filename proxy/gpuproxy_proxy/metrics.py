@@ -1,0 +1,83 @@
+"""Prometheus metrics of one proxy process, on a registry owned by the app (no module globals).
+
+Names follow the deployment guide's alert rules; label sets are bounded (backend names come
+from config, routes from a fixed list, status codes are grouped into classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Milliseconds; the guide alerts on p99 > 5000 ms, so buckets resolve well around it.
+DURATION_BUCKETS_MS = (
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 120000.0, 300000.0,
+)
+
+
+@dataclass
+class ProxyMetrics:
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests_total = Counter(
+            "gpuproxy_requests", "Requests handled.", ["route", "code_class"], registry=r
+        )
+        # Exposed as gpuproxy_requests_failed_total (a counter), which the alert rules use.
+        self.requests_failed = Counter(
+            "gpuproxy_requests_failed", "Requests answered with a 5xx status.", ["route"],
+            registry=r,
+        )
+        self.request_duration_ms = Histogram(
+            "gpuproxy_request_duration_milliseconds",
+            "Time from request received to response finished, in milliseconds.",
+            ["route"], buckets=DURATION_BUCKETS_MS, registry=r,
+        )
+        self.connections_active = Gauge(
+            "gpuproxy_connections_active", "Open client connections.", registry=r
+        )
+        self.requests_in_flight = Gauge(
+            "gpuproxy_requests_in_flight", "Requests being processed.", registry=r
+        )
+        self.db_connections_active = Gauge(
+            "gpuproxy_db_connections_active", "Database pool connections in use.", registry=r
+        )
+        self.db_connections_max = Gauge(
+            "gpuproxy_db_connections_max", "Database pool size limit.", registry=r
+        )
+        self.backend_healthy = Gauge(
+            "gpuproxy_backend_healthy", "1 when the backend takes traffic.", ["backend"],
+            registry=r,
+        )
+        self.backend_requests_in_flight = Gauge(
+            "gpuproxy_backend_requests_in_flight", "Requests in flight per backend.",
+            ["backend"], registry=r,
+        )
+        self.backend_failures = Counter(
+            "gpuproxy_backend_failures", "Upstream failures per backend.", ["backend", "reason"],
+            registry=r,
+        )
+        self.ratelimit_rejections = Counter(
+            "gpuproxy_ratelimit_rejections", "Requests rejected by a rate limit.", ["scope"],
+            registry=r,
+        )
+        self.ratelimit_fallback = Counter(
+            "gpuproxy_ratelimit_fallback",
+            "Rate-limit decisions taken without Redis (Redis unreachable).", ["mode"], registry=r,
+        )
+        self.usage_records_buffered = Gauge(
+            "gpuproxy_usage_records_buffered", "Usage records waiting to be written.", registry=r
+        )
+        self.usage_records_written = Counter(
+            "gpuproxy_usage_records_written", "Usage records written to the database.", registry=r
+        )
+        self.usage_records_dropped = Counter(
+            "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
+        )
+        self.connections_rejected = Counter(
+            "gpuproxy_connections_rejected", "Connections or requests refused by admission.",
+            ["reason"], registry=r,
+        )
