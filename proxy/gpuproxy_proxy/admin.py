@@ -1,0 +1,89 @@
+"""Admin API on the client port: create, list and revoke API keys (admin token only)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gpuproxy_proxy.apikeys import DatabaseUnavailable
+from gpuproxy_proxy.auth import AUTHENTICATOR, bearer_token
+from gpuproxy_proxy.http_errors import forbidden, json_error, unauthorized, unavailable
+
+_MAX_FIELD_LEN = 200
+
+
+def _require_admin(request: web.Request) -> None:
+    auth = request.app[AUTHENTICATOR]
+    if not auth.admin_enabled:
+        raise forbidden("the admin API is disabled: set GPUPROXY_ADMIN_TOKEN to enable it")
+    token = bearer_token(request)
+    if token is None:
+        raise unauthorized("missing credentials: send 'Authorization: Bearer <admin token>'", "")
+    if not auth.is_admin_token(token):
+        raise unauthorized("invalid admin token")
+
+
+def _bad_request(message: str) -> web.HTTPException:
+    return json_error(web.HTTPBadRequest, "invalid_request_error", message)
+
+
+def _string_field(body: dict[str, Any], name: str, required: bool) -> str:
+    value = body.get(name, "")
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise _bad_request(f"field '{name}' must be a non-empty string")
+    if len(value) > _MAX_FIELD_LEN:
+        raise _bad_request(f"field '{name}' must be at most {_MAX_FIELD_LEN} characters")
+    return value.strip()
+
+
+def _db_down(exc: DatabaseUnavailable) -> web.HTTPException:
+    return unavailable(f"the key database is unavailable ({exc}); retry shortly")
+
+
+async def create_key(request: web.Request) -> web.Response:
+    _require_admin(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _bad_request('the body must be JSON: {"user_id": "...", "name": "..."}') from exc
+    if not isinstance(body, dict):
+        raise _bad_request("the body must be a JSON object with 'user_id' (and optional 'name')")
+    user_id = _string_field(body, "user_id", required=True)
+    name = _string_field(body, "name", required=False)
+    try:
+        key, plaintext = await request.app[AUTHENTICATOR].keys.create(user_id, name)
+    except DatabaseUnavailable as exc:
+        raise _db_down(exc) from exc
+    # The plaintext key is returned exactly once; only its hash is stored.
+    return web.json_response({**key.public(), "key": plaintext}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    _require_admin(request)
+    user_id = request.query.get("user_id") or None
+    include_revoked = request.query.get("include_revoked", "true").lower() != "false"
+    try:
+        keys = await request.app[AUTHENTICATOR].keys.list(user_id, include_revoked)
+    except DatabaseUnavailable as exc:
+        raise _db_down(exc) from exc
+    return web.json_response({"keys": [k.public() for k in keys]})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    _require_admin(request)
+    key_id = request.match_info["key_id"]
+    try:
+        key = await request.app[AUTHENTICATOR].keys.revoke(key_id)
+    except DatabaseUnavailable as exc:
+        raise _db_down(exc) from exc
+    if key is None:
+        raise json_error(web.HTTPNotFound, "not_found_error", f"no API key with id {key_id!r}")
+    return web.json_response(key.public())
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/keys", create_key)
+    app.router.add_get("/admin/keys", list_keys)
+    app.router.add_delete("/admin/keys/{key_id}", revoke_key)

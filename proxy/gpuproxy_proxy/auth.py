@@ -1,0 +1,112 @@
+"""Request authentication: `Authorization: Bearer <API key | JWT | admin token>` or `X-API-Key`.
+
+401 for missing or invalid credentials (with `WWW-Authenticate`), 403 for revoked keys,
+503 when a key cannot be checked because the database is down and the key is not cached.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gpuproxy_proxy.apikeys import ApiKeyStore, DatabaseUnavailable, looks_like_api_key
+from gpuproxy_proxy.appkeys import CONFIG, SECRETS
+from gpuproxy_proxy.config import AuthConfig, Secrets
+from gpuproxy_proxy.db import DB_POOL, Database
+from gpuproxy_proxy.http_errors import forbidden, unauthorized, unavailable
+from gpuproxy_proxy.jwt_auth import InvalidToken, JwtVerifier, looks_like_jwt
+from gpuproxy_proxy.principal import ADMIN, ANONYMOUS, Principal
+
+log = logging.getLogger(__name__)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The credential from `Authorization: Bearer ...` or `X-API-Key`, else None."""
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        raise unauthorized("the Authorization header must be 'Bearer <API key or JWT>'")
+    key = request.headers.get("X-API-Key")
+    return key.strip() if key and key.strip() else None
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig, secrets: Secrets, db: Database | None) -> None:
+        self.enabled = config.enabled
+        self.keys = ApiKeyStore(db, config.api_key_cache_seconds)
+        self._has_db = db is not None
+        self._admin_token = secrets.admin_token.encode() if secrets.admin_token else None
+        self._jwt = (
+            JwtVerifier(
+                secrets.jwt_secret,
+                issuer=config.jwt_issuer,
+                audience=config.jwt_audience,
+                leeway_seconds=config.jwt_leeway_seconds,
+            )
+            if secrets.jwt_secret
+            else None
+        )
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self._admin_token is not None
+
+    def is_admin_token(self, token: str) -> bool:
+        # Constant-time: the comparison must not leak how many leading bytes matched.
+        return self._admin_token is not None and hmac.compare_digest(
+            token.encode(), self._admin_token
+        )
+
+    async def authenticate(self, request: web.Request) -> Principal:
+        """The caller's Principal; raises a JSON HTTPException (401/403/503) otherwise."""
+        if not self.enabled:
+            return ANONYMOUS
+        token = bearer_token(request)
+        if token is None:
+            raise unauthorized(
+                "missing credentials: send 'Authorization: Bearer <API key or JWT>' or 'X-API-Key'",
+                error="",
+            )
+        return await self.authenticate_token(token)
+
+    async def authenticate_token(self, token: str) -> Principal:
+        if looks_like_api_key(token):
+            return await self._api_key(token)
+        if self.is_admin_token(token):
+            return ADMIN
+        if looks_like_jwt(token):
+            if self._jwt is None:
+                raise unauthorized("JWT authentication is not configured on this proxy")
+            try:
+                return Principal(kind="jwt", user_id=self._jwt.verify(token))
+            except InvalidToken as exc:
+                raise unauthorized(str(exc)) from exc
+        raise unauthorized("the credential is neither a valid API key nor a JWT")
+
+    async def _api_key(self, token: str) -> Principal:
+        if not self._has_db:
+            raise unauthorized("API keys are not available: this proxy has no database")
+        try:
+            record = await self.keys.lookup(token)
+        except DatabaseUnavailable as exc:
+            log.warning("API key check failed: database unavailable (%s)", exc)
+            raise unavailable("cannot verify the API key right now; retry shortly") from exc
+        if record is None:
+            raise unauthorized("invalid API key")
+        if record.revoked:
+            raise forbidden(f"the API key {record.prefix}... has been revoked")
+        return Principal(kind="api_key", user_id=record.user_id, api_key_id=record.id)
+
+
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx (after db_ctx): builds the Authenticator from config and secrets."""
+    app[AUTHENTICATOR] = Authenticator(app[CONFIG].auth, app[SECRETS], app[DB_POOL])
+    yield

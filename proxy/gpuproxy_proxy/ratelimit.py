@@ -1,0 +1,260 @@
+"""Rate limiting per client IP, user and API key: one Redis Lua call per request, with a
+fallback (in-process limiter, fail open, or fail closed) while Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Iterable
+from functools import lru_cache
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
+from gpuproxy_proxy.config import RateLimitConfig, RedisConfig, Secrets
+from gpuproxy_proxy.http_errors import error_body
+from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.principal import Principal
+from gpuproxy_proxy.ratelimit_lua import SLIDING_WINDOW_LUA
+from gpuproxy_proxy.ratelimit_window import (
+    UNLIMITED,
+    LocalWindowLimiter,
+    RateLimitDecision,
+    Scope,
+    decide,
+)
+
+__all__ = [
+    "RATE_LIMITER",
+    "RateLimitDecision",
+    "RateLimiter",
+    "client_ip",
+    "rate_limit_headers",
+    "rate_limit_response",
+    "ratelimit_ctx",
+]
+
+log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_REDIS_MAX_CONNECTIONS = 64
+_PROBE_INTERVAL_SECONDS = 1.0
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+@lru_cache(maxsize=64)
+def _parse_networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _networks(trusted: Iterable[str] | Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    items = tuple(trusted)
+    if items and isinstance(items[0], str):
+        return _parse_networks(tuple(str(i) for i in items))
+    return tuple(i for i in items if not isinstance(i, str))
+
+
+def client_ip(request: web.Request, trusted_proxies: Iterable[str] | Iterable[IPNetwork]) -> str:
+    """The client's address: X-Forwarded-For is honoured only when the peer is a trusted proxy,
+    walking right to left past trusted hops to the first untrusted one."""
+    peer = request.remote or ""
+    networks = _networks(trusted_proxies)
+    if not networks:
+        return peer
+
+    def trusted(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(addr in net for net in networks)
+
+    current = _ip(peer)
+    if current is None or not trusted(current):
+        return peer
+    headers = request.headers.getall("X-Forwarded-For", [])
+    hops = [hop for header in headers for hop in header.split(",")]
+    for hop in reversed(hops):
+        addr = _ip(hop)
+        if addr is None:
+            break  # garbage cannot be trusted: stop at the last hop we could verify
+        current = addr
+        if not trusted(addr):
+            break
+    return str(current)
+
+
+def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
+    if decision.limit == 0:
+        return {}
+    headers = {
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(decision.reset_seconds),
+    }
+    if not decision.allowed:
+        headers["Retry-After"] = str(decision.retry_after_seconds)
+    return headers
+
+
+def rate_limit_response(decision: RateLimitDecision) -> web.Response:
+    """The rejection: 429 naming the scope, or 503 when failing closed without Redis."""
+    if decision.status == 503:
+        body = error_body(
+            "service_unavailable", "rate limiting is unavailable (Redis unreachable); retry shortly"
+        )
+        headers = {"Retry-After": str(decision.retry_after_seconds)}
+    else:
+        body = error_body(
+            "rate_limit_exceeded",
+            f"rate limit exceeded for scope '{decision.scope}': {decision.limit} requests per "
+            f"window; retry after {decision.retry_after_seconds} s",
+        )
+        headers = rate_limit_headers(decision)
+    return web.Response(
+        status=decision.status, text=body, content_type="application/json", headers=headers
+    )
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        redis_config: RedisConfig | None,
+        secrets: Secrets,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.trusted: tuple[IPNetwork, ...] = _parse_networks(tuple(config.trusted_proxies))
+        self._metrics = metrics
+        self._window_ms = config.window_seconds * 1000
+        self._local = LocalWindowLimiter(config.window_seconds)
+        self._redis: aioredis.Redis | None = None
+        self._timeout = 0.0
+        self._down = False
+        self._probe: asyncio.Task[None] | None = None
+        if redis_config is not None:
+            self._timeout = redis_config.socket_timeout_seconds
+            pool = aioredis.BlockingConnectionPool.from_url(
+                redis_config.url,
+                max_connections=_REDIS_MAX_CONNECTIONS,
+                timeout=self._timeout,
+                password=secrets.redis_password,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                # Fail fast: the fallback limiter, not a retry loop, handles an outage.
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._redis = aioredis.Redis(connection_pool=pool)
+            self._script = self._redis.register_script(SLIDING_WINDOW_LUA)
+
+    def client_ip(self, request: web.Request) -> str:
+        return client_ip(request, self.trusted)
+
+    def redis_ready(self) -> bool:
+        """False while Redis is configured but unreachable; True when not configured."""
+        return self._redis is None or not self._down
+
+    def scopes(self, ip: str, principal: Principal) -> list[Scope]:
+        c = self.config
+        scopes = [Scope("ip", "rl:ip:" + ip, c.per_ip)]
+        if principal.user_id is not None:
+            scopes.append(Scope("user", "rl:user:" + principal.user_id, c.per_user))
+        if principal.api_key_id is not None:
+            scopes.append(Scope("api_key", "rl:key:" + principal.api_key_id, c.per_api_key))
+        return scopes
+
+    async def check(self, client_ip: str, principal: Principal) -> RateLimitDecision:
+        if not self.config.enabled:
+            return UNLIMITED
+        scopes = self.scopes(client_ip, principal)
+        if self._redis is None:
+            return self._count(self._local.check(scopes))
+        if self._down:
+            return self._fallback(scopes)
+        try:
+            async with asyncio.timeout(self._timeout * 2):
+                raw = await self._script(
+                    keys=[s.key for s in scopes],
+                    args=[self.config.window_seconds, *(s.limit for s in scopes)],
+                )
+        except _FAILURES as exc:
+            self._mark_down(exc)
+            return self._fallback(scopes)
+        counts = [(int(raw[2 + 2 * i]), int(raw[3 + 2 * i])) for i in range(len(scopes))]
+        decision = decide(scopes, raw[0] == 1, int(raw[1]), counts, self._window_ms, "redis")
+        return self._count(decision)
+
+    def _count(self, decision: RateLimitDecision) -> RateLimitDecision:
+        if not decision.allowed and self._metrics is not None:
+            self._metrics.ratelimit_rejections.labels(decision.scope).inc()
+        return decision
+
+    def _fallback(self, scopes: list[Scope]) -> RateLimitDecision:
+        mode = self.config.on_redis_failure
+        if self._metrics is not None:
+            self._metrics.ratelimit_fallback.labels(mode).inc()
+        if mode == "local":
+            return self._count(self._local.check(scopes))
+        if mode == "open":
+            return RateLimitDecision(True, 0, 0, 0, 0, "", "open")
+        return RateLimitDecision(False, 0, 0, 0, 1, "", "closed")
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._down:
+            return
+        self._down = True
+        # Logged once per outage; the probe logs the recovery.
+        log.warning(
+            "Redis unreachable (%s: %s); rate limiting falls back to %r until it returns",
+            type(exc).__name__, exc, self.config.on_redis_failure,
+        )
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_until_up(), name="redis-probe")
+
+    async def _probe_until_up(self) -> None:
+        assert self._redis is not None
+        while self._down:
+            await asyncio.sleep(_PROBE_INTERVAL_SECONDS)
+            try:
+                async with asyncio.timeout(self._timeout * 2):
+                    await self._redis.ping()
+            except _FAILURES:
+                continue
+            self._down = False
+            log.warning("Redis reachable again; rate limiting uses Redis")
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self._redis is not None:
+            await self._redis.aclose()
+            await self._redis.connection_pool.disconnect()
+
+
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+
+
+async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    limiter = RateLimiter(config.rate_limits, config.redis, app[SECRETS], app[METRICS])
+    app[RATE_LIMITER] = limiter
+    try:
+        yield
+    finally:
+        await limiter.close()
