@@ -1,0 +1,164 @@
+"""Starts the servers under test on loopback: the fast backend, nginx, gpuproxy, Redis.
+
+Each starter writes its own temp config, launches through `Children` and waits for the port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import BENCH_DIR, PYTHON, VENV_BIN, Children, free_port, wait_port
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+# High enough that the benchmark never trips them; the Redis round trip still happens.
+NO_LIMIT = 1_000_000_000
+JWT_SECRET = "bench-only-secret-bench-only-secret"  # noqa: S105 - throwaway loopback secret
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    port: int
+    pid: int
+    admin_port: int | None = None
+
+
+def start_backend(kids: Children, sse_events: int = 20, sse_delay_ms: float = 50.0) -> Server:
+    port = free_port()
+    argv = [PYTHON, str(BENCH_DIR / "backend.py"), "--port", str(port)]
+    argv += ["--sse-events", str(sse_events), "--sse-delay-ms", str(sse_delay_ms)]
+    proc = kids.start("backend", argv)
+    wait_port(port, 10, proc)
+    return Server("backend", port, proc.pid)
+
+
+def nginx_conf(prefix: Path, port: int, backend_port: int, workers: int, conns: int) -> str:
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""daemon off;
+master_process on;
+worker_processes {workers};
+worker_rlimit_nofile 20000;
+pid {prefix / "nginx.pid"};
+error_log stderr warn;
+events {{
+    worker_connections {conns};
+    use epoll;
+}}
+http {{
+    access_log off;
+{temp}
+    keepalive_timeout 600s;
+    keepalive_requests 10000000;
+    upstream bench_backend {{
+        server 127.0.0.1:{backend_port};
+        keepalive 512;
+        keepalive_requests 10000000;
+        keepalive_timeout 600s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://bench_backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(
+    kids: Children, work: Path, backend_port: int, workers: int, conns: int = 19500
+) -> Server:
+    prefix = work / "nginx"
+    prefix.mkdir(exist_ok=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(prefix, port, backend_port, workers, conns))
+    proc = kids.start("nginx", [NGINX, "-p", str(prefix), "-c", str(conf), "-e", "stderr"])
+    wait_port(port, 10, proc)
+    return Server("nginx", port, proc.pid)
+
+
+def start_redis(kids: Children, work: Path) -> int:
+    port = free_port()
+    argv = [REDIS, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(work), "--protected-mode", "yes", "--maxclients", "10000"]
+    proc = kids.start("redis", argv)
+    wait_port(port, 10, proc)
+    return port
+
+
+def proxy_config(
+    port: int, admin_port: int, backend_port: int, workers: int, redis_port: int | None
+) -> dict[str, object]:
+    """The proxy's YAML config as a dict; auth + rate limits on when a Redis port is given."""
+    secure = redis_port is not None
+    config: dict[str, object] = {
+        "listen": {"host": "127.0.0.1", "port": port, "admin_port": admin_port, "backlog": 4096},
+        "workers": workers,
+        "backends": [{"name": "bench", "url": f"http://127.0.0.1:{backend_port}"}],
+        "load_balancing": {"strategy": "round_robin"},
+        "upstream": {"max_connections_per_backend": 1024},
+        "auth": {"enabled": secure},
+        "rate_limits": {
+            "enabled": secure,
+            "per_ip": NO_LIMIT,
+            "per_user": NO_LIMIT,
+            "per_api_key": NO_LIMIT,
+            "on_redis_failure": "open",
+        },
+        "metering": {"enabled": False},
+        # Idle keep-alive connections must outlive the idle benchmark's hold time.
+        "limits": {"keepalive_timeout_seconds": 600, "max_connections_per_worker": 30000},
+        "logging": {"level": "WARNING"},
+    }
+    if secure:
+        config["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
+    return config
+
+
+def start_gpuproxy(
+    kids: Children,
+    work: Path,
+    name: str,
+    backend_port: int,
+    workers: int,
+    redis_port: int | None = None,
+) -> Server:
+    port, admin_port = free_port(), free_port()
+    path = work / f"{name}.yaml"
+    # JSON is valid YAML; no need to depend on a YAML writer here.
+    path.write_text(json.dumps(proxy_config(port, admin_port, backend_port, workers, redis_port)))
+    env = dict(os.environ)
+    env["GPUPROXY_JWT_SECRET"] = JWT_SECRET
+    env["GPUPROXY_ADMIN_TOKEN"] = "bench-admin-token"  # noqa: S105 - loopback only
+    exe = VENV_BIN / "gpuproxy-proxy"
+    argv = [str(exe), "--config", str(path), "--workers", str(workers)]
+    proc = kids.start(name, argv, env=env)
+    try:
+        wait_port(port, 30, proc)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\n--- {name} log ---\n{kids.log_tail(name)}") from exc
+    # All workers must be up before measuring: wait until the tree stops growing.
+    time.sleep(1.0)
+    return Server(name, port, proc.pid, admin_port)
+
+
+def make_jwt(subject: str = "bench-user") -> str:
+    import jwt  # pyjwt, from the proxy extra
+
+    now = int(time.time())
+    claims = {"sub": subject, "iat": now, "nbf": now - 5, "exp": now + 24 * 3600}
+    return str(jwt.encode(claims, JWT_SECRET, algorithm="HS256"))
