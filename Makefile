@@ -1,0 +1,58 @@
+# Developer and CI entry points. `make test` is what CI runs (through .ci/run).
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+# helm/kubectl unpacked by bootstrap, then the venv's tools (hadolint, ruff), for every recipe
+# and every test subprocess.
+export PATH := $(ROOT)/.tools/bin:$(VENV)/bin:$(PATH)
+
+LINT_PATHS := $(wildcard operator proxy tests)
+DOCKERFILES := $(wildcard Dockerfile.operator Dockerfile.proxy)
+CRD_FILE := crds/gpuproxy.aiserve.farm_gpuproxyclusters.yaml
+EXAMPLE := examples/gpuproxycluster-minimal.yaml
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k services -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap bootstrap-python lint typecheck pytest test demo render crd
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+bootstrap-python:
+	bash scripts/bootstrap.sh python
+
+lint:
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+ifneq ($(DOCKERFILES),)
+	$(VENV)/bin/hadolint $(DOCKERFILES)
+endif
+
+typecheck:
+	$(VENV)/bin/mypy
+
+pytest:
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+# Runs every stage even if an earlier one fails, so one run shows all problems; fails at the end.
+test: bootstrap
+	@failed=""; \
+	for stage in lint typecheck pytest; do \
+		echo "=== make $$stage"; \
+		$(MAKE) --no-print-directory $$stage || failed="$$failed $$stage"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "=== FAILED:$$failed"; exit 1; fi; \
+	echo "=== lint, typecheck and pytest passed"
+
+demo: bootstrap-python
+	$(VENV)/bin/gpuproxy-proxy --demo --self-test
+
+render: bootstrap-python
+	$(VENV)/bin/gpuproxy-operator render -f $(EXAMPLE)
+
+# Written through a temp file so a failing generator never leaves a truncated CRD behind.
+crd: bootstrap-python
+	$(VENV)/bin/gpuproxy-operator crd > $(CRD_FILE).tmp
+	mv $(CRD_FILE).tmp $(CRD_FILE)
