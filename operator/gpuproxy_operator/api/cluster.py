@@ -1,0 +1,155 @@
+"""The GpuProxyCluster resource: spec, status and the parsed object the operator works on."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+
+from gpuproxy_operator.api.base import KIND, Model, Name
+from gpuproxy_operator.api.components import (
+    AutoscalingSpec,
+    DatabaseSpec,
+    MonitoringSpec,
+    NodeTuningSpec,
+    PgBouncerSpec,
+    RedisSpec,
+)
+from gpuproxy_operator.api.proxy import ProxySpec
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Paused"]
+
+
+class GpuProxyClusterSpec(Model):
+    """Desired state of a GPU inference proxy stack."""
+
+    proxy: ProxySpec
+    """The proxy data plane."""
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    """Connection-based autoscaling of the proxy."""
+    database: DatabaseSpec
+    """The PostgreSQL that stores usage records and API keys."""
+    pgbouncer: PgBouncerSpec = Field(default_factory=PgBouncerSpec)
+    """PgBouncer between the proxies and PostgreSQL."""
+    redis: RedisSpec = Field(default_factory=RedisSpec)
+    """Redis for shared rate limits."""
+    node_tuning: NodeTuningSpec = Field(default_factory=NodeTuningSpec)
+    """Kernel tuning of the nodes."""
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    """Prometheus alerts and scraping."""
+    paused: bool = False
+    """Stop changing child objects (status still updates)."""
+
+
+class Condition(Model):
+    """A status condition, as in Kubernetes API conventions."""
+
+    type: str
+    """Ready, Progressing, Degraded, Paused, Scaling or a component (ProxyReady, ...)."""
+    status: Literal["True", "False", "Unknown"]
+    """Condition status."""
+    reason: str = ""
+    """One-word CamelCase reason."""
+    message: str = ""
+    """What happened and what to do, for a person."""
+    last_transition_time: str | None = None
+    """When status last changed (RFC 3339)."""
+    observed_generation: int | None = None
+    """The spec generation this condition describes."""
+
+
+class Endpoints(Model):
+    """In-cluster addresses of the stack."""
+
+    proxy: str | None = None
+    """Client URL of the proxy Service."""
+    metrics: str | None = None
+    """Metrics URL of the proxy Service."""
+    pgbouncer: str | None = None
+    """host:port of PgBouncer."""
+    redis: str | None = None
+    """redis:// URL in use."""
+
+
+class GpuProxyClusterStatus(Model):
+    """Observed state, written by the operator."""
+
+    phase: Phase | None = None
+    """Pending, Progressing, Ready, Degraded or Paused."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Latest observations."""
+    observed_generation: int | None = None
+    """The spec generation the status describes."""
+    replicas: int | None = None
+    """Proxy pods (for the scale subresource)."""
+    ready_replicas: int | None = None
+    """Ready proxy pods."""
+    selector: str | None = None
+    """Label selector of the proxy pods (for the scale subresource)."""
+    current_connections: int | None = None
+    """Client connections across all proxy pods at the last scrape."""
+    desired_replicas: int | None = None
+    """Replicas the autoscaler last asked for."""
+    last_scale_time: str | None = None
+    """When the autoscaler last changed replicas (RFC 3339)."""
+    endpoints: Endpoints = Field(default_factory=Endpoints)
+    """In-cluster addresses."""
+
+
+class ObjectMeta(Model):
+    """The parts of metadata the builders need."""
+
+    model_config = Model.model_config | {"extra": "ignore", "alias_generator": None}
+
+    name: Name
+    namespace: Annotated[str, Field(min_length=1)] = "default"
+    uid: str = ""
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class GpuProxyCluster(Model):
+    """A whole GpuProxyCluster object, parsed."""
+
+    model_config = Model.model_config | {"extra": "ignore"}
+
+    api_version: Literal["gpuproxy.aiserve.farm/v1alpha1"] = "gpuproxy.aiserve.farm/v1alpha1"
+    kind: Literal["GpuProxyCluster"] = "GpuProxyCluster"
+    metadata: ObjectMeta
+    spec: GpuProxyClusterSpec
+
+
+class InvalidSpecError(ValueError):
+    """A resource failed validation; `problems` are (field path, reason) pairs."""
+
+    def __init__(self, obj: str, problems: list[tuple[str, str]]) -> None:
+        self.obj = obj
+        self.problems = problems
+        detail = "; ".join(f"{path}: {reason}" for path, reason in problems)
+        super().__init__(f"{obj} is invalid: {detail}")
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-after[") or part.startswith("function-before["):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_cluster(body: dict[str, Any]) -> GpuProxyCluster:
+    """Parse a GpuProxyCluster body, raising InvalidSpecError with field paths on bad input."""
+    meta = body.get("metadata") or {}
+    label = f"{KIND} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
+    try:
+        return GpuProxyCluster.model_validate(body)
+    except ValidationError as exc:
+        problems = [
+            (_path(tuple(e["loc"])), e["msg"].removeprefix("Value error, "))
+            for e in exc.errors()
+        ]
+        raise InvalidSpecError(label, problems) from exc

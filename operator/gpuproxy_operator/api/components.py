@@ -1,0 +1,277 @@
+"""The supporting components of a GpuProxyCluster: autoscaling, database, PgBouncer, Redis,
+node tuning and monitoring. Defaults are the production deployment guide's numbers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from gpuproxy_operator.api.base import Model, Name, Resources, SecretKeyRef, Toleration
+
+
+class ScalingPolicy(Model):
+    """At most `value` pods (type Pods) or percent of current replicas (type Percent) per period."""
+
+    type: Literal["Pods", "Percent"]
+    """Pods or Percent."""
+    value: Annotated[int, Field(ge=1)]
+    """Amount of change allowed per period."""
+    period_seconds: Annotated[int, Field(ge=1, le=1800)]
+    """Length of the period the change is counted over."""
+
+
+class ScalingRules(Model):
+    """Rate limits on one scaling direction, as in the HorizontalPodAutoscaler."""
+
+    stabilization_window_seconds: Annotated[int, Field(ge=0, le=3600)]
+    """Recommendations of this past window are considered; the most conservative wins."""
+    select_policy: Literal["Max", "Min", "Disabled"] = "Max"
+    """Which policy wins when several apply; Disabled turns this direction off."""
+    policies: Annotated[list[ScalingPolicy], Field(max_length=10)]
+    """Allowed rate of change."""
+
+
+def _default_scale_up() -> ScalingRules:
+    return ScalingRules(
+        stabilization_window_seconds=0,
+        select_policy="Max",
+        policies=[
+            ScalingPolicy(type="Percent", value=100, period_seconds=15),
+            ScalingPolicy(type="Pods", value=4, period_seconds=15),
+        ],
+    )
+
+
+def _default_scale_down() -> ScalingRules:
+    return ScalingRules(
+        stabilization_window_seconds=300,
+        select_policy="Max",
+        policies=[ScalingPolicy(type="Percent", value=100, period_seconds=15)],
+    )
+
+
+class ScalingBehavior(Model):
+    """Scale-up and scale-down behaviour (HPA defaults)."""
+
+    scale_up: ScalingRules = Field(default_factory=_default_scale_up)
+    """Scale-up rules (default: no window, +100% or +4 pods per 15 s, whichever is more)."""
+    scale_down: ScalingRules = Field(default_factory=_default_scale_down)
+    """Scale-down rules (default: 300 s window, -100% per 15 s)."""
+
+
+class AutoscalingSpec(Model):
+    """Connection-based autoscaling of the proxy replicas by the operator."""
+
+    enabled: bool = False
+    """Let the operator own proxy replicas, from live connection counts."""
+    min_replicas: Annotated[int, Field(ge=1, le=1000)] = 2
+    """Lower bound."""
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Upper bound (guide: 10 x 100k = 1M)."""
+    target_connections: Annotated[int, Field(ge=1)] = 1_000_000
+    """Total connections the platform is sized for; replicas are not scaled beyond what it needs."""
+    headroom_percent: Annotated[int, Field(ge=0, le=90)] = 20
+    """Spare capacity kept per replica: target utilisation is 100 - headroomPercent."""
+    tolerance_percent: Annotated[int, Field(ge=0, le=50)] = 10
+    """No change while the usage ratio is within this band around 1.0."""
+    interval_seconds: Annotated[int, Field(ge=5, le=600)] = 15
+    """How often connection counts are read."""
+    behavior: ScalingBehavior = Field(default_factory=ScalingBehavior)
+    """Rate policies and stabilization windows."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must be less than or equal to maxReplicas")
+        return self
+
+
+class DatabaseSpec(Model):
+    """The user's PostgreSQL (usage records and API keys), reached through PgBouncer."""
+
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    """Host name of the PostgreSQL server."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 5432
+    """PostgreSQL port."""
+    database: Annotated[str, Field(min_length=1, max_length=63)] = "gpuproxy"
+    """Database name."""
+    credentials_secret: Name
+    """Secret with keys `username` and `password` of the login role."""
+    ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = (
+        "prefer"
+    )
+    """TLS mode from PgBouncer to PostgreSQL."""
+
+
+class PgBouncerSpec(Model):
+    """PgBouncer in transaction pooling mode in front of the database."""
+
+    image: str = "edoburu/pgbouncer:v1.24.1-p1"
+    """Container image providing the pgbouncer binary."""
+    replicas: Annotated[int, Field(ge=1, le=100)] = 2
+    """PgBouncer pods."""
+    pool_mode: Literal["session", "transaction", "statement"] = "transaction"
+    """Pooling mode; transaction is what 100k clients need."""
+    max_client_conn: Annotated[int, Field(ge=1)] = 100_000
+    """Client connections one PgBouncer accepts."""
+    default_pool_size: Annotated[int, Field(ge=1)] = 500
+    """Server connections per user/database pair."""
+    reserve_pool_size: Annotated[int, Field(ge=0)] = 50
+    """Extra server connections when clients wait too long."""
+    reserve_pool_timeout_seconds: Annotated[int, Field(ge=0)] = 5
+    """Wait before the reserve pool is used."""
+    server_lifetime_seconds: Annotated[int, Field(ge=0)] = 1800
+    """Server connections older than this are closed when idle."""
+    server_idle_timeout_seconds: Annotated[int, Field(ge=0)] = 300
+    """Idle server connections are closed after this."""
+    server_connect_timeout_seconds: Annotated[int, Field(ge=1)] = 15
+    """Connect timeout toward PostgreSQL."""
+    query_timeout_seconds: Annotated[int, Field(ge=0)] = 0
+    """Cancel queries running longer (0 = off)."""
+    query_wait_timeout_seconds: Annotated[int, Field(ge=0)] = 120
+    """Clients waiting longer for a server connection get an error."""
+    max_db_connections: Annotated[int, Field(ge=0)] = 500
+    """Server connections per database per PgBouncer pod (0 = unlimited)."""
+    max_user_connections: Annotated[int, Field(ge=0)] = 500
+    """Server connections per user per PgBouncer pod (0 = unlimited)."""
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            requests={"cpu": "4", "memory": "4Gi"}, limits={"cpu": "8", "memory": "8Gi"}
+        )
+    )
+    """Container resources (guide: 4 CPU / 4Gi requested, 8 / 8Gi limits)."""
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> PgBouncerSpec:
+        if self.max_db_connections and self.default_pool_size > self.max_db_connections:
+            raise ValueError("defaultPoolSize must not exceed maxDbConnections")
+        return self
+
+
+class RedisSpec(Model):
+    """Redis for rate limiting: bundled (operator-managed, cache-only) or external."""
+
+    mode: Literal["bundled", "external"] = "bundled"
+    """bundled runs one Redis pod; external uses `url`."""
+    url: Annotated[str, Field(pattern=r"^rediss?://")] | None = None
+    """redis:// or rediss:// URL of an external Redis (mode external)."""
+    password_secret_ref: SecretKeyRef | None = None
+    """Password of the external Redis, or of the bundled one when set."""
+    image: str = "redis:7.4-alpine"
+    """Image of the bundled Redis."""
+    maxmemory: Annotated[str, Field(pattern=r"^[0-9]+(b|kb|mb|gb|k|m|g)?$")] = "16gb"
+    """redis.conf maxmemory."""
+    maxmemory_policy: Literal[
+        "allkeys-lru", "allkeys-lfu", "volatile-lru", "volatile-lfu", "allkeys-random",
+        "volatile-ttl", "noeviction",
+    ] = "allkeys-lru"
+    """Eviction policy."""
+    tcp_backlog: Annotated[int, Field(ge=128, le=1_048_576)] = 65535
+    """redis.conf tcp-backlog (bounded by the pod's net.core.somaxconn)."""
+    timeout_seconds: Annotated[int, Field(ge=0)] = 300
+    """Idle client timeout."""
+    tcp_keepalive_seconds: Annotated[int, Field(ge=0)] = 60
+    """TCP keepalive toward clients."""
+    io_threads: Annotated[int, Field(ge=1, le=128)] = 4
+    """I/O threads (reads too)."""
+    persistence: bool = False
+    """RDB snapshots (save 900 1 / 300 10 / 60 10000) on a volume instead of cache-only."""
+    storage_size: Annotated[str, Field(pattern=r"^[0-9]+(Mi|Gi|Ti)$")] = "20Gi"
+    """Size of the PersistentVolumeClaim when persistence is on."""
+    storage_class_name: str | None = None
+    """StorageClass of that claim; empty uses the cluster default."""
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            requests={"cpu": "4", "memory": "16Gi"}, limits={"cpu": "8", "memory": "18Gi"}
+        )
+    )
+    """Container resources of the bundled Redis (guide: 4 CPU / 16Gi, 8 / 18Gi)."""
+
+    @model_validator(mode="after")
+    def _external_needs_url(self) -> RedisSpec:
+        if self.mode == "external" and not self.url:
+            raise ValueError("url is required when mode is external")
+        return self
+
+
+GUIDE_SYSCTLS: dict[str, str] = {
+    "net.core.somaxconn": "65535",
+    "net.core.netdev_max_backlog": "65536",
+    "net.ipv4.tcp_max_syn_backlog": "65536",
+    "net.ipv4.ip_local_port_range": "1024 65535",
+    "net.ipv4.tcp_fin_timeout": "15",
+    "net.ipv4.tcp_tw_reuse": "1",
+    "net.ipv4.tcp_max_tw_buckets": "2000000",
+    "net.core.rmem_max": "10485760",
+    "net.core.wmem_max": "10485760",
+    "net.core.rmem_default": "10485760",
+    "net.core.wmem_default": "10485760",
+    "net.ipv4.tcp_rmem": "4096 87380 10485760",
+    "net.ipv4.tcp_wmem": "4096 65536 10485760",
+    "net.ipv4.tcp_mem": "786432 1048576 26777216",
+    "net.ipv4.tcp_keepalive_time": "60",
+    "net.ipv4.tcp_keepalive_probes": "3",
+    "net.ipv4.tcp_keepalive_intvl": "10",
+    "net.ipv4.tcp_slow_start_after_idle": "0",
+    "net.ipv4.tcp_fastopen": "3",
+    "net.core.default_qdisc": "fq",
+    "net.ipv4.tcp_congestion_control": "bbr",
+}
+
+SYSCTL_KEY = r"^[a-z0-9_]+(\.[a-z0-9_-]+)+$"
+SYSCTL_VALUE = r"^[A-Za-z0-9_ .:-]+$"
+
+
+class NodeTuningSpec(Model):
+    """A DaemonSet that applies the guide's kernel settings for many connections on nodes."""
+
+    enabled: bool = True
+    """Run the node-tuning DaemonSet."""
+    image: str = "busybox:1.37"
+    """Image providing `sysctl` and `sleep`."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Nodes to tune; empty tunes every node the tolerations allow."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Tolerations, e.g. for dedicated proxy nodes."""
+    sysctls: dict[
+        Annotated[str, Field(pattern=SYSCTL_KEY)], Annotated[str, Field(pattern=SYSCTL_VALUE)]
+    ] = Field(default_factory=lambda: dict(GUIDE_SYSCTLS))
+    """Kernel settings (default: the guide's 99-gpuproxy-100k.conf)."""
+
+
+class PrometheusRuleSpec(Model):
+    """The PrometheusRule with the guide's alerts."""
+
+    enabled: bool = True
+    """Create the PrometheusRule (needs the prometheus-operator CRDs)."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels, to match your Prometheus' ruleSelector."""
+    error_rate_threshold: Annotated[float, Field(gt=0, le=1)] = 0.05
+    """HighErrorRate fires above this fraction of 5xx responses."""
+    p99_latency_ms_threshold: Annotated[int, Field(ge=1)] = 5000
+    """HighLatency fires when p99 request duration exceeds this (ms)."""
+    db_pool_utilization_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """DatabasePoolExhaustion fires above this pool utilisation."""
+    connection_saturation_threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """ConnectionSaturation fires above this fraction of connectionsPerReplica."""
+
+
+class ServiceMonitorSpec(Model):
+    """A ServiceMonitor so Prometheus scrapes the proxies."""
+
+    enabled: bool = False
+    """Create the ServiceMonitor (needs the prometheus-operator CRDs)."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels, to match your Prometheus' serviceMonitorSelector."""
+    interval: Annotated[str, Field(pattern=r"^[0-9]+(ms|s|m|h)$")] = "30s"
+    """Scrape interval."""
+
+
+class MonitoringSpec(Model):
+    """Prometheus integration."""
+
+    prometheus_rule: PrometheusRuleSpec = Field(default_factory=PrometheusRuleSpec)
+    """Alert rules."""
+    service_monitor: ServiceMonitorSpec = Field(default_factory=ServiceMonitorSpec)
+    """Scrape configuration."""

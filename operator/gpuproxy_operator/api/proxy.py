@@ -1,0 +1,216 @@
+"""`spec.proxy`: the aiohttp data plane's workload, backends, auth and rate limits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, HttpUrl, model_validator
+
+from gpuproxy_operator.api.base import (
+    FreeForm,
+    Model,
+    Name,
+    Resources,
+    SecretKeyRef,
+    Toleration,
+)
+
+Strategy = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "least_response_time",
+    "equal_weighted",
+]
+
+DEFAULT_PROXY_IMAGE = "aiserve/gpuproxy-proxy:0.1.0"
+
+
+class Backend(Model):
+    """One GPU inference backend (an OpenAI-compatible HTTP server)."""
+
+    name: Name
+    """Unique name, used in metrics and usage records."""
+    url: HttpUrl
+    """Base URL, e.g. http://vllm-0.gpu.svc:8000."""
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Relative share of traffic with loadBalancing.strategy weighted_round_robin."""
+    health_path: Annotated[str, Field(pattern=r"^/")] = "/health"
+    """Path probed by the proxy's active health checks."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Free-form labels (e.g. gpu: a100), reported in /stats."""
+
+
+class LoadBalancing(Model):
+    """How each request picks a healthy backend."""
+
+    strategy: Strategy = "least_connections"
+    """round_robin, weighted_round_robin (by backend weight), least_connections (fewest in
+    flight), least_response_time (latency EWMA) or equal_weighted (uniform random)."""
+
+
+class HealthCheck(Model):
+    """Active and passive backend health checking."""
+
+    interval_seconds: Annotated[int, Field(ge=1, le=300)] = 5
+    """Seconds between active probes of each backend."""
+    timeout_seconds: Annotated[int, Field(ge=1, le=60)] = 2
+    """Probe timeout; must be below intervalSeconds."""
+    unhealthy_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    """Consecutive failures (probes or requests) that eject a backend."""
+    ejection_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    """How long an ejected backend waits before a half-open retry."""
+
+    @model_validator(mode="after")
+    def _timeout_below_interval(self) -> HealthCheck:
+        if self.timeout_seconds >= self.interval_seconds:
+            raise ValueError("timeoutSeconds must be less than intervalSeconds")
+        return self
+
+
+class Upstream(Model):
+    """Timeouts and pooling toward the backends."""
+
+    connect_timeout_seconds: Annotated[int, Field(ge=1, le=120)] = 5
+    """Connect timeout; exceeded -> 504 (or one retry on another backend)."""
+    read_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
+    """Longest silence between bytes from a backend; long enough for slow generations."""
+    max_connections_per_backend: Annotated[int, Field(ge=1, le=100000)] = 1024
+    """Pooled keep-alive connections per backend and worker."""
+
+
+class Auth(Model):
+    """Client authentication: API keys (stored hashed in PostgreSQL) and HS256 JWTs."""
+
+    enabled: bool = True
+    """Require credentials on inference routes."""
+    jwt_secret_ref: SecretKeyRef | None = None
+    """Secret key holding the HS256 signing secret; JWTs are rejected when unset."""
+    admin_token_secret_ref: SecretKeyRef | None = None
+    """Secret key holding the admin token for /admin/keys; admin endpoints are off when unset."""
+    jwt_issuer: str | None = None
+    """Required `iss` claim."""
+    jwt_audience: str | None = None
+    """Required `aud` claim."""
+    api_key_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 30
+    """How long a looked-up API key is cached in each proxy process (revocation delay)."""
+
+
+class RateLimits(Model):
+    """Per-minute request limits, shared by all replicas through Redis."""
+
+    enabled: bool = True
+    """Enforce the limits."""
+    per_ip: Annotated[int, Field(ge=1)] = 1000
+    """Requests per window per client IP."""
+    per_user: Annotated[int, Field(ge=1)] = 10000
+    """Requests per window per authenticated user."""
+    per_api_key: Annotated[int, Field(ge=1)] = 100000
+    """Requests per window per API key."""
+    window_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
+    """Window length."""
+    on_redis_failure: Literal["local", "open", "closed"] = "local"
+    """While Redis is unreachable: an in-process limiter (local), allow all (open) or reject
+    with 503 (closed)."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """CIDRs of load balancers whose X-Forwarded-For is trusted for the client IP."""
+
+
+class ServiceSpec(Model):
+    """The Service clients connect to."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """Service type."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations, e.g. for a cloud load balancer."""
+    external_traffic_policy: Literal["Cluster", "Local"] | None = None
+    """Local keeps client source IPs (NodePort/LoadBalancer only)."""
+    load_balancer_source_ranges: list[str] = Field(default_factory=list)
+    """CIDRs allowed through a LoadBalancer."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 80
+    """Service port mapped to the proxy's client port."""
+
+
+class PodDisruptionBudgetSpec(Model):
+    """Voluntary-disruption budget of the proxy pods."""
+
+    enabled: bool = True
+    """Create the PodDisruptionBudget."""
+    max_unavailable: Annotated[int, Field(ge=1)] = 1
+    """Proxy pods that may be down at once during drains."""
+
+
+class ProxySpec(Model):
+    """The proxy Deployment: the front door for client connections."""
+
+    image: str = DEFAULT_PROXY_IMAGE
+    """Container image of gpuproxy-proxy."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Image pull policy."""
+    image_pull_secrets: list[Name] = Field(default_factory=list)
+    """Secrets for pulling images from a private registry."""
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 3
+    """Replicas when autoscaling is off (the scale subresource sets this)."""
+    workers: Annotated[int, Field(ge=1, le=256)] = 4
+    """Worker processes per pod sharing the port (SO_REUSEPORT); about one per core."""
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8080
+    """Client port in the container."""
+    admin_port: Annotated[int, Field(ge=1024, le=65535)] = 9090
+    """Port of /health, /ready, /stats and /metrics in the container."""
+    connections_per_replica: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    """Concurrent client connections one replica is sized for (the autoscaling unit)."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    """Largest request body accepted; larger gets 413."""
+    termination_grace_period_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
+    """Time a stopping pod gets to finish in-flight (streaming) requests."""
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            requests={"cpu": "16", "memory": "16Gi"}, limits={"cpu": "32", "memory": "20Gi"}
+        )
+    )
+    """Container resources (guide: 16 CPU / 16Gi requested, 32 / 20Gi limits)."""
+    backends: Annotated[list[Backend], Field(min_length=1, max_length=256)]
+    """GPU backends; names must be unique."""
+    load_balancing: LoadBalancing = Field(default_factory=LoadBalancing)
+    """Backend selection."""
+    health_check: HealthCheck = Field(default_factory=HealthCheck)
+    """Backend health checking."""
+    upstream: Upstream = Field(default_factory=Upstream)
+    """Upstream timeouts and pooling."""
+    auth: Auth = Field(default_factory=Auth)
+    """Client authentication."""
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    """Rate limits (guide: 1000 / 10000 / 100000 per minute)."""
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    """Client-facing Service."""
+    pod_disruption_budget: PodDisruptionBudgetSpec = Field(default_factory=PodDisruptionBudgetSpec)
+    """PodDisruptionBudget."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the proxy pods must run on."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Tolerations of the proxy pods."""
+    affinity: FreeForm | None = None
+    """Pod affinity/anti-affinity, as in a Pod spec."""
+    topology_spread_constraints: list[FreeForm] = Field(default_factory=list)
+    """Topology spread constraints, as in a Pod spec; default spreads over nodes and zones."""
+    priority_class_name: str | None = None
+    """PriorityClass of the proxy pods."""
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    """Extra pod annotations."""
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ProxySpec:
+        names = [b.name for b in self.backends]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"backends: names must be unique; repeated: {', '.join(repeated)}")
+        if self.load_balancing.strategy != "weighted_round_robin" and any(
+            b.weight != 1 for b in self.backends
+        ):
+            raise ValueError(
+                "backends[].weight other than 1 only takes effect with "
+                "loadBalancing.strategy weighted_round_robin"
+            )
+        if self.port == self.admin_port:
+            raise ValueError("port and adminPort must differ")
+        return self

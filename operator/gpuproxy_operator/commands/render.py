@@ -1,0 +1,99 @@
+"""`gpuproxy-operator render -f FILE`: every child manifest of the GpuProxyClusters in FILE,
+as multi-document YAML, with no cluster. Secrets in the same file supply database credentials."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from typing import Any, TextIO
+
+import yaml
+
+from gpuproxy_operator.api.base import KIND
+from gpuproxy_operator.api.cluster import InvalidSpecError, parse_cluster
+from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+
+EXIT_INVALID = 2
+
+
+class RenderError(Exception):
+    """Input that cannot be rendered; the message is for the user."""
+
+
+def _secret_data(doc: dict[str, Any]) -> dict[str, str]:
+    data = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
+    data.update({k: str(v) for k, v in (doc.get("stringData") or {}).items()})
+    return data
+
+
+def render_documents(docs: list[Any]) -> list[dict[str, Any]]:
+    """Build the manifests for every GpuProxyCluster among `docs`."""
+    secrets: dict[tuple[str, str], dict[str, str]] = {}
+    clusters = []
+    for index, doc in enumerate(docs):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise RenderError(f"document {index + 1}: expected a mapping, got {type(doc).__name__}")
+        if doc.get("kind") == "Secret":
+            meta = doc.get("metadata") or {}
+            key = (meta.get("namespace", "default"), meta.get("name", ""))
+            secrets[key] = _secret_data(doc)
+        elif doc.get("kind") == KIND:
+            doc.setdefault("metadata", {}).setdefault("namespace", "default")
+            clusters.append(doc)
+    if not clusters:
+        raise RenderError(f"no {KIND} found in the input")
+    manifests: list[dict[str, Any]] = []
+    for body in clusters:
+        cluster = parse_cluster(body)
+        ns = cluster.metadata.namespace
+        creds = secrets.get((ns, cluster.spec.database.credentials_secret))
+        credentials = None
+        if creds and "username" in creds and "password" in creds:
+            credentials = DatabaseCredentials(creds["username"], creds["password"])
+        elif creds is None:
+            print(
+                f"note: Secret {ns}/{cluster.spec.database.credentials_secret} is not in the "
+                "input, so the PgBouncer userlist Secret is not rendered",
+                file=sys.stderr,
+            )
+        manifests.extend(build_all(cluster, BuildInputs(database_credentials=credentials)))
+    return manifests
+
+
+def dump_manifests(manifests: list[dict[str, Any]], out: TextIO) -> None:
+    yaml.safe_dump_all(manifests, out, sort_keys=False, explicit_start=True, width=100)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f", "--filename", required=True, help="YAML file with GpuProxyCluster(s); - for stdin"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.filename == "-":
+            docs = list(yaml.safe_load_all(sys.stdin))
+        else:
+            with open(args.filename, encoding="utf-8") as fh:
+                docs = list(yaml.safe_load_all(fh))
+        manifests = render_documents(docs)
+    except OSError as exc:
+        print(f"error: cannot read {args.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except yaml.YAMLError as exc:
+        print(f"error: {args.filename} is not valid YAML: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except InvalidSpecError as exc:
+        print(f"error: {exc.obj} is invalid:", file=sys.stderr)
+        for path, reason in exc.problems:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return EXIT_INVALID
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    dump_manifests(manifests, sys.stdout)
+    return 0

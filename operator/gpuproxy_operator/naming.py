@@ -1,0 +1,42 @@
+"""Names, labels and annotation keys of the objects the operator owns: one place for all of them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from gpuproxy_operator.api.base import GROUP
+
+Component = Literal["proxy", "pgbouncer", "redis", "node-tuning", "monitoring"]
+
+PREFIX = GROUP  # our own annotation/label/finalizer prefix
+SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
+CONFIG_HASH_ANNOTATION = f"{PREFIX}/config-hash"
+CLUSTER_LABEL = f"{PREFIX}/cluster"
+MANAGED_BY = "gpuproxy-operator"
+PART_OF = "gpuproxy"
+
+
+def child_name(cluster: str, component: Component, suffix: str = "") -> str:
+    """`<cluster>-<component>[-<suffix>]`, e.g. `prod-proxy`, `prod-proxy-metrics`."""
+    name = f"{cluster}-{component}"
+    return f"{name}-{suffix}" if suffix else name
+
+
+def selector_labels(cluster: str, component: Component) -> dict[str, str]:
+    """Labels that select one component's pods; never change them (selectors are immutable)."""
+    return {
+        "app.kubernetes.io/name": "gpuproxy",
+        "app.kubernetes.io/instance": cluster,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def common_labels(cluster: str, component: Component, version: str) -> dict[str, str]:
+    """Recommended labels on every child object."""
+    return {
+        **selector_labels(cluster, component),
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/version": version,
+        CLUSTER_LABEL: cluster,
+    }
