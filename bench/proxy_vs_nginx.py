@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rounds <= 20 or not 1 <= args.duration <= 60:
         parser.error("--rounds must be 1-20 and --duration 1-60 s (bounded benchmark)")
     names = [n.strip() for n in args.sides.split(",") if n.strip()]
-    unknown = set(names) - {"nginx", "proxy-bare", "proxy-auth"}
+    unknown = set(names) - {"nginx", "proxy-bare", "proxy-auth", "naive"}
     if unknown:
-        parser.error(f"--sides: unknown {sorted(unknown)}; use nginx, proxy-bare, proxy-auth")
+        parser.error(
+            f"--sides: unknown {sorted(unknown)}; use nginx, proxy-bare, proxy-auth, naive"
+        )
 
     with tempfile.TemporaryDirectory(prefix="gpuproxy-bench-") as tmp:
         work = Path(tmp)
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 if name == "nginx":
                     srv = servers.start_nginx(kids, work, backend.port, args.workers)
+                    sides.append(Side(name, srv, {}))
+                elif name == "naive":
+                    srv = servers.start_naive(kids, backend.port, args.workers)
                     sides.append(Side(name, srv, {}))
                 elif name == "proxy-bare":
                     srv = servers.start_gpuproxy(kids, work, name, backend.port, args.workers)

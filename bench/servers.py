@@ -156,6 +156,17 @@ def start_gpuproxy(
     return Server(name, port, proc.pid, admin_port)
 
 
+def start_naive(kids: Children, backend_port: int, workers: int) -> Server:
+    """The minimal aiohttp reverse proxy the issue's baseline numbers describe."""
+    port = free_port()
+    argv = [PYTHON, str(BENCH_DIR / "naive_proxy.py"), "--port", str(port)]
+    argv += ["--upstream", f"http://127.0.0.1:{backend_port}", "--workers", str(workers)]
+    proc = kids.start("naive", argv)
+    wait_port(port, 20, proc)
+    time.sleep(1.0)
+    return Server("naive", port, proc.pid)
+
+
 def make_jwt(subject: str = "bench-user") -> str:
     import jwt  # pyjwt, from the proxy extra
 
