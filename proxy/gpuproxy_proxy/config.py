@@ -119,11 +119,23 @@ class LimitsConfig(_Frozen):
     max_body_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
     keepalive_timeout_seconds: Annotated[float, Field(gt=0)] = 75.0
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 50.0
+    # Long-lived objects (idle connections) are moved out of the collector's reach this often,
+    # so full collections stay short with many connections open; 0 disables the periodic freeze.
+    gc_freeze_interval_seconds: Annotated[float, Field(ge=0)] = 60.0
+
+
+class ReloadConfig(_Frozen):
+    # The file is polled (mtime/inode/size): Kubernetes swaps a ConfigMap volume by symlink,
+    # which inotify on the file itself does not see.
+    enabled: bool = True
+    interval_seconds: Annotated[float, Field(gt=0)] = 2.0
 
 
 class LoggingConfig(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = True
+    # One line per request; off by default because it costs CPU on the hot path.
+    access_log: bool = False
 
 
 class ProxyConfig(_Frozen):
@@ -142,6 +154,7 @@ class ProxyConfig(_Frozen):
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    reload: ReloadConfig = Field(default_factory=ReloadConfig)
 
     @model_validator(mode="after")
     def _unique_backends(self) -> ProxyConfig:

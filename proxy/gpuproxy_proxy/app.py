@@ -1,0 +1,58 @@
+"""The one app factory of the client port: state under AppKeys, resources in cleanup contexts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from gpuproxy_proxy.admin import add_admin_routes
+from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
+from gpuproxy_proxy.auth import auth_ctx
+from gpuproxy_proxy.backends import build_pool
+from gpuproxy_proxy.config import ProxyConfig, Secrets
+from gpuproxy_proxy.db import db_ctx
+from gpuproxy_proxy.errors import error_body
+from gpuproxy_proxy.health import health_ctx
+from gpuproxy_proxy.metering import metering_ctx
+from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.ratelimit import ratelimit_ctx
+from gpuproxy_proxy.reload import CONFIG_PATH, reload_ctx
+from gpuproxy_proxy.routes import add_proxy_routes, pipeline_ctx
+from gpuproxy_proxy.runtime import RUNTIME, Runtime, client_timeout
+from gpuproxy_proxy.upstream import upstream_ctx
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return web.Response(
+        status=404, content_type="application/json",
+        body=error_body("not_found", f"no route for {request.method} {request.path}; "
+                        "the proxy serves /v1/* (OpenAI-compatible) and /admin/keys", ""),
+    )
+
+
+def build_app(
+    config: ProxyConfig,
+    secrets: Secrets,
+    *,
+    config_path: Path | None = None,
+    worker_index: int = 0,
+) -> web.Application:
+    app = web.Application(client_max_size=config.limits.max_body_bytes)
+    metrics = ProxyMetrics()
+    app[CONFIG] = config
+    app[SECRETS] = secrets
+    app[METRICS] = metrics
+    pool = build_pool(config.backends, config.load_balancing, metrics)
+    app[RUNTIME] = Runtime(config, pool, client_timeout(config), worker_index=worker_index)
+    if config_path is not None:
+        app[CONFIG_PATH] = config_path
+    # Order is the contract: services first, then the pipeline that resolves them once.
+    app.cleanup_ctx.extend([
+        db_ctx, auth_ctx, ratelimit_ctx, metering_ctx,
+        upstream_ctx, health_ctx, reload_ctx, pipeline_ctx,
+    ])
+    add_proxy_routes(app)
+    add_admin_routes(app)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app

@@ -1,0 +1,194 @@
+"""Per-backend state (in flight, latency EWMA, active health, passive ejection) and the pool.
+
+A pool is immutable once built; a config reload builds a new pool that reuses the state of
+unchanged backends, and the router swaps it in with one assignment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from yarl import URL
+
+from gpuproxy_proxy.balancer import Balancer, ewma, make_balancer
+from gpuproxy_proxy.config import BackendConfig, HealthCheckConfig, LoadBalancingConfig
+from gpuproxy_proxy.metrics import ProxyMetrics
+
+
+class BackendState:
+    """Mutable state of one configured backend, shared by every request routed to it."""
+
+    __slots__ = (
+        "_healthy_gauge", "_in_flight_gauge", "active_healthy", "check_failures",
+        "check_successes", "config", "consecutive_failures", "ejected_until", "ewma_ms",
+        "health_url", "host", "in_flight", "last_check_error", "name", "origin", "path_prefix",
+        "port", "probing", "scheme", "weight",
+    )
+
+    def __init__(self, config: BackendConfig, metrics: ProxyMetrics) -> None:
+        url = URL(str(config.url))
+        self.config = config
+        self.name = config.name
+        self.weight = config.weight
+        self.origin = url.origin()
+        self.scheme = url.scheme
+        self.host = url.raw_host or ""
+        self.port = url.port
+        # A backend URL may carry a prefix (http://host/base); client paths are appended to it.
+        self.path_prefix = url.raw_path.rstrip("/")
+        self.health_url = self.origin.with_path(
+            self.path_prefix + "/" + config.health_path.lstrip("/"), encoded=True
+        )
+        self.in_flight = 0
+        self.ewma_ms: float | None = None
+        self.active_healthy = True  # optimistic until the first check says otherwise
+        self.check_failures = 0
+        self.check_successes = 0
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.probing = False
+        self.last_check_error: str | None = None
+        self._healthy_gauge = metrics.backend_healthy.labels(self.name)
+        self._in_flight_gauge = metrics.backend_requests_in_flight.labels(self.name)
+        self._healthy_gauge.set(1)
+
+    def same_target(self, config: BackendConfig) -> bool:
+        return config.url == self.config.url and config.health_path == self.config.health_path
+
+    def upstream_url(self, raw_path_qs: str) -> URL:
+        return URL(f"{self.scheme}://{self.origin.raw_authority}{self.path_prefix}{raw_path_qs}",
+                   encoded=True)
+
+    # --- selection -------------------------------------------------------------------------
+    def available(self, now: float) -> bool:
+        if not self.active_healthy:
+            return False
+        if self.ejected_until:
+            # Half-open after the ejection: exactly one probe request at a time.
+            return now >= self.ejected_until and not self.probing
+        return True
+
+    def state(self, now: float) -> str:
+        if not self.active_healthy:
+            return "unhealthy"
+        if self.ejected_until:
+            return "ejected" if now < self.ejected_until else "half_open"
+        return "healthy"
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        self._in_flight_gauge.inc()
+        if self.ejected_until:
+            self.probing = True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._in_flight_gauge.dec()
+
+    # --- passive outlier detection ---------------------------------------------------------
+    def record_success(self, latency_ms: float, alpha: float) -> None:
+        self.ewma_ms = ewma(self.ewma_ms, latency_ms, alpha)
+        self.consecutive_failures = 0
+        if self.ejected_until:
+            self.ejected_until = 0.0
+            self.probing = False
+            self._publish()
+
+    def record_failure(self, now: float, health: HealthCheckConfig) -> None:
+        self.consecutive_failures += 1
+        if self.ejected_until and self.probing:
+            # The half-open probe failed: eject again for a full period.
+            self.probing = False
+            self.ejected_until = now + health.ejection_seconds
+        elif not self.ejected_until and self.consecutive_failures >= health.unhealthy_threshold:
+            self.ejected_until = now + health.ejection_seconds
+        self._publish()
+
+    # --- active health checks --------------------------------------------------------------
+    def record_check(self, ok: bool, health: HealthCheckConfig, error: str | None = None) -> None:
+        if ok:
+            self.check_failures = 0
+            self.check_successes += 1
+            self.last_check_error = None
+            if not self.active_healthy and self.check_successes >= health.healthy_threshold:
+                self.active_healthy = True
+        else:
+            self.check_successes = 0
+            self.check_failures += 1
+            self.last_check_error = error
+            if self.active_healthy and self.check_failures >= health.unhealthy_threshold:
+                self.active_healthy = False
+        self._publish()
+
+    def _publish(self) -> None:
+        self._healthy_gauge.set(1 if self.available(time.monotonic()) or self.probing else 0)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "state": self.state(now),
+            "in_flight": self.in_flight,
+            "weight": self.weight,
+            "ewma_ms": None if self.ewma_ms is None else round(self.ewma_ms, 3),
+            "consecutive_failures": self.consecutive_failures,
+            "ejected_for_seconds": max(0.0, round(self.ejected_until - now, 3))
+            if self.ejected_until else 0.0,
+            "last_check_error": self.last_check_error,
+        }
+
+
+class BackendPool:
+    """The backends of one config generation plus the balancer that picks among them."""
+
+    __slots__ = ("backends", "balancer", "by_name", "strategy")
+
+    def __init__(self, backends: Sequence[BackendState], lb: LoadBalancingConfig) -> None:
+        self.backends = tuple(backends)
+        self.by_name = {b.name: b for b in self.backends}
+        self.strategy = lb.strategy
+        self.balancer: Balancer = make_balancer(lb.strategy)
+
+    def choose(self, exclude: BackendState | None = None) -> BackendState | None:
+        now = time.monotonic()
+        candidates = [b for b in self.backends if b is not exclude and b.available(now)]
+        chosen = self.balancer.pick(candidates)
+        if chosen is not None:
+            chosen.acquire()
+        return chosen
+
+    def any_available(self) -> bool:
+        now = time.monotonic()
+        return any(b.available(now) or b.probing for b in self.backends)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        return {b.name: b.snapshot(now) for b in self.backends}
+
+
+def build_pool(
+    backends: Sequence[BackendConfig], lb: LoadBalancingConfig, metrics: ProxyMetrics,
+    previous: BackendPool | None = None,
+) -> BackendPool:
+    """Build a pool, keeping the live state of backends whose target did not change."""
+    states = []
+    for cfg in backends:
+        old = previous.by_name.get(cfg.name) if previous is not None else None
+        if old is not None and old.same_target(cfg):
+            old.config = cfg
+            old.weight = cfg.weight
+            states.append(old)
+        else:
+            states.append(BackendState(cfg, metrics))
+    if previous is not None:
+        keep = {cfg.name for cfg in backends}
+        for old in previous.backends:
+            if old.name not in keep:
+                metrics.backend_healthy.remove(old.name)
+                if old.in_flight == 0:
+                    metrics.backend_requests_in_flight.remove(old.name)
+    if previous is not None and previous.strategy == lb.strategy:
+        pool = BackendPool(states, lb)
+        pool.balancer = previous.balancer  # keep rotation / smooth-WRR state across reloads
+        return pool
+    return BackendPool(states, lb)

@@ -1,0 +1,74 @@
+"""JSON log lines (one object per line) carrying request ids, and an optional access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from gpuproxy_proxy.config import LoggingConfig
+
+# Attributes every LogRecord has; anything else was passed via `extra=` and is emitted.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message",
+                                                                              "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._static: dict[str, Any] = {"pid": os.getpid()}
+        if worker is not None:
+            self._static["worker"] = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **self._static,
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(config: LoggingConfig, worker: int | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.json_format:
+        handler.setFormatter(JsonFormatter(worker))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.level)
+    # aiohttp logs every unhandled client disconnect at ERROR; they are routine for a proxy.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One line per request with its id (set by the pipeline on every response)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "request",
+            extra={
+                "request_id": response.headers.get("X-Request-ID"),
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000.0, 3),
+                "remote": request.remote,
+                "bytes_out": response.body_length,
+            },
+        )

@@ -1,0 +1,240 @@
+"""The client-facing request path: request id, admission, auth, rate limit, forward, meter.
+
+One `Pipeline` per process, built after the services' cleanup contexts ran, so the hot path
+only reads attributes it resolved once (no AppKey lookups, cached metric children).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gpuproxy_proxy.appkeys import CONFIG, METRICS
+from gpuproxy_proxy.auth import AUTHENTICATOR
+from gpuproxy_proxy.backends import BackendState
+from gpuproxy_proxy.errors import error_body, json_error
+from gpuproxy_proxy.metering import USAGE_METER, UsageRecord
+from gpuproxy_proxy.principal import ANONYMOUS, Principal
+from gpuproxy_proxy.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
+from gpuproxy_proxy.runtime import RUNTIME
+from gpuproxy_proxy.upstream import UPSTREAM_SESSION, Outcome, forward, forward_headers
+
+ROUTES = ("chat_completions", "completions", "embeddings", "models", "other")
+_CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class Pipeline:
+    """Everything the request path needs, resolved once per process."""
+
+    def __init__(self, app: web.Application) -> None:
+        config = app[CONFIG]
+        metrics = app[METRICS]
+        self.app = app
+        self.runtime = app[RUNTIME]
+        self.session = app[UPSTREAM_SESSION]
+        self.auth = app[AUTHENTICATOR]
+        self.limiter = app[RATE_LIMITER]
+        self.meter = app[USAGE_METER]
+        self.max_in_flight = config.limits.max_in_flight_per_worker
+        self.max_body = config.limits.max_body_bytes
+        self.in_flight_gauge = metrics.requests_in_flight
+        self.rejected_in_flight = metrics.connections_rejected.labels("in_flight")
+        self.counters = {
+            (route, cls): metrics.requests_total.labels(route, cls)
+            for route in ROUTES for cls in _CODE_CLASSES
+        }
+        self.failed = {route: metrics.requests_failed.labels(route) for route in ROUTES}
+        self.durations = {route: metrics.request_duration_ms.labels(route) for route in ROUTES}
+        # Ids unique per process without a syscall per request: random prefix + counter.
+        self._id_prefix = os.urandom(4).hex()
+        self._ids = itertools.count(1)
+
+    def request_id(self, request: web.Request) -> str:
+        given = request.headers.get("X-Request-ID")
+        if given is not None and _CLIENT_REQUEST_ID.fullmatch(given):
+            return given
+        return f"{self._id_prefix}{next(self._ids):08x}"
+
+    async def handle(self, request: web.Request, route: str) -> web.StreamResponse:
+        runtime = self.runtime
+        request_id = self.request_id(request)
+        if runtime.in_flight >= self.max_in_flight:
+            # Fast refusal: queueing more work would only make every request slow.
+            self.rejected_in_flight.inc()
+            self.counters[route, "5xx"].inc()
+            self.failed[route].inc()
+            return json_error(503, "overloaded", "the proxy is at its in-flight request limit; "
+                              "retry shortly", request_id, {"Retry-After": "1"})
+        started = time.monotonic()
+        runtime.in_flight += 1
+        self.in_flight_gauge.inc()
+        outcome = Outcome()
+        principal: Principal = ANONYMOUS
+        bytes_in = 0
+        try:
+            try:
+                principal = await self.auth.authenticate(request)
+            except web.HTTPException as exc:
+                outcome.status = exc.status
+                exc.headers["X-Request-ID"] = request_id
+                raise
+            decision = await self.limiter.check(self.limiter.client_ip(request), principal)
+            limit_headers = rate_limit_headers(decision)
+            if not decision.allowed:
+                rejection = rate_limit_response(decision)
+                rejection.headers["X-Request-ID"] = request_id
+                outcome.status = rejection.status
+                return rejection
+            length = request.content_length
+            if length is not None and length > self.max_body:
+                outcome.status = 413
+                return self._too_large(request_id, limit_headers)
+            body = b""
+            if request.body_exists:
+                try:
+                    body = await request.read()
+                except web.HTTPRequestEntityTooLarge:
+                    outcome.status = 413
+                    return self._too_large(request_id, limit_headers)
+            bytes_in = len(body)
+            if route == "models":
+                return await self.models(request, request_id, outcome, limit_headers)
+            resp = await forward(request, runtime, self.session, body, request_id, outcome,
+                                 limit_headers)
+            if runtime.draining and not resp.prepared:
+                resp.force_close()
+            return resp
+        finally:
+            runtime.in_flight -= 1
+            self.in_flight_gauge.dec()
+            self._account(route, request_id, principal, outcome, bytes_in, started)
+
+    def _too_large(self, request_id: str, headers: dict[str, str]) -> web.Response:
+        resp = json_error(413, "request_too_large",
+                          f"request body exceeds limits.max_body_bytes ({self.max_body} bytes)",
+                          request_id, headers)
+        resp.force_close()  # the rest of the body is not read
+        return resp
+
+    def _account(self, route: str, request_id: str, principal: Principal, outcome: Outcome,
+                 bytes_in: int, started: float) -> None:
+        status = outcome.status or 500
+        duration_ms = (time.monotonic() - started) * 1000.0
+        cls = _CODE_CLASSES[min(max(status // 100, 1), 5) - 1]
+        self.counters[route, cls].inc()
+        if status >= 500:
+            self.failed[route].inc()
+        self.durations[route].observe(duration_ms)
+        usage = outcome.usage
+        self.meter.record(UsageRecord(
+            request_id=request_id,
+            principal_kind=principal.kind,
+            user_id=principal.user_id,
+            api_key_id=principal.api_key_id,
+            backend=outcome.backend,
+            route=route,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=outcome.bytes_out,
+            duration_ms=duration_ms,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+            created_at=datetime.now(UTC),
+        ))
+
+    async def models(self, request: web.Request, request_id: str, outcome: Outcome,
+                     headers: dict[str, str]) -> web.Response:
+        """The union of the healthy backends' /v1/models, de-duplicated by model id."""
+        now = time.monotonic()
+        config = self.runtime.config
+        backends = [b for b in self.runtime.pool.backends if b.available(now)]
+        fwd = forward_headers(request, request_id, self.app[CONFIG].auth.enabled)
+        timeout = aiohttp.ClientTimeout(
+            total=config.upstream.connect_timeout_seconds + config.health_check.timeout_seconds
+        )
+        results = await asyncio.gather(
+            *(self._backend_models(b, fwd, timeout) for b in backends)
+        )
+        seen: set[str] = set()
+        merged: list[dict[str, Any]] = []
+        answered = 0
+        for entries in results:
+            if entries is None:
+                continue
+            answered += 1
+            for entry in entries:
+                model_id = entry.get("id")
+                if isinstance(model_id, str) and model_id not in seen:
+                    seen.add(model_id)
+                    merged.append(entry)
+        if not answered:
+            outcome.status = 502
+            return json_error(502, "upstream_unavailable",
+                              "no healthy backend answered GET /v1/models", request_id, headers)
+        outcome.status = 200
+        payload = json.dumps({"object": "list", "data": merged}).encode()
+        outcome.bytes_out = len(payload)
+        resp = web.Response(body=payload, content_type="application/json", headers=headers)
+        resp.headers["X-Request-ID"] = request_id
+        return resp
+
+    async def _backend_models(
+        self, backend: BackendState, headers: Any, limit: aiohttp.ClientTimeout
+    ) -> list[dict[str, Any]] | None:
+        try:
+            async with self.session.get(
+                backend.upstream_url("/v1/models"), headers=headers, timeout=limit,
+                allow_redirects=False,
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                data = json.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            return None
+        return [item for item in items if isinstance(item, dict)]
+
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+
+
+async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: must run after the auth, rate-limit, metering and upstream contexts."""
+    app[PIPELINE] = Pipeline(app)
+    yield
+
+
+def _route_handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await request.app[PIPELINE].handle(request, route)
+
+    handler.__name__ = f"proxy_{route}"
+    return handler
+
+
+def add_proxy_routes(app: web.Application) -> None:
+    """Only /v1/* is forwarded, always to a configured backend: the client picks no host."""
+    router = app.router
+    router.add_route("*", "/v1/chat/completions", _route_handler("chat_completions"))
+    router.add_route("*", "/v1/completions", _route_handler("completions"))
+    router.add_route("*", "/v1/embeddings", _route_handler("embeddings"))
+    router.add_get("/v1/models", _route_handler("models"), allow_head=False)
+    router.add_route("*", "/v1/{tail:.*}", _route_handler("other"))
+
+
+def not_found_body(request_id: str) -> bytes:
+    return error_body("not_found", "only /v1/* routes are served on this port", request_id)
