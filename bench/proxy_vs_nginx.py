@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyspy_top
 import servers
 import wrk
-from harness import Children, cpu_seconds, median, process_tree
+from harness import VENV_BIN, Children, cpu_seconds, median, process_tree
+
+PYSPY = str(VENV_BIN / "py-spy") if (VENV_BIN / "py-spy").exists() else "py-spy"
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,32 @@ def print_summary(summary: dict[str, dict[str, float]], args: argparse.Namespace
             print(f"  !! {name}: {row['failed_requests']:.0f} failed or non-2xx responses")
 
 
+def profile(side: Side, args: argparse.Namespace, out_dir: Path) -> list[Path]:
+    """py-spy every process of a Python side during one extra wrk run (not a measured round)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spies: list[tuple[subprocess.Popen[bytes], Path]] = []
+    seconds = int(args.duration)
+    try:
+        for pid in process_tree(side.server.pid):
+            out = out_dir / f"{side.name}-{pid}.txt"
+            argv = [PYSPY, "record", "--pid", str(pid), "--duration", str(seconds)]
+            argv += ["--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking"]
+            quiet = subprocess.DEVNULL
+            spy = subprocess.Popen(argv, stdout=quiet, stderr=quiet)  # noqa: S603 - own argv
+            spies.append((spy, out))
+        time.sleep(0.5)
+        url = f"http://127.0.0.1:{side.server.port}{args.path}"
+        wrk.run(url, args.connections, args.threads, seconds, side.headers)
+        for proc, _out in spies:
+            proc.wait(timeout=seconds + 30)
+    finally:
+        for proc, _out in spies:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [out for _proc, out in spies if out.exists()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=2, help="nginx and proxy workers")
@@ -136,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per side")
     parser.add_argument("--json", type=Path, help="also write all samples and medians here")
+    parser.add_argument(
+        "--py-spy", type=Path, dest="pyspy", help="after the rounds, profile Python sides here"
+    )
     parser.add_argument(
         "--hold", type=float, default=0.0, help="after starting, sleep this long (for py-spy)"
     )
@@ -190,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                     samples.append(sample)
             summary = summarise(samples, names)
             print_summary(summary, args)
+            if args.pyspy:
+                for side in sides:
+                    if side.name != "nginx":
+                        profiles = profile(side, args, args.pyspy)
+                        print(f"\n== py-spy: {side.name} ({len(profiles)} processes)", flush=True)
+                        pyspy_top.summarise(profiles, 20)
             if args.json:
                 payload = {
                     "args": vars(args) | {"json": str(args.json)},
