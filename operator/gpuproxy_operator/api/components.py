@@ -31,6 +31,12 @@ class ScalingRules(Model):
     policies: Annotated[list[ScalingPolicy], Field(max_length=10)]
     """Allowed rate of change."""
 
+    @model_validator(mode="after")
+    def _policies_unless_disabled(self) -> ScalingRules:
+        if self.select_policy != "Disabled" and not self.policies:
+            raise ValueError("policies must not be empty unless selectPolicy is Disabled")
+        return self
+
 
 def _default_scale_up() -> ScalingRules:
     return ScalingRules(

@@ -95,6 +95,12 @@ class Auth(Model):
     api_key_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 30
     """How long a looked-up API key is cached in each proxy process (revocation delay)."""
 
+    @model_validator(mode="after")
+    def _claims_need_secret(self) -> Auth:
+        if (self.jwt_issuer or self.jwt_audience) and self.jwt_secret_ref is None:
+            raise ValueError("jwtIssuer and jwtAudience need jwtSecretRef (the HS256 secret)")
+        return self
+
 
 class RateLimits(Model):
     """Per-minute request limits, shared by all replicas through Redis."""

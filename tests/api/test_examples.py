@@ -1,0 +1,63 @@
+"""The examples users apply validate against our CRD and parse with the API models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from crd_schema import ROOT, load_crd, validator
+
+from gpuproxy_operator.api.cluster import parse_cluster
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_there_are_a_minimal_and_a_production_example() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert "gpuproxycluster-minimal.yaml" in names
+    assert "gpuproxycluster-production-100k.yaml" in names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_documents_are_valid(path: Path) -> None:
+    check = validator(load_crd())
+    clusters = 0
+    for doc in _docs(path):
+        if doc["kind"] == "GpuProxyCluster":
+            clusters += 1
+            errors = [f"{list(e.absolute_path)}: {e.message}" for e in check.iter_errors(doc)]
+            assert errors == []
+            parse_cluster(doc)
+        else:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    assert clusters == 1
+
+
+def test_production_example_matches_the_guide() -> None:
+    path = ROOT / "examples" / "gpuproxycluster-production-100k.yaml"
+    doc = next(d for d in _docs(path) if d["kind"] == "GpuProxyCluster")
+    spec = parse_cluster(doc).spec
+    assert spec.proxy.connections_per_replica == 100_000
+    assert spec.autoscaling.max_replicas * spec.proxy.connections_per_replica == 1_000_000
+    assert spec.pgbouncer.pool_mode == "transaction"
+    assert (spec.pgbouncer.max_client_conn, spec.pgbouncer.default_pool_size) == (100_000, 500)
+    assert spec.redis.maxmemory == "16gb"
+    assert spec.redis.tcp_backlog == 65535
+    assert spec.node_tuning.enabled
+
+
+def test_schema_rejects_unknown_and_out_of_range_fields() -> None:
+    path = ROOT / "examples" / "gpuproxycluster-minimal.yaml"
+    doc = next(d for d in _docs(path) if d["kind"] == "GpuProxyCluster")
+    doc["spec"]["proxy"]["workers"] = 0
+    doc["spec"]["proxy"]["loadBalancing"] = {"strategy": "random"}
+    messages = [e.message for e in validator(load_crd()).iter_errors(doc)]
+    assert any("random" in m for m in messages)
+    assert any("0 is less than the minimum" in m for m in messages)
