@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -189,8 +189,8 @@ class ManagedServer:
                 # Own session: a Ctrl-C in the terminal reaches pytest, which then stops us.
                 start_new_session=True,
                 user=user,
-            group=group,
-            extra_groups=extra_groups,
+                group=group,
+                extra_groups=extra_groups,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -496,8 +496,15 @@ def start_pgbouncer(registry: ServiceRegistry, backend: PostgresServer) -> PgBou
     return _launch(registry, server, boot)
 
 
-def _fail_setup(exc: Exception) -> NoReturn:
-    pytest.fail(f"{exc}\n(run `make bootstrap` if a package or binary is missing)", pytrace=False)
+def _start_or_fail(start: Callable[[], ServerT]) -> ServerT:
+    # A missing server must FAIL the tests that need it (never skip), with the fix in the message.
+    try:
+        return start()
+    except MissingToolError as exc:
+        message = str(exc)
+    except ServiceError as exc:
+        message = f"{exc}\n(if a package or binary is missing, run `make bootstrap`)"
+    pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback noise
 
 
 # --- pytest plugin -----------------------------------------------------------------------------
@@ -519,28 +526,19 @@ def _restart_stopped_services(service_registry: ServiceRegistry) -> Iterator[Non
 
 @pytest.fixture(scope="session")
 def redis_server(service_registry: ServiceRegistry) -> RedisServer:
-    try:
-        return start_redis(service_registry)
-    except (MissingToolError, ServiceError) as exc:
-        _fail_setup(exc)
+    return _start_or_fail(lambda: start_redis(service_registry))
 
 
 @pytest.fixture(scope="session")
 def postgres_server(service_registry: ServiceRegistry) -> PostgresServer:
-    try:
-        return start_postgres(service_registry)
-    except (MissingToolError, ServiceError) as exc:
-        _fail_setup(exc)
+    return _start_or_fail(lambda: start_postgres(service_registry))
 
 
 @pytest.fixture(scope="session")
 def pgbouncer_server(
     service_registry: ServiceRegistry, postgres_server: PostgresServer
 ) -> PgBouncerServer:
-    try:
-        return start_pgbouncer(service_registry, postgres_server)
-    except (MissingToolError, ServiceError) as exc:
-        _fail_setup(exc)
+    return _start_or_fail(lambda: start_pgbouncer(service_registry, postgres_server))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
