@@ -1,0 +1,105 @@
+"""`gpuproxy-proxy`: run the proxy from a config file (one process or N workers), or `--demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from gpuproxy_proxy.config import ProxyConfig, Secrets, load_config
+from gpuproxy_proxy.logging import setup_logging
+from gpuproxy_proxy.server import raise_nofile_limit, serve_single, serve_worker
+
+T = TypeVar("T")
+log = logging.getLogger("gpuproxy.cli")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed."""
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpuproxy-proxy",
+        description="OpenAI-compatible GPU inference proxy (aiohttp).",
+    )
+    p.add_argument("--config", type=Path, help="YAML config file (the operator's ConfigMap)")
+    p.add_argument("--workers", type=int, help="worker processes (overrides `workers`)")
+    p.add_argument("--demo", action="store_true",
+                   help="run with built-in simulated GPU backends; nothing else needed")
+    p.add_argument("--self-test", action="store_true",
+                   help="with --demo: send a few requests, print the results and exit")
+    p.add_argument("--port", type=int, help="with --demo: client port (default 8080)")
+    p.add_argument("--admin-port", type=int, help="with --demo: admin port (default 9090)")
+    # Internal: how the supervisor starts its workers.
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--status-socket", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def describe_config_error(path: Path, exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        lines = [f"invalid config file {path}:"]
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        lines.append("fix these fields and start again")
+        return "\n".join(lines)
+    return f"cannot read config file {path}: {exc}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.demo:
+        from gpuproxy_proxy.demo import run_demo
+
+        return run(run_demo(args.port, args.admin_port, args.self_test))
+    if args.config is None:
+        print("error: --config PATH is required (or try --demo)", file=sys.stderr)
+        return 2
+    try:
+        config: ProxyConfig = load_config(args.config)
+    except (OSError, ValueError) as exc:
+        print(describe_config_error(args.config, exc), file=sys.stderr)
+        return 2
+    if args.workers is not None:
+        if args.workers < 1:
+            print("error: --workers must be at least 1", file=sys.stderr)
+            return 2
+        config = config.model_copy(update={"workers": args.workers})
+    setup_logging(config.logging, args.worker_index)
+    limit = raise_nofile_limit()
+    secrets = Secrets.from_env()
+    if args.worker_index is not None:
+        assert args.status_socket is not None
+        assert args.parent_pid is not None
+        run(serve_worker(config, secrets, args.config, args.worker_index, args.status_socket,
+                         args.parent_pid))
+        return 0
+    log.info("open files limit %d", limit)
+    if config.workers == 1:
+        run(serve_single(config, secrets, args.config))
+        return 0
+    from gpuproxy_proxy.supervisor import Supervisor
+
+    run(Supervisor(config, args.config, config.workers).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""One worker process: the client port (SO_REUSEPORT, connection cap with idle eviction), its
+status endpoints, GC control, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import resource
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web, web_protocol, web_server
+
+from gpuproxy_proxy.app import build_app
+from gpuproxy_proxy.appkeys import METRICS
+from gpuproxy_proxy.config import ProxyConfig, Secrets
+from gpuproxy_proxy.logging import JsonAccessLogger
+from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.runtime import RUNTIME, Runtime
+from gpuproxy_proxy.status import LocalSource, build_status_app
+
+log = logging.getLogger("gpuproxy.server")
+
+_REJECT_BODY = (b'{"error": {"type": "overloaded", "message": "the proxy is at its connection '
+                b'limit; retry shortly", "request_id": ""}}')
+_REJECT = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+           b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+           + str(len(_REJECT_BODY)).encode() + b"\r\n\r\n" + _REJECT_BODY)
+# Eviction looks at the oldest connections only, so a burst over the cap costs O(1) each.
+_EVICT_SCAN = 256
+_EVICT_BATCH = 4
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-files limit to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket every worker binds on its own; the kernel spreads connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    # Accepted sockets inherit it on Linux: SSE chunks leave at once.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class CappedServer(web_server.Server):
+    """aiohttp's connection manager plus a per-process connection cap.
+
+    Over the cap, the oldest idle keep-alive connections are closed to make room; when none is
+    idle, the new connection gets an immediate 503 and is closed.
+    """
+
+    def __init__(self, *args: Any, runtime: Runtime, metrics: ProxyMetrics, cap: int,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._runtime = runtime
+        self._cap = cap
+        self._gauge = metrics.connections_active
+        self._rejected = metrics.connections_rejected.labels("connections")
+        self._evicted = metrics.connections_rejected.labels("idle_evicted")
+
+    def connection_made(self, handler: web_protocol.RequestHandler,
+                        transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        runtime = self._runtime
+        runtime.connections_active += 1
+        self._gauge.inc()
+        if runtime.connections_active > self._cap and not self._evict_idle(handler):
+            runtime.connections_rejected += 1
+            self._rejected.inc()
+            transport.write(_REJECT)
+            handler.force_close()
+
+    def connection_lost(self, handler: web_protocol.RequestHandler,
+                        exc: BaseException | None = None) -> None:
+        self._runtime.connections_active -= 1
+        self._gauge.dec()
+        super().connection_lost(handler, exc)
+
+    def _evict_idle(self, new: web_protocol.RequestHandler) -> bool:
+        evicted = 0
+        for scanned, handler in enumerate(self._connections):
+            if scanned >= _EVICT_SCAN:
+                break
+            waiter = handler._waiter
+            if (handler is not new and not handler._request_in_progress
+                    and waiter is not None and not waiter.done()):
+                handler.close()  # idle: waiting for its next request
+                evicted += 1
+                if evicted >= _EVICT_BATCH:
+                    break
+        if evicted:
+            self._evicted.inc(evicted)
+        return evicted > 0
+
+
+class ProxyRunner(web.AppRunner):
+    """AppRunner whose connection manager is a CappedServer."""
+
+    def __init__(self, app: web.Application, *, cap: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._cap = cap
+
+    async def _make_server(self) -> web_server.Server:
+        base = await super()._make_server()
+        return CappedServer(
+            base.request_handler, request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation, loop=base._loop,
+            runtime=self.app[RUNTIME], metrics=self.app[METRICS], cap=self._cap,
+            **base._kwargs,
+        )
+
+
+async def _gc_freezer(interval: float) -> None:
+    # Young generations are cheap to collect; then survivors (connections, buffers) move to
+    # the permanent generation, so full collections never walk them.
+    while True:
+        await asyncio.sleep(interval)
+        gc.collect(1)
+        gc.freeze()
+
+
+class Worker:
+    """The client-port app of one process plus its status endpoints."""
+
+    def __init__(self, config: ProxyConfig, secrets: Secrets, *, config_path: Path | None = None,
+                 worker_index: int = 0) -> None:
+        self.config = config
+        self.app = build_app(config, secrets, config_path=config_path, worker_index=worker_index)
+        kwargs: dict[str, Any] = {"access_log": None}
+        if config.logging.access_log:
+            kwargs = {"access_log_class": JsonAccessLogger,
+                      "access_log": logging.getLogger("gpuproxy.access")}
+        self.runner = ProxyRunner(
+            self.app, cap=config.limits.max_connections_per_worker, handle_signals=False,
+            shutdown_timeout=config.limits.shutdown_grace_seconds,
+            keepalive_timeout=config.limits.keepalive_timeout_seconds, **kwargs,
+        )
+        self.status_runner: web.AppRunner | None = None
+        self.stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app[RUNTIME]
+
+    async def start(self, sock: socket.socket, *, admin: socket.socket | None = None,
+                    status_path: Path | None = None) -> None:
+        """Serve clients on `sock`; status on an admin TCP socket or a worker status socket."""
+        await self.runner.setup()
+        await web.SockSite(self.runner, sock, backlog=self.config.listen.backlog).start()
+        if admin is not None or status_path is not None:
+            status_app = build_status_app([LocalSource(self.app)], aggregate=admin is not None)
+            self.status_runner = web.AppRunner(status_app, handle_signals=False, access_log=None)
+            await self.status_runner.setup()
+            if admin is not None:
+                await web.SockSite(self.status_runner, admin).start()
+            else:
+                assert status_path is not None
+                await web.UnixSite(self.status_runner, str(status_path)).start()
+        # Warm-up is over: everything alive now lives as long as the process.
+        gc.collect()
+        gc.freeze()
+        interval = self.config.limits.gc_freeze_interval_seconds
+        if interval > 0:
+            self._tasks.append(asyncio.create_task(_gc_freezer(interval), name="gc-freeze"))
+
+    async def drain(self) -> None:
+        """Report not ready, stop accepting, finish in-flight requests, then run cleanup."""
+        runtime = self.runtime
+        runtime.draining = True
+        log.info("draining: %d connections, %d requests in flight",
+                 runtime.connections_active, runtime.in_flight)
+        for task in self._tasks:
+            task.cancel()
+        # Stops the listener, closes idle keep-alive connections, waits for in-flight requests
+        # up to shutdown_grace_seconds, then runs the cleanup contexts (metering flush).
+        await self.runner.cleanup()
+        if self.status_runner is not None:
+            await self.status_runner.cleanup()
+        log.info("drained")
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+    async def watch_parent(self, parent_pid: int) -> None:
+        """A worker whose supervisor died drains itself instead of serving forever."""
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent_pid:
+                self.stopping.set()
+                return
+
+
+def admin_socket(config: ProxyConfig) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.listen.host, config.listen.admin_port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_single(config: ProxyConfig, secrets: Secrets, config_path: Path | None,
+                       on_ready: Callable[[Worker], Coroutine[Any, Any, None]] | None = None,
+                       ) -> None:
+    """workers == 1: one process serves the client port and the admin port."""
+    worker = Worker(config, secrets, config_path=config_path)
+    sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
+    await worker.start(sock, admin=admin_socket(config))
+    worker.install_signals()
+    log.info("serving on %s:%d (admin %d), %d backends, strategy %s",
+             config.listen.host, config.listen.port, config.listen.admin_port,
+             len(config.backends), config.load_balancing.strategy)
+    task = None
+    if on_ready is not None:
+        task = asyncio.create_task(on_ready(worker))
+        task.add_done_callback(lambda _: worker.stopping.set())
+    await worker.stopping.wait()
+    if task is not None and not task.done():
+        task.cancel()  # SIGTERM before the on_ready job finished
+    await worker.drain()
+    if task is not None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # re-raises the job's failure, if any
+
+
+async def serve_worker(config: ProxyConfig, secrets: Secrets, config_path: Path,
+                       index: int, status_path: Path, parent_pid: int) -> None:
+    """One of N workers started by the supervisor; status goes to a unix socket."""
+    worker = Worker(config, secrets, config_path=config_path, worker_index=index)
+    sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
+    await worker.start(sock, status_path=status_path)
+    worker.install_signals()
+    watcher = asyncio.create_task(worker.watch_parent(parent_pid))
+    await worker.stopping.wait()
+    watcher.cancel()
+    await worker.drain()
