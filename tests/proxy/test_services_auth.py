@@ -1,0 +1,312 @@
+"""API keys, JWT and the admin API against real PostgreSQL behind PgBouncer (transaction mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gpuproxy_proxy.admin import add_admin_routes
+from gpuproxy_proxy.apikeys import ApiKeyStore, hash_key
+from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
+from gpuproxy_proxy.auth import AUTHENTICATOR, auth_ctx
+from gpuproxy_proxy.config import AuthConfig, DatabaseConfig, ProxyConfig, Secrets
+from gpuproxy_proxy.db import DB_POOL, Database, database_ready, db_ctx
+from gpuproxy_proxy.jwt_auth import InvalidToken, JwtVerifier
+from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.migrations import MIGRATIONS, apply_migrations
+
+ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
+JWT_SECRET = "jwt-secret-" + uuid.uuid4().hex
+
+
+def make_config(pgbouncer: Any, cache_seconds: float = 30.0, **auth: Any) -> ProxyConfig:
+    return ProxyConfig(
+        database=DatabaseConfig(
+            host=pgbouncer.host, port=pgbouncer.port, database=pgbouncer.database,
+            sslmode="disable",
+        ),
+        auth=AuthConfig(api_key_cache_seconds=cache_seconds, **auth),
+    )
+
+
+def make_secrets(pgbouncer: Any) -> Secrets:
+    return Secrets(
+        db_user=pgbouncer.user, db_password=pgbouncer.password,
+        admin_token=ADMIN_TOKEN, jwt_secret=JWT_SECRET,
+    )
+
+
+async def whoami(request: web.Request) -> web.Response:
+    principal = await request.app[AUTHENTICATOR].authenticate(request)
+    return web.json_response(
+        {"kind": principal.kind, "user_id": principal.user_id, "key": principal.api_key_id}
+    )
+
+
+def make_app(config: ProxyConfig, secrets: Secrets) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app[SECRETS] = secrets
+    app[METRICS] = ProxyMetrics()
+    app.cleanup_ctx.append(db_ctx)
+    app.cleanup_ctx.append(auth_ctx)
+    app.router.add_get("/whoami", whoami)
+    add_admin_routes(app)
+    return app
+
+
+@pytest.fixture
+async def client(pgbouncer_server: Any) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    app = make_app(make_config(pgbouncer_server), make_secrets(pgbouncer_server))
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def create_key(client: TestClient[Any, Any], user_id: str) -> dict[str, Any]:
+    resp = await client.post("/admin/keys", json={"user_id": user_id, "name": "test"},
+                             headers=admin_headers())
+    assert resp.status == 201, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def test_migrations_are_idempotent_and_concurrent(pgbouncer_server: Any) -> None:
+    conns = [await asyncpg.connect(pgbouncer_server.dsn, statement_cache_size=0)
+             for _ in range(4)]
+    try:
+        # Several processes starting at once: the advisory lock serializes them.
+        results = await asyncio.gather(*(apply_migrations(c) for c in conns))
+        again = await apply_migrations(conns[0])
+        versions = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY 1")
+    finally:
+        for c in conns:
+            await c.close()
+    applied = [v for r in results for v in r]
+    assert sorted(applied) in ([], [m[0] for m in MIGRATIONS])  # at most once in total
+    assert again == []
+    assert [r["version"] for r in versions] == [m[0] for m in MIGRATIONS]
+
+
+async def test_admin_create_list_revoke_and_lookup(
+    client: TestClient[Any, Any], pgbouncer_server: Any
+) -> None:
+    user = "user-" + uuid.uuid4().hex
+    created = await create_key(client, user)
+    key = created["key"]
+    assert key.startswith("gpx_")
+    assert len(key) > 40
+    assert created["prefix"] == key[:12]
+    assert created["user_id"] == user
+
+    # Only the hash is stored.
+    conn = await asyncpg.connect(pgbouncer_server.dsn, statement_cache_size=0)
+    try:
+        row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", uuid.UUID(created["id"]))
+    finally:
+        await conn.close()
+    assert row is not None
+    assert bytes(row["key_hash"]) == hash_key(key)
+    assert key not in str(dict(row))
+
+    resp = await client.get("/admin/keys", params={"user_id": user}, headers=admin_headers())
+    listed = (await resp.json())["keys"]
+    assert [k["id"] for k in listed] == [created["id"]]
+    assert "key" not in listed[0]
+    assert "key_hash" not in listed[0]
+
+    for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
+        resp = await client.get("/whoami", headers=headers)
+        assert resp.status == 200
+        assert await resp.json() == {"kind": "api_key", "user_id": user, "key": created["id"]}
+
+    resp = await client.delete(f"/admin/keys/{created['id']}", headers=admin_headers())
+    assert resp.status == 200
+    assert (await resp.json())["revoked_at"] is not None
+    # The revoking process drops its cache entry at once.
+    resp = await client.get("/whoami", headers={"X-API-Key": key})
+    assert resp.status == 403
+    body = await resp.json()
+    assert body["error"]["type"] == "permission_error"
+    assert "revoked" in body["error"]["message"]
+
+    resp = await client.delete(f"/admin/keys/{uuid.uuid4()}", headers=admin_headers())
+    assert resp.status == 404
+
+
+async def test_admin_requires_admin_token(client: TestClient[Any, Any]) -> None:
+    resp = await client.get("/admin/keys")
+    assert resp.status == 401
+    assert "WWW-Authenticate" in resp.headers
+    resp = await client.get("/admin/keys", headers={"Authorization": "Bearer nope"})
+    assert resp.status == 401
+    assert (await resp.json())["error"]["type"] == "authentication_error"
+    user_key = (await create_key(client, "u-" + uuid.uuid4().hex))["key"]
+    resp = await client.get("/admin/keys", headers={"Authorization": f"Bearer {user_key}"})
+    assert resp.status == 401
+    resp = await client.post("/admin/keys", json={"name": "x"}, headers=admin_headers())
+    assert resp.status == 400
+    assert "user_id" in (await resp.json())["error"]["message"]
+
+
+async def test_missing_and_invalid_credentials(client: TestClient[Any, Any]) -> None:
+    resp = await client.get("/whoami")
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await resp.json())["error"]["type"] == "authentication_error"
+    for headers in (
+        {"X-API-Key": "gpx_" + "A" * 43},
+        {"Authorization": "Bearer something-random"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+    ):
+        resp = await client.get("/whoami", headers=headers)
+        assert resp.status == 401, headers
+        assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+
+
+async def test_key_cache_hides_revocation_until_ttl(pgbouncer_server: Any) -> None:
+    secrets = make_secrets(pgbouncer_server)
+    config = make_config(pgbouncer_server).database
+    assert config is not None
+    db_a, db_b = Database(config, secrets), Database(config, secrets)
+    await db_a.connect_once()
+    await db_b.connect_once()
+    try:
+        # Two processes: A revokes, B has the key cached with a short TTL.
+        store_a = ApiKeyStore(db_a, cache_seconds=30)
+        store_b = ApiKeyStore(db_b, cache_seconds=0.5)
+        record, key = await store_a.create("u-" + uuid.uuid4().hex)
+        first = await store_b.lookup(key)
+        assert first is not None
+        assert not first.revoked
+        await store_a.revoke(record.id)
+        cached = await store_b.lookup(key)
+        assert cached is not None
+        assert not cached.revoked
+        await asyncio.sleep(0.6)
+        fresh = await store_b.lookup(key)
+        assert fresh is not None
+        assert fresh.revoked
+        # Negative cache: an unknown key is answered without the database for the TTL.
+        unknown = "gpx_" + uuid.uuid4().hex
+        assert await store_b.lookup(unknown) is None
+        await db_b.close()
+        assert await store_b.lookup(unknown) is None
+        # Concurrent misses for one key share one query; with the database gone all fail.
+        other = "gpx_other" + uuid.uuid4().hex
+        results = await asyncio.gather(
+            *(store_b.lookup(other) for _ in range(3)),
+            return_exceptions=True,
+        )
+        assert all(type(r).__name__ == "DatabaseUnavailable" for r in results)
+    finally:
+        await db_a.close()
+        await db_b.close()
+
+
+async def test_database_down_at_start_then_up(pgbouncer_server: Any) -> None:
+    secrets = make_secrets(pgbouncer_server)
+    pgbouncer_server.stop()
+    app = make_app(make_config(pgbouncer_server), secrets)
+    async with TestClient(TestServer(app)) as c:
+        assert not await database_ready(c.app)
+        resp = await c.post("/admin/keys", json={"user_id": "x"}, headers=admin_headers())
+        assert resp.status == 503
+        assert "Retry-After" in resp.headers
+        resp = await c.get("/whoami", headers={"X-API-Key": "gpx_" + "B" * 43})
+        assert resp.status == 503
+        pgbouncer_server.start()
+        db = c.app[DB_POOL]
+        assert db is not None
+        assert await db.wait_connected(15)
+        assert await database_ready(c.app)
+        resp = await c.post("/admin/keys", json={"user_id": "x"}, headers=admin_headers())
+        assert resp.status == 201
+
+
+def token(**claims: Any) -> str:
+    now = int(time.time())
+    payload = {"sub": "alice", "exp": now + 60, "iss": "issuer", "aud": "gpuproxy"} | claims
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, JWT_SECRET,
+                      algorithm="HS256")
+
+
+def verifier(leeway: int = 0) -> JwtVerifier:
+    return JwtVerifier(JWT_SECRET, issuer="issuer", audience="gpuproxy", leeway_seconds=leeway)
+
+
+def test_jwt_valid_returns_subject() -> None:
+    assert verifier().verify(token()) == "alice"
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"exp": int(time.time()) - 120}, "expired"),
+        ({"nbf": int(time.time()) + 120}, "not valid yet"),
+        ({"iss": "someone-else"}, "issuer"),
+        ({"aud": "other"}, "audience"),
+        ({"exp": None}, "'exp'"),
+        ({"sub": None}, "'sub'"),
+    ],
+)
+def test_jwt_rejections(claims: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidToken, match=message):
+        verifier().verify(token(**claims))
+
+
+def test_jwt_bad_signature_and_algorithm() -> None:
+    forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "iss": "issuer",
+                         "aud": "gpuproxy"}, "another-secret-of-enough-length-x", algorithm="HS256")
+    with pytest.raises(InvalidToken, match="signature"):
+        verifier().verify(forged)
+    none_alg = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
+    with pytest.raises(InvalidToken):
+        verifier().verify(none_alg)
+
+
+def test_jwt_leeway_accepts_recently_expired() -> None:
+    recently = token(exp=int(time.time()) - 5)
+    assert verifier(leeway=30).verify(recently) == "alice"
+    with pytest.raises(InvalidToken):
+        verifier(leeway=0).verify(recently)
+
+
+async def test_jwt_through_http(client: TestClient[Any, Any]) -> None:
+    # The fixture's config has no iss/aud requirement.
+    resp = await client.get("/whoami", headers={"Authorization": f"Bearer {token()}"})
+    assert resp.status == 200
+    assert await resp.json() == {"kind": "jwt", "user_id": "alice", "key": None}
+    resp = await client.get(
+        "/whoami", headers={"Authorization": f"Bearer {token(exp=int(time.time()) - 600)}"}
+    )
+    assert resp.status == 401
+    assert "expired" in (await resp.json())["error"]["message"]
+    resp = await client.get("/whoami", headers=admin_headers())
+    assert (await resp.json())["kind"] == "admin"
+
+
+async def test_auth_disabled_is_anonymous() -> None:
+    app = web.Application()
+    app[CONFIG] = ProxyConfig(auth=AuthConfig(enabled=False))
+    app[SECRETS] = Secrets()
+    app[METRICS] = ProxyMetrics()
+    app.cleanup_ctx.append(db_ctx)
+    app.cleanup_ctx.append(auth_ctx)
+    app.router.add_get("/whoami", whoami)
+    async with TestClient(TestServer(app)) as c:
+        resp = await c.get("/whoami")
+        assert await resp.json() == {"kind": "anonymous", "user_id": None, "key": None}
+        assert await database_ready(c.app)

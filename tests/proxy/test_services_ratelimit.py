@@ -1,0 +1,287 @@
+"""Rate limiting: the sliding-window math, Redis (shared by two limiters), fallback modes
+while Redis is stopped, recovery, client IP resolution and the HTTP 429 shape."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+from unittest import mock
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+
+from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
+from gpuproxy_proxy.config import ProxyConfig, RateLimitConfig, RedisConfig, Secrets
+from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.principal import ANONYMOUS, Principal
+from gpuproxy_proxy.ratelimit import (
+    RATE_LIMITER,
+    RateLimiter,
+    client_ip,
+    rate_limit_headers,
+    rate_limit_response,
+    ratelimit_ctx,
+)
+from gpuproxy_proxy.ratelimit_window import LocalWindowLimiter, Scope
+
+
+def unique_ip() -> str:
+    b = uuid.uuid4().bytes
+    return f"10.{b[0]}.{b[1]}.{b[2]}"
+
+
+def limiter(redis: Any | None, metrics: ProxyMetrics | None = None, **limits: Any) -> RateLimiter:
+    config = RateLimitConfig(**limits)
+    redis_config = None if redis is None else RedisConfig(url=redis.url)
+    return RateLimiter(config, redis_config, Secrets(), metrics)
+
+
+def sample(metrics: ProxyMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# --- sliding window arithmetic (no Redis) --------------------------------------------------
+
+
+def test_local_window_counts_and_decays() -> None:
+    local = LocalWindowLimiter(window_seconds=60)
+    scopes = [Scope("ip", "k", 10)]
+    start = 6000.0  # a window boundary (6000 s is a multiple of 60 s)
+    decisions = [local.check(scopes, now=start + 1) for _ in range(11)]
+    assert [d.allowed for d in decisions] == [True] * 10 + [False]
+    assert [d.remaining for d in decisions[:3]] == [9, 8, 7]
+    assert decisions[-1].scope == "ip"
+    assert decisions[-1].retry_after_seconds >= 59
+    # Half-way into the next window the previous 10 count as 5: five more fit.
+    later = [local.check(scopes, now=start + 90) for _ in range(6)]
+    assert [d.allowed for d in later] == [True] * 5 + [False]
+    # Retry-After points at when the previous window's weight has decayed enough.
+    assert 1 <= later[-1].retry_after_seconds <= 30
+    # Two windows later nothing is left.
+    assert local.check(scopes, now=start + 181).remaining == 9
+
+
+def test_most_restrictive_scope_wins() -> None:
+    local = LocalWindowLimiter(window_seconds=60)
+    scopes = [Scope("ip", "ip", 100), Scope("user", "u", 3), Scope("api_key", "k", 50)]
+    decisions = [local.check(scopes, now=1.0) for _ in range(4)]
+    assert [d.scope for d in decisions[:3]] == ["user"] * 3
+    assert decisions[2].remaining == 0
+    assert not decisions[3].allowed
+    assert decisions[3].scope == "user"
+    # A rejected request consumes no quota in any scope.
+    other = local.check([Scope("ip", "ip", 100)], now=1.0)
+    assert other.remaining == 100 - 3 - 1
+
+
+def test_rate_limit_headers_and_response() -> None:
+    local = LocalWindowLimiter(window_seconds=60)
+    ok = local.check([Scope("api_key", "x", 1)], now=30.0)
+    assert rate_limit_headers(ok) == {
+        "X-RateLimit-Limit": "1", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "30",
+    }
+    rejected = local.check([Scope("api_key", "x", 1)], now=30.0)
+    response = rate_limit_response(rejected)
+    assert response.status == 429
+    assert response.headers["Retry-After"] == str(rejected.retry_after_seconds)
+    assert response.text is not None
+    assert "'api_key'" in response.text
+
+
+# --- client IP ------------------------------------------------------------------------------
+
+
+def request_from(peer: str, xff: list[str] | None = None) -> web.Request:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        (peer, 12345) if name == "peername" else default
+    )
+    headers = [("X-Forwarded-For", v) for v in xff or []]
+    from multidict import CIMultiDict
+
+    return make_mocked_request("GET", "/", headers=CIMultiDict(headers), transport=transport)
+
+
+def test_client_ip_ignores_xff_from_untrusted_peer() -> None:
+    req = request_from("203.0.113.9", ["1.2.3.4"])
+    assert client_ip(req, []) == "203.0.113.9"
+    assert client_ip(req, ["10.0.0.0/8"]) == "203.0.113.9"
+
+
+def test_client_ip_walks_trusted_hops_right_to_left() -> None:
+    trusted = ["10.0.0.0/8", "192.168.1.1/32"]
+    # client, spoofed-by-client, real client, then two trusted proxies
+    req = request_from("10.1.1.1", ["6.6.6.6, 198.51.100.7", "192.168.1.1"])
+    assert client_ip(req, trusted) == "198.51.100.7"
+    # All hops trusted: the leftmost one is the best we know.
+    assert client_ip(request_from("10.1.1.1", ["10.2.2.2"]), trusted) == "10.2.2.2"
+    # Garbage stops the walk at the last verified hop.
+    assert client_ip(request_from("10.1.1.1", ["1.1.1.1, junk, 10.3.3.3"]), trusted) == "10.3.3.3"
+    # No header: the trusted peer itself.
+    assert client_ip(request_from("10.1.1.1"), trusted) == "10.1.1.1"
+    # IPv4-mapped IPv6 peers count as their IPv4 address.
+    assert client_ip(request_from("::ffff:10.1.1.1", ["8.8.8.8"]), trusted) == "8.8.8.8"
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+
+async def test_redis_limits_per_scope(redis_server: Any) -> None:
+    metrics = ProxyMetrics()
+    rl = limiter(redis_server, metrics, per_ip=5, per_user=3, per_api_key=2)
+    try:
+        ip = unique_ip()
+        anon = [await rl.check(ip, ANONYMOUS) for _ in range(6)]
+        assert [d.allowed for d in anon] == [True] * 5 + [False]
+        assert anon[-1].scope == "ip"
+        assert anon[-1].source == "redis"
+        assert anon[0].limit == 5
+        assert anon[0].remaining == 4
+
+        user = Principal(kind="jwt", user_id="u-" + uuid.uuid4().hex)
+        results = [await rl.check(unique_ip(), user) for _ in range(4)]
+        assert [d.allowed for d in results] == [True] * 3 + [False]
+        assert results[-1].scope == "user"
+        assert results[-1].retry_after_seconds >= 1
+
+        key = Principal(
+            kind="api_key", user_id="u-" + uuid.uuid4().hex, api_key_id=str(uuid.uuid4())
+        )
+        results = [await rl.check(unique_ip(), key) for _ in range(3)]
+        assert [d.scope for d in results] == ["api_key"] * 3
+        assert [d.allowed for d in results] == [True, True, False]
+        assert sample(metrics, "gpuproxy_ratelimit_rejections_total", scope="api_key") == 1
+        assert sample(metrics, "gpuproxy_ratelimit_rejections_total", scope="ip") == 1
+        assert rl.redis_ready()
+    finally:
+        await rl.close()
+
+
+async def test_two_limiters_share_one_redis(redis_server: Any) -> None:
+    # Two proxy processes = two limiters with their own pools against the same Redis.
+    a, b = limiter(redis_server, per_ip=10), limiter(redis_server, per_ip=10)
+    try:
+        ip = unique_ip()
+        results = []
+        for i in range(12):
+            results.append(await (a if i % 2 else b).check(ip, ANONYMOUS))
+        assert sum(d.allowed for d in results) == 10
+        assert not results[-1].allowed
+        assert not results[-2].allowed
+        # Concurrent checks stay exact: the script is atomic.
+        ip2 = unique_ip()
+        many = await asyncio.gather(*((a if i % 2 else b).check(ip2, ANONYMOUS) for i in range(40)))
+        assert sum(d.allowed for d in many) == 10
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def wait_for(predicate: Any, seconds: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("mode", ["local", "open", "closed"])
+async def test_redis_outage_fallback_and_recovery(
+    redis_server: Any, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = ProxyMetrics()
+    rl = limiter(redis_server, metrics, per_ip=3, on_redis_failure=mode)
+    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.ratelimit")
+    try:
+        ip = unique_ip()
+        assert (await rl.check(ip, ANONYMOUS)).source == "redis"
+        redis_server.stop()
+        during = [await rl.check(ip, ANONYMOUS) for _ in range(5)]
+        assert not rl.redis_ready()
+        assert {d.source for d in during} == {mode}
+        if mode == "local":
+            # Same limits, counted in this process (the Redis count is not known here).
+            assert [d.allowed for d in during] == [True] * 3 + [False] * 2
+            assert during[-1].status == 429
+        elif mode == "open":
+            assert all(d.allowed for d in during)
+            assert rate_limit_headers(during[0]) == {}
+        else:
+            assert not any(d.allowed for d in during)
+            assert rate_limit_response(during[0]).status == 503
+        assert sample(metrics, "gpuproxy_ratelimit_fallback_total", mode=mode) == 5
+        outage_logs = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+        assert len(outage_logs) == 1
+
+        redis_server.start()
+        await wait_for(rl.redis_ready)
+        after = await rl.check(unique_ip(), ANONYMOUS)
+        assert after.source == "redis"
+        assert after.allowed
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        redis_server.start()
+        await rl.close()
+
+
+async def test_no_redis_configured_uses_local_limiter() -> None:
+    rl = limiter(None, per_ip=2)
+    try:
+        results = [await rl.check("1.2.3.4", ANONYMOUS) for _ in range(3)]
+        assert [d.source for d in results] == ["local"] * 3
+        assert [d.allowed for d in results] == [True, True, False]
+        assert rl.redis_ready()
+    finally:
+        await rl.close()
+
+
+async def test_disabled_rate_limits_allow_everything() -> None:
+    rl = limiter(None, per_ip=1, enabled=False)
+    results = [await rl.check("1.2.3.4", ANONYMOUS) for _ in range(3)]
+    assert all(d.allowed for d in results)
+    assert rate_limit_headers(results[0]) == {}
+
+
+# --- over HTTP -----------------------------------------------------------------------------
+
+
+async def limited(request: web.Request) -> web.Response:
+    rl = request.app[RATE_LIMITER]
+    decision = await rl.check(rl.client_ip(request), ANONYMOUS)
+    if not decision.allowed:
+        return rate_limit_response(decision)
+    return web.Response(text="ok", headers=rate_limit_headers(decision))
+
+
+async def test_http_429_with_headers(redis_server: Any) -> None:
+    app = web.Application()
+    app[CONFIG] = ProxyConfig(
+        rate_limits=RateLimitConfig(per_ip=2, trusted_proxies=["127.0.0.1/32"]),
+        redis=RedisConfig(url=redis_server.url),
+    )
+    app[SECRETS] = Secrets()
+    app[METRICS] = ProxyMetrics()
+    app.cleanup_ctx.append(ratelimit_ctx)
+    app.router.add_get("/", limited)
+    async with TestClient(TestServer(app)) as client:
+        headers = {"X-Forwarded-For": unique_ip()}  # the test client connects from 127.0.0.1
+        first = await client.get("/", headers=headers)
+        assert first.status == 200
+        assert first.headers["X-RateLimit-Limit"] == "2"
+        assert first.headers["X-RateLimit-Remaining"] == "1"
+        assert int(first.headers["X-RateLimit-Reset"]) >= 1
+        await client.get("/", headers=headers)
+        third = await client.get("/", headers=headers)
+        assert third.status == 429
+        assert int(third.headers["Retry-After"]) >= 1
+        assert third.headers["X-RateLimit-Remaining"] == "0"
+        body = await third.json()
+        assert body["error"]["type"] == "rate_limit_exceeded"
+        assert "'ip'" in body["error"]["message"]
+        # Another client behind the same trusted proxy has its own budget.
+        other = await client.get("/", headers={"X-Forwarded-For": unique_ip()})
+        assert other.status == 200
