@@ -1,0 +1,202 @@
+"""The proxy workload: its config ConfigMap and the hardened Deployment that mounts it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from gpuproxy_operator.api.base import SecretKeyRef
+from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.builders.common import (
+    Manifest,
+    container_security_context,
+    metadata,
+    pod_security_context,
+    selector,
+    stable_hash,
+    tmp_mount,
+    tmp_volume,
+    with_spec_hash,
+)
+from gpuproxy_operator.builders.proxy_config import build_proxy_config
+from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
+
+PROXY_UID = 10001
+CONFIG_DIR = "/etc/gpuproxy"
+CONFIG_FILE = "config.yaml"
+# Namespaced sysctls Kubernetes treats as safe: a pod may set them in its own network
+# namespace without node opt-in, so the proxy gets the guide's values even off tuned nodes.
+SAFE_POD_SYSCTLS = (
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+)
+# Endpoints controllers and load balancers need a moment to stop sending new connections
+# before the proxy starts refusing them on SIGTERM.
+PRESTOP_SLEEP_SECONDS = 5
+
+
+def proxy_config_data(cluster: GpuProxyCluster) -> dict[str, str]:
+    text = yaml.safe_dump(build_proxy_config(cluster), sort_keys=True, default_flow_style=False)
+    return {CONFIG_FILE: text}
+
+
+def build_proxy_configmap(cluster: GpuProxyCluster) -> Manifest:
+    image = cluster.spec.proxy.image
+    return with_spec_hash({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(cluster, child_name(cluster.metadata.name, "proxy"), "proxy", image),
+        "data": proxy_config_data(cluster),
+    })
+
+
+def desired_replicas(cluster: GpuProxyCluster, decided: int | None) -> int:
+    """The autoscaler's decision, else spec.proxy.replicas; clamped while autoscaling."""
+    replicas = cluster.spec.proxy.replicas if decided is None else decided
+    auto = cluster.spec.autoscaling
+    if auto.enabled:
+        replicas = min(max(replicas, auto.min_replicas), auto.max_replicas)
+    return replicas
+
+
+def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _env(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
+    spec = cluster.spec
+    env: list[dict[str, Any]] = []
+    if spec.proxy.auth.jwt_secret_ref is not None:
+        env.append(_secret_env("GPUPROXY_JWT_SECRET", spec.proxy.auth.jwt_secret_ref))
+    if spec.proxy.auth.admin_token_secret_ref is not None:
+        env.append(_secret_env("GPUPROXY_ADMIN_TOKEN", spec.proxy.auth.admin_token_secret_ref))
+    creds = spec.database.credentials_secret
+    env.append(_secret_env("GPUPROXY_DB_USER", SecretKeyRef(name=creds, key="username")))
+    env.append(_secret_env("GPUPROXY_DB_PASSWORD", SecretKeyRef(name=creds, key="password")))
+    if spec.redis.password_secret_ref is not None:
+        env.append(_secret_env("GPUPROXY_REDIS_PASSWORD", spec.redis.password_secret_ref))
+    return env
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "admin"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
+    proxy = cluster.spec.proxy
+    return {
+        "name": "proxy",
+        "image": proxy.image,
+        "imagePullPolicy": proxy.image_pull_policy,
+        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "ports": [
+            {"name": "http", "containerPort": proxy.port, "protocol": "TCP"},
+            {"name": "admin", "containerPort": proxy.admin_port, "protocol": "TCP"},
+        ],
+        "env": _env(cluster),
+        "resources": proxy.resources.to_k8s(),
+        # Startup allows 60 s for workers to spawn; liveness only restarts a wedged process.
+        "startupProbe": _probe("/health", 2, 30),
+        "livenessProbe": _probe("/health", 10, 3),
+        "readinessProbe": _probe("/ready", 5, 2),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "securityContext": container_security_context(PROXY_UID),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            tmp_mount(),
+        ],
+    }
+
+
+def _topology_spread(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
+    proxy = cluster.spec.proxy
+    if proxy.topology_spread_constraints:
+        return [dict(c) for c in proxy.topology_spread_constraints]
+    match = {"matchLabels": selector(cluster, "proxy")}
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": match,
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
+
+
+def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
+    proxy = cluster.spec.proxy
+    sysctls = {
+        k: v for k, v in cluster.spec.node_tuning.sysctls.items() if k in SAFE_POD_SYSCTLS
+    }
+    pod: dict[str, Any] = {
+        "serviceAccountName": child_name(cluster.metadata.name, "proxy"),
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": proxy.termination_grace_period_seconds,
+        "securityContext": pod_security_context(PROXY_UID, sysctls),
+        "containers": [_container(cluster)],
+        "volumes": [
+            {
+                "name": "config",
+                "configMap": {"name": child_name(cluster.metadata.name, "proxy")},
+            },
+            tmp_volume(),
+        ],
+        "topologySpreadConstraints": _topology_spread(cluster),
+    }
+    if proxy.node_selector:
+        pod["nodeSelector"] = dict(sorted(proxy.node_selector.items()))
+    if proxy.tolerations:
+        pod["tolerations"] = [t.to_k8s() for t in proxy.tolerations]
+    if proxy.affinity:
+        pod["affinity"] = dict(proxy.affinity)
+    if proxy.priority_class_name:
+        pod["priorityClassName"] = proxy.priority_class_name
+    if proxy.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in proxy.image_pull_secrets]
+    return pod
+
+
+def build_proxy_deployment(cluster: GpuProxyCluster, replicas: int | None = None) -> Manifest:
+    """The proxy Deployment; `replicas` is the autoscaler's decision (not in the spec hash)."""
+    proxy = cluster.spec.proxy
+    name = child_name(cluster.metadata.name, "proxy")
+    pod_meta = metadata(cluster, name, "proxy", proxy.image)
+    annotations = {
+        **proxy.pod_annotations,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(proxy.admin_port),
+        "prometheus.io/path": "/metrics",
+        CONFIG_HASH_ANNOTATION: stable_hash(proxy_config_data(cluster)),
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(cluster, name, "proxy", proxy.image),
+        "spec": {
+            "replicas": desired_replicas(cluster, replicas),
+            "selector": {"matchLabels": selector(cluster, "proxy")},
+            "strategy": {
+                "type": "RollingUpdate",
+                # Never drop below the current capacity: 100k connections per pod are at stake.
+                "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": pod_meta["labels"],
+                    "annotations": dict(sorted(annotations.items())),
+                },
+                "spec": _pod_spec(cluster),
+            },
+        },
+    }
+    return with_spec_hash(deployment, ignore_replicas=True)

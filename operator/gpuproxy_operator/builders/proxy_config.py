@@ -1,0 +1,111 @@
+"""The proxy's config file (`config.yaml`), rendered from the cluster spec as a dict that
+`gpuproxy_proxy.config.ProxyConfig` accepts. Secrets never go here; they arrive as env vars."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.naming import Component, child_name
+
+PGBOUNCER_PORT = 6432
+REDIS_PORT = 6379
+# Headroom over connectionsPerReplica before a worker refuses connections: the autoscaler
+# reacts to load above the target, so the hard cap must sit above it.
+CONNECTION_CAP_FACTOR = 1.1
+# The proxy stops accepting this many seconds before the kubelet's SIGKILL deadline.
+SHUTDOWN_MARGIN_SECONDS = 10
+
+
+def service_host(cluster: GpuProxyCluster, component: Component) -> str:
+    name = child_name(cluster.metadata.name, component)
+    return f"{name}.{cluster.metadata.namespace}.svc"
+
+
+def redis_url(cluster: GpuProxyCluster) -> str:
+    redis = cluster.spec.redis
+    if redis.mode == "bundled":
+        return f"redis://{service_host(cluster, 'redis')}:{REDIS_PORT}/0"
+    assert redis.url is not None  # RedisSpec rejects external mode without a url
+    return redis.url
+
+
+def max_connections_per_worker(connections_per_replica: int, workers: int) -> int:
+    return math.ceil(connections_per_replica * CONNECTION_CAP_FACTOR / workers)
+
+
+def shutdown_grace_seconds(termination_grace_period_seconds: int) -> int:
+    return max(1, termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS)
+
+
+def _auth(cluster: GpuProxyCluster) -> dict[str, Any]:
+    auth = cluster.spec.proxy.auth
+    body: dict[str, Any] = {
+        "enabled": auth.enabled,
+        "api_key_cache_seconds": auth.api_key_cache_seconds,
+    }
+    if auth.jwt_issuer is not None:
+        body["jwt_issuer"] = auth.jwt_issuer
+    if auth.jwt_audience is not None:
+        body["jwt_audience"] = auth.jwt_audience
+    return body
+
+
+def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
+    """Everything one proxy pod needs except secrets, keyed like the proxy's YAML."""
+    proxy = cluster.spec.proxy
+    rl = proxy.rate_limits
+    return {
+        "listen": {"host": "0.0.0.0", "port": proxy.port, "admin_port": proxy.admin_port},
+        "workers": proxy.workers,
+        "backends": [
+            {
+                "name": b.name,
+                "url": str(b.url),
+                "weight": b.weight,
+                "health_path": b.health_path,
+                "labels": dict(sorted(b.labels.items())),
+            }
+            for b in proxy.backends
+        ],
+        "load_balancing": {"strategy": proxy.load_balancing.strategy},
+        "upstream": {
+            "connect_timeout_seconds": proxy.upstream.connect_timeout_seconds,
+            "read_timeout_seconds": proxy.upstream.read_timeout_seconds,
+            "max_connections_per_backend": proxy.upstream.max_connections_per_backend,
+        },
+        "health_check": {
+            "interval_seconds": proxy.health_check.interval_seconds,
+            "timeout_seconds": proxy.health_check.timeout_seconds,
+            "unhealthy_threshold": proxy.health_check.unhealthy_threshold,
+            "ejection_seconds": proxy.health_check.ejection_seconds,
+        },
+        "auth": _auth(cluster),
+        "rate_limits": {
+            "enabled": rl.enabled,
+            "per_ip": rl.per_ip,
+            "per_user": rl.per_user,
+            "per_api_key": rl.per_api_key,
+            "window_seconds": rl.window_seconds,
+            "on_redis_failure": rl.on_redis_failure,
+            "trusted_proxies": list(rl.trusted_proxies),
+        },
+        "redis": {"url": redis_url(cluster)},
+        "database": {
+            "host": service_host(cluster, "pgbouncer"),
+            "port": PGBOUNCER_PORT,
+            "database": cluster.spec.database.database,
+            # PgBouncer has no client-side TLS configured: in-cluster hop, SCRAM auth.
+            "sslmode": "disable",
+        },
+        "limits": {
+            "max_connections_per_worker": max_connections_per_worker(
+                proxy.connections_per_replica, proxy.workers
+            ),
+            "max_body_bytes": proxy.max_body_bytes,
+            "shutdown_grace_seconds": shutdown_grace_seconds(
+                proxy.termination_grace_period_seconds
+            ),
+        },
+    }
