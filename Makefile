@@ -37,14 +37,14 @@ pytest:
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 # Runs every stage even if an earlier one fails, so one run shows all problems; fails at the end.
+# On success pytest's summary stays the last line of output (CI reads it).
 test: bootstrap
 	@failed=""; \
 	for stage in lint typecheck pytest; do \
 		echo "=== make $$stage"; \
 		$(MAKE) --no-print-directory $$stage || failed="$$failed $$stage"; \
 	done; \
-	if [ -n "$$failed" ]; then echo "=== FAILED:$$failed"; exit 1; fi; \
-	echo "=== lint, typecheck and pytest passed"
+	if [ -n "$$failed" ]; then echo "=== make test FAILED in:$$failed"; exit 1; fi
 
 demo: bootstrap-python
 	$(VENV)/bin/gpuproxy-proxy --demo --self-test
