@@ -24,11 +24,16 @@ bootstrap:
 bootstrap-python:
 	bash scripts/bootstrap.sh python
 
+# Both linters always run, so one report shows Python and Dockerfile findings together.
 lint:
-	$(VENV)/bin/ruff check $(LINT_PATHS)
-ifneq ($(DOCKERFILES),)
-	$(VENV)/bin/hadolint $(DOCKERFILES)
-endif
+	@status=0; \
+	echo "$(VENV)/bin/ruff check $(LINT_PATHS)"; \
+	$(VENV)/bin/ruff check $(LINT_PATHS) || status=1; \
+	if [ -n "$(DOCKERFILES)" ]; then \
+		echo "$(VENV)/bin/hadolint $(DOCKERFILES)"; \
+		$(VENV)/bin/hadolint $(DOCKERFILES) && echo "hadolint: clean" || status=1; \
+	fi; \
+	exit $$status
 
 typecheck:
 	$(VENV)/bin/mypy
