@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
+from gpuproxy_operator.api.base import Resources
 from gpuproxy_operator.api.cluster import GpuProxyCluster
 from gpuproxy_operator.naming import (
     SPEC_HASH_ANNOTATION,
@@ -65,19 +67,29 @@ def metadata(
     annotations: dict[str, str] | None = None,
     extra_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {
+    """Object metadata; user-supplied maps are sorted so their input order never matters."""
+    return {
         "name": name,
         "namespace": cluster.metadata.namespace,
-        "labels": {**(extra_labels or {}), **labels(cluster, component, image)},
-        "annotations": dict(annotations or {}),
+        "labels": {**sorted_map(extra_labels or {}), **labels(cluster, component, image)},
+        "annotations": sorted_map(annotations or {}),
         "ownerReferences": [owner_reference(cluster)],
     }
-    return meta
+
+
+def sorted_map(mapping: Mapping[str, str]) -> dict[str, str]:
+    return dict(sorted(mapping.items()))
+
+
+def resources(spec: Resources) -> dict[str, dict[str, str]]:
+    return {kind: sorted_map(amounts) for kind, amounts in spec.to_k8s().items()}
 
 
 def with_spec_hash(manifest: Manifest, *, ignore_replicas: bool = False) -> Manifest:
     """Stamp SPEC_HASH_ANNOTATION: the hash of the body without that annotation (and without
     `spec.replicas` when an autoscaler owns it, so scaling alone never looks like drift)."""
+    # A JSON round trip drops shared sub-objects (YAML would print them as &anchors).
+    manifest = json.loads(json.dumps(manifest))
     body = json.loads(json.dumps(manifest))
     body["metadata"].get("annotations", {}).pop(SPEC_HASH_ANNOTATION, None)
     if ignore_replicas:

@@ -29,16 +29,15 @@ def sysctl_conf(cluster: GpuProxyCluster) -> str:
     return "".join(f"{key} = {sysctls[key]}\n" for key in sorted(sysctls))
 
 
-def _verify_script(cluster: GpuProxyCluster) -> str:
-    """Readiness check that every setting is still in force (the kernel prints multi-value
-    settings tab-separated, so whitespace is squeezed before comparing)."""
-    sysctls = cluster.spec.node_tuning.sysctls
-    # Values match [A-Za-z0-9_ .:-] (API validation), so single quotes are safe.
-    checks = " && ".join(
-        f"[ \"$(sysctl -n {key} | tr -s ' \\t' '  ')\" = '{' '.join(sysctls[key].split())}' ]"
-        for key in sorted(sysctls)
-    )
-    return checks or "true"
+# Readiness: every line of the mounted file is still in force on the node (something else
+# may reset a setting). `echo $(...)` squeezes the tabs the kernel prints between values.
+VERIFY_SCRIPT = f"""\
+while read -r key _ value; do
+  [ -n "$key" ] || continue
+  got="$(echo $(sysctl -n "$key"))"
+  [ "$got" = "$(echo $value)" ] || {{ echo "$key is '$got', want '$value'"; exit 1; }}
+done < {SYSCTL_DIR}/{SYSCTL_FILE}
+"""
 
 
 def build_node_tuning_configmap(cluster: GpuProxyCluster) -> Manifest | None:
@@ -89,7 +88,7 @@ def _main_container(cluster: GpuProxyCluster) -> dict[str, Any]:
             "limits": {"cpu": "10m", "memory": "16Mi"},
         },
         "readinessProbe": {
-            "exec": {"command": ["sh", "-c", _verify_script(cluster)]},
+            "exec": {"command": ["sh", "-c", VERIFY_SCRIPT]},
             "periodSeconds": 60,
             "timeoutSeconds": 5,
             "failureThreshold": 1,

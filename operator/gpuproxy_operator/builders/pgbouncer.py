@@ -12,6 +12,7 @@ from gpuproxy_operator.builders.common import (
     container_security_context,
     metadata,
     pod_security_context,
+    resources,
     selector,
     service_port,
     stable_hash,
@@ -157,7 +158,7 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
                 "ports": [
                     {"name": "pgbouncer", "containerPort": PGBOUNCER_PORT, "protocol": "TCP"}
                 ],
-                "resources": pb.resources.to_k8s(),
+                "resources": resources(pb.resources),
                 "startupProbe": _tcp_probe(2, 30),
                 "livenessProbe": _tcp_probe(10, 3),
                 "readinessProbe": _tcp_probe(5, 2),

@@ -13,6 +13,7 @@ from gpuproxy_operator.builders.common import (
     container_security_context,
     metadata,
     pod_security_context,
+    resources,
     selector,
     stable_hash,
     tmp_mount,
@@ -103,7 +104,7 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
             {"name": "admin", "containerPort": proxy.admin_port, "protocol": "TCP"},
         ],
         "env": _env(cluster),
-        "resources": proxy.resources.to_k8s(),
+        "resources": resources(proxy.resources),
         # Startup allows 60 s for workers to spawn; liveness only restarts a wedged process.
         "startupProbe": _probe("/health", 2, 30),
         "livenessProbe": _probe("/health", 10, 3),

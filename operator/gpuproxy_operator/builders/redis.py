@@ -11,6 +11,7 @@ from gpuproxy_operator.builders.common import (
     container_security_context,
     metadata,
     pod_security_context,
+    resources,
     selector,
     service_port,
     stable_hash,
@@ -119,7 +120,7 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
         "command": args[:1],
         "args": args[1:],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
-        "resources": r.resources.to_k8s(),
+        "resources": resources(r.resources),
         "startupProbe": {**tcp, "periodSeconds": 2, "failureThreshold": 30},
         "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {
