@@ -22,6 +22,7 @@ from gpuproxy_proxy.config import RateLimitConfig, RedisConfig, Secrets
 from gpuproxy_proxy.http_errors import error_body
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.principal import Principal
+from gpuproxy_proxy.ratelimit_batch import ScriptBatcher
 from gpuproxy_proxy.ratelimit_lua import SLIDING_WINDOW_LUA
 from gpuproxy_proxy.ratelimit_window import (
     UNLIMITED,
@@ -159,7 +160,7 @@ class RateLimiter:
                 retry=Retry(NoBackoff(), 0),
             )
             self._redis = aioredis.Redis(connection_pool=pool)
-            self._script = self._redis.register_script(SLIDING_WINDOW_LUA)
+            self._batcher = ScriptBatcher(self._redis, SLIDING_WINDOW_LUA, self._timeout)
 
     def client_ip(self, request: web.Request) -> str:
         return client_ip(request, self.trusted)
@@ -186,16 +187,16 @@ class RateLimiter:
         if self._down:
             return self._fallback(scopes)
         try:
-            async with asyncio.timeout(self._timeout * 2):
-                raw = await self._script(
-                    keys=[s.key for s in scopes],
-                    args=[self.config.window_seconds, *(s.limit for s in scopes)],
-                )
+            reply = await self._batcher.call(
+                [s.key for s in scopes],
+                [self.config.window_seconds, *(s.limit for s in scopes)],
+            )
         except _FAILURES as exc:
             self._mark_down(exc)
             return self._fallback(scopes)
-        counts = [(int(raw[2 + 2 * i]), int(raw[3 + 2 * i])) for i in range(len(scopes))]
-        decision = decide(scopes, raw[0] == 1, int(raw[1]), counts, self._window_ms, "redis")
+        raw = [int(v) for v in reply.split(b",")]
+        counts = [(raw[2 + 2 * i], raw[3 + 2 * i]) for i in range(len(scopes))]
+        decision = decide(scopes, raw[0] == 1, raw[1], counts, self._window_ms, "redis")
         return self._count(decision)
 
     def _count(self, decision: RateLimitDecision) -> RateLimitDecision:
@@ -243,6 +244,7 @@ class RateLimiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
         if self._redis is not None:
+            await self._batcher.close()
             await self._redis.aclose()
             await self._redis.connection_pool.disconnect()
 

@@ -6,8 +6,9 @@ skewed clocks still share windows. All scopes must pass or none is counted (a re
 request does not consume quota). Per-window counter keys are derived inside the script,
 which is fine on a single Redis (not Redis Cluster).
 
-Returns {allowed, elapsed_ms, cur_1, prev_1, cur_2, prev_2, ...}: counts of the current and
-previous windows, the current one including this request when allowed.
+Returns "allowed,elapsed_ms,cur_1,prev_1,cur_2,prev_2,...": counts of the current and previous
+windows, the current one including this request when allowed. One string instead of an array
+because the client parses one reply instead of 2n + 2.
 """
 
 from __future__ import annotations
@@ -51,5 +52,5 @@ for i = 1, n do
   out[2 * i + 1] = cur[i]
   out[2 * i + 2] = prev[i]
 end
-return out
+return table.concat(out, ',')
 """

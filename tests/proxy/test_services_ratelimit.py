@@ -285,3 +285,23 @@ async def test_http_429_with_headers(redis_server: Any) -> None:
         # Another client behind the same trusted proxy has its own budget.
         other = await client.get("/", headers={"X-Forwarded-For": unique_ip()})
         assert other.status == 200
+
+
+async def test_script_cache_flush_is_recovered(redis_server: Any) -> None:
+    # A Redis restart or SCRIPT FLUSH forgets the script: the batch reloads it and resends.
+    import redis.asyncio as aioredis
+
+    rl = limiter(redis_server, per_ip=100)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        ip = unique_ip()
+        assert (await rl.check(ip, ANONYMOUS)).source == "redis"
+        await admin.script_flush()
+        results = await asyncio.gather(*(rl.check(ip, ANONYMOUS) for _ in range(20)))
+        assert {d.source for d in results} == {"redis"}
+        # Each request was counted exactly once despite the resend.
+        assert min(d.remaining for d in results) == 100 - 21
+        assert rl.redis_ready()
+    finally:
+        await admin.aclose()
+        await rl.close()
