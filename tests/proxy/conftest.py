@@ -15,10 +15,10 @@ from tests.proxy.fakes import FakeBackend
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
-def proxy_config(backends: list[FakeBackend], **overrides: Any) -> ProxyConfig:
+def proxy_config(fakes: list[FakeBackend], **overrides: Any) -> ProxyConfig:
     """A config for tests: no auth, no Redis, no database, fast health checks."""
     data: dict[str, Any] = {
-        "backends": [{"name": b.name, "url": b.url} for b in backends],
+        "backends": [{"name": b.name, "url": b.url} for b in fakes],
         "auth": {"enabled": False},
         "rate_limits": {"enabled": False},
         "metering": {"enabled": False},
