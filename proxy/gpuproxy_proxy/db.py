@@ -79,17 +79,20 @@ class Database:
     async def connect_forever(self) -> None:
         """Retry with capped exponential backoff until connected (the start must not crash)."""
         delay = _RETRY_MIN_SECONDS
-        logged = False
+        last_error = ""
         while self.pool is None:
             try:
                 await self.connect_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                if not logged:
+            except Exception as exc:  # any failure means "retry later"
+                # Logged when the reason changes, not on every retry.
+                error = f"{type(exc).__name__}: {exc}"
+                if error != last_error:
                     log.warning(
-                        "database %s:%s/%s unreachable (%s); retrying in the background",
-                        self.config.host, self.config.port, self.config.database, exc,
+                        "database %s:%s/%s not usable (%s); check config.database and the "
+                        "GPUPROXY_DB_USER/GPUPROXY_DB_PASSWORD secret; retrying in the background",
+                        self.config.host, self.config.port, self.config.database, error,
                     )
-                    logged = True
+                    last_error = error
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_SECONDS)
         log.info("database connected and migrated")

@@ -31,6 +31,17 @@ _WRITE_TIMEOUT_SECONDS = 10.0
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
+def is_bad_data(exc: BaseException) -> bool:
+    """Errors caused by a record's content (retrying cannot help), as opposed to outages.
+
+    SQLSTATE class 22 is "data exception" (e.g. a NUL byte in text, a number out of range);
+    asyncpg.DataError is raised client-side when a value cannot be encoded.
+    """
+    if isinstance(exc, asyncpg.DataError):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "").startswith("22")
+
+
 @dataclass(slots=True)
 class UsageRecord:
     request_id: str
@@ -146,11 +157,15 @@ class UsageMeter:
             self._wake.clear()
             try:
                 await self.flush()
-            except _DB_ERRORS as exc:
-                log.warning(
-                    "usage records not written (%s); %d kept, retrying in %.1fs",
-                    exc, self.buffered, backoff,
-                )
+            except Exception as exc:  # the writer must outlive any single failure
+                if isinstance(exc, _DB_ERRORS):
+                    log.warning(
+                        "usage records not written (%s); %d kept, retrying in %.1fs",
+                        exc, self.buffered, backoff,
+                    )
+                else:
+                    log.exception("unexpected error writing usage records; retrying")
+                self._gauge()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_SECONDS)
             else:
@@ -166,17 +181,43 @@ class UsageMeter:
             batch = [self._buffer.popleft() for _ in range(size)]
             self._in_flight = len(batch)
             try:
-                await self._write(batch)
+                written = await self._write_batch(batch)
             except BaseException:
                 self._requeue(batch)
                 raise
             finally:
                 self._in_flight = 0
-            total += len(batch)
-            self.written += len(batch)
+            total += written
+            self.written += written
             if self._metrics is not None:
-                self._metrics.usage_records_written.inc(len(batch))
+                self._metrics.usage_records_written.inc(written)
         return total
+
+    async def _write_batch(self, batch: list[UsageRecord]) -> int:
+        """Write a batch; if its content is rejected, write record by record and drop (and
+        count) only the offending ones, so one bad record cannot block the queue forever."""
+        try:
+            await self._write(batch)
+            return len(batch)
+        except Exception as exc:
+            if not is_bad_data(exc):
+                raise
+            first_error = exc
+        written = 0
+        for rec in batch:
+            try:
+                await self._write([rec])
+                written += 1
+            except Exception as exc:
+                if not is_bad_data(exc):
+                    # An outage mid-way: the caller requeues the whole batch; the records
+                    # written so far are deduplicated by their ids on the retry.
+                    raise
+                self._drop(1)
+                log.error("dropped a usage record the database rejects (%s): %r", exc, rec)
+        log.warning("a usage batch was rejected (%s); wrote %d of %d records one by one",
+                    first_error, written, len(batch))
+        return written
 
     def _requeue(self, batch: list[UsageRecord]) -> None:
         self._buffer.extendleft(reversed(batch))
@@ -211,7 +252,7 @@ class UsageMeter:
             try:
                 async with asyncio.timeout(remaining):
                     await self.flush()
-            except _DB_ERRORS as exc:
+            except Exception as exc:
                 log.warning("usage flush at shutdown failed (%s); retrying", exc)
                 await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
                 delay = min(delay * 2, _BACKOFF_MAX_SECONDS)

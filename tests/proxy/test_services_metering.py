@@ -198,3 +198,22 @@ async def test_metering_without_database_is_a_no_op() -> None:
         meter.record(rec)
     assert meter.buffered == 0
     await meter.close()
+
+
+async def test_bad_record_is_dropped_not_retried_forever(
+    database: Database, pgbouncer_server: Any
+) -> None:
+    metrics = ProxyMetrics()
+    meter = UsageMeter(MeteringConfig(), database, metrics)
+    tag = uuid.uuid4().hex
+    batch = records(tag, 4)
+    batch[1].route = "/v1/\x00bad"  # PostgreSQL text cannot hold NUL (SQLSTATE 22021)
+    batch[2].status = 2**40  # does not fit the integer column (asyncpg DataError)
+    for rec in batch:
+        meter.record(rec)
+    assert await meter.flush() == 2
+    assert meter.buffered == 0
+    assert meter.dropped == 2
+    rows = await stored(pgbouncer_server.dsn, tag)
+    assert [r["request_id"] for r in rows] == [f"{tag}-0", f"{tag}-3"]
+    assert metrics.registry.get_sample_value("gpuproxy_usage_records_dropped_total") == 2
