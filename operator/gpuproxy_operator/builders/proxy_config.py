@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
@@ -11,9 +12,10 @@ from gpuproxy_operator.naming import Component, child_name
 
 PGBOUNCER_PORT = 6432
 REDIS_PORT = 6379
-# Headroom over connectionsPerReplica before a worker refuses connections: the autoscaler
-# reacts to load above the target, so the hard cap must sit above it.
-CONNECTION_CAP_FACTOR = 1.1
+# Headroom over connectionsPerReplica before a worker refuses connections (x 1.1): the
+# autoscaler reacts to load above the target, so the hard cap must sit above it. A fraction
+# keeps the arithmetic exact (100000 * 1.1 is 110000.00000000001 in floats).
+CONNECTION_CAP = Fraction(11, 10)
 # The proxy stops accepting this many seconds before the kubelet's SIGKILL deadline.
 SHUTDOWN_MARGIN_SECONDS = 10
 
@@ -32,7 +34,7 @@ def redis_url(cluster: GpuProxyCluster) -> str:
 
 
 def max_connections_per_worker(connections_per_replica: int, workers: int) -> int:
-    return math.ceil(connections_per_replica * CONNECTION_CAP_FACTOR / workers)
+    return math.ceil(connections_per_replica * CONNECTION_CAP / workers)
 
 
 def shutdown_grace_seconds(termination_grace_period_seconds: int) -> int:

@@ -1,0 +1,168 @@
+"""PgBouncer: pgbouncer.ini pinned to the guide's pool settings, the userlist Secret's quoting,
+and a Deployment that rolls when the config or the password changes."""
+
+from __future__ import annotations
+
+import base64
+import configparser
+from typing import Any
+
+import pytest
+from tests.operator.clusters import CREDENTIALS, by_key, cluster, minimal_body, production_body
+
+from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.builders.common import Manifest
+from gpuproxy_operator.builders.pgbouncer import userlist
+from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
+
+# The guide's [pgbouncer] section ("CRITICAL for 100k connections" and below).
+GUIDE_POOL_SETTINGS = {
+    "pool_mode": "transaction",
+    "max_client_conn": "100000",
+    "default_pool_size": "500",
+    "reserve_pool_size": "50",
+    "reserve_pool_timeout": "5",
+    "server_lifetime": "1800",
+    "server_idle_timeout": "300",
+    "server_connect_timeout": "15",
+    "query_timeout": "0",
+    "query_wait_timeout": "120",
+    "max_db_connections": "500",
+    "max_user_connections": "500",
+    "log_connections": "0",
+    "log_disconnections": "0",
+    "log_pooler_errors": "1",
+}
+
+
+def _objects(
+    body: dict[str, Any], creds: DatabaseCredentials | None = CREDENTIALS
+) -> dict[tuple[str, str], Manifest]:
+    return by_key(build_all(cluster(body), BuildInputs(database_credentials=creds)))
+
+
+def _ini(body: dict[str, Any]) -> configparser.ConfigParser:
+    name = body["metadata"]["name"]
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(_objects(body)[("ConfigMap", f"{name}-pgbouncer")]["data"]["pgbouncer.ini"])
+    return parser
+
+
+def test_default_ini_has_the_guides_pool_settings() -> None:
+    section = dict(_ini(minimal_body())["pgbouncer"])
+    assert {k: section[k] for k in GUIDE_POOL_SETTINGS} == GUIDE_POOL_SETTINGS
+
+
+def test_ini_listener_auth_and_tls() -> None:
+    section = dict(_ini(minimal_body())["pgbouncer"])
+    assert section["listen_addr"] == "0.0.0.0"
+    assert section["listen_port"] == "6432"
+    assert section["unix_socket_dir"] == ""
+    assert section["auth_type"] == "scram-sha-256"
+    assert section["auth_file"] == "/etc/pgbouncer-auth/userlist.txt"
+    assert section["server_tls_sslmode"] == "prefer"
+    assert section["ignore_startup_parameters"] == "extra_float_digits"
+
+
+def test_ini_databases_point_at_the_users_postgres() -> None:
+    ini = _ini(production_body())
+    assert dict(ini["databases"]) == {
+        "usage": "host=postgres.aiserve-farm.svc port=5433 dbname=usage"
+    }
+    assert ini["pgbouncer"]["server_tls_sslmode"] == "require"
+
+
+def test_ini_follows_spec_overrides() -> None:
+    body = minimal_body()
+    body["spec"]["pgbouncer"] = {
+        "poolMode": "session", "maxClientConn": 5000, "defaultPoolSize": 40,
+        "reservePoolSize": 4, "reservePoolTimeoutSeconds": 2, "serverLifetimeSeconds": 600,
+        "serverIdleTimeoutSeconds": 60, "serverConnectTimeoutSeconds": 3,
+        "queryTimeoutSeconds": 30, "queryWaitTimeoutSeconds": 10, "maxDbConnections": 80,
+        "maxUserConnections": 90,
+    }
+    section = dict(_ini(body)["pgbouncer"])
+    assert {k: section[k] for k in GUIDE_POOL_SETTINGS if not k.startswith("log_")} == {
+        "pool_mode": "session", "max_client_conn": "5000", "default_pool_size": "40",
+        "reserve_pool_size": "4", "reserve_pool_timeout": "2", "server_lifetime": "600",
+        "server_idle_timeout": "60", "server_connect_timeout": "3", "query_timeout": "30",
+        "query_wait_timeout": "10", "max_db_connections": "80", "max_user_connections": "90",
+    }
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "line"),
+    [
+        ("gpuproxy", "plain", '"gpuproxy" "plain"\n'),
+        ("gpuproxy", 's3cr"et pw', '"gpuproxy" "s3cr""et pw"\n'),
+        ('we"ird', '""', '"we""ird" """"""\n'),
+        ("u", "pässwörd\\", '"u" "pässwörd\\"\n'),
+    ],
+)
+def test_userlist_quotes_and_escapes(user: str, password: str, line: str) -> None:
+    assert userlist(DatabaseCredentials(user, password)) == line
+
+
+@pytest.mark.parametrize("password", ["two\nlines", "cr\rhere", "nul\0byte"])
+def test_userlist_rejects_line_breaks_with_a_clear_message(password: str) -> None:
+    with pytest.raises(ValueError, match="password must not contain a line break"):
+        userlist(DatabaseCredentials("gpuproxy", password))
+
+
+def test_credentials_repr_hides_the_password() -> None:
+    assert "s3cr" not in repr(CREDENTIALS)
+    assert "gpuproxy" in repr(CREDENTIALS)
+
+
+def test_secret_holds_the_userlist_base64() -> None:
+    secret = _objects(minimal_body())[("Secret", "mini-pgbouncer")]
+    assert secret["type"] == "Opaque"
+    assert set(secret["data"]) == {"userlist.txt"}
+    assert base64.b64decode(secret["data"]["userlist.txt"]).decode() == (
+        '"gpuproxy" "s3cr""et pw"\n'
+    )
+    assert ("Secret", "mini-pgbouncer") not in _objects(minimal_body(), creds=None)
+
+
+def _pgbouncer_hash(body: dict[str, Any], creds: DatabaseCredentials | None) -> str:
+    dep = _objects(body, creds)[("Deployment", "mini-pgbouncer")]
+    return str(dep["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION])
+
+
+def test_password_rotation_rolls_pgbouncer_and_nothing_else() -> None:
+    body = minimal_body()
+    old = _pgbouncer_hash(body, CREDENTIALS)
+    assert _pgbouncer_hash(body, DatabaseCredentials("gpuproxy", "rotated")) != old
+    assert _pgbouncer_hash(body, DatabaseCredentials("gpuproxy", CREDENTIALS.password)) == old
+    proxy = [
+        by_key(build_all(cluster(body), BuildInputs(DatabaseCredentials("gpuproxy", pw))))[
+            ("Deployment", "mini-proxy")
+        ]["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        for pw in ("one", "two")
+    ]
+    assert proxy[0] == proxy[1]
+
+
+def test_deployment_runs_pgbouncer_hardened_on_its_config() -> None:
+    objs = _objects(production_body())
+    dep = objs[("Deployment", "prod-pgbouncer")]
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 70
+    [c] = pod["containers"]
+    assert c["command"] == ["pgbouncer", "/etc/pgbouncer/pgbouncer.ini"]
+    assert c["ports"] == [{"name": "pgbouncer", "containerPort": 6432, "protocol": "TCP"}]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["tcpSocket"] == {"port": "pgbouncer"}
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "4Gi"},
+                              "limits": {"cpu": "8", "memory": "8Gi"}}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts == {"/etc/pgbouncer": "config", "/etc/pgbouncer-auth": "userlist",
+                      "/tmp": "tmp"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "prod-pgbouncer"
+    assert volumes["userlist"]["secret"]["secretName"] == "prod-pgbouncer"
+    svc = objs[("Service", "prod-pgbouncer")]["spec"]
+    assert svc["ports"] == [{"name": "pgbouncer", "port": 6432, "targetPort": "pgbouncer",
+                             "protocol": "TCP"}]
+    assert svc["selector"]["app.kubernetes.io/component"] == "pgbouncer"

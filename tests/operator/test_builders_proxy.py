@@ -1,0 +1,223 @@
+"""The proxy's objects: its config file (accepted by the proxy itself), Deployment, Services,
+ServiceAccount and PodDisruptionBudget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tests.operator.clusters import (
+    CREDENTIALS,
+    by_key,
+    cluster,
+    lean_body,
+    minimal_body,
+    production_body,
+)
+
+from gpuproxy_operator.builders import BuildInputs, build_all
+from gpuproxy_operator.builders.common import Manifest
+from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
+from gpuproxy_proxy.config import SECRET_ENV_VARS, ProxyConfig, parse_config
+
+
+def _objects(body: dict[str, Any], replicas: int | None = None) -> dict[tuple[str, str], Manifest]:
+    return by_key(build_all(cluster(body), BuildInputs(CREDENTIALS, replicas)))
+
+
+def _config(body: dict[str, Any]) -> ProxyConfig:
+    name = body["metadata"]["name"]
+    return parse_config(_objects(body)[("ConfigMap", f"{name}-proxy")]["data"]["config.yaml"])
+
+
+def _pod(body: dict[str, Any]) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    spec: dict[str, Any] = _objects(body)[("Deployment", f"{name}-proxy")]["spec"]["template"]
+    return spec
+
+
+def test_minimal_config_parses_with_the_proxy_and_carries_the_defaults() -> None:
+    cfg = _config(minimal_body())
+    assert (cfg.listen.port, cfg.listen.admin_port, cfg.workers) == (8080, 9090, 4)
+    assert [(b.name, str(b.url)) for b in cfg.backends] == [("vllm-0", "http://vllm-0.gpu.svc:8000/")]
+    assert cfg.load_balancing.strategy == "least_connections"
+    assert (cfg.rate_limits.per_ip, cfg.rate_limits.per_user, cfg.rate_limits.per_api_key) == (
+        1000, 10000, 100000
+    )
+    assert cfg.rate_limits.window_seconds == 60
+    assert cfg.redis is not None
+    assert cfg.redis.url == "redis://mini-redis.default.svc:6379/0"
+    assert cfg.database is not None
+    assert (cfg.database.host, cfg.database.port, cfg.database.database) == (
+        "mini-pgbouncer.default.svc", 6432, "gpuproxy"
+    )
+    # 100000 connections * 1.1 / 4 workers
+    assert cfg.limits.max_connections_per_worker == 27500
+    assert cfg.limits.shutdown_grace_seconds == 50
+    assert cfg.limits.max_body_bytes == 10 * 1024 * 1024
+
+
+def test_production_config_follows_the_spec() -> None:
+    cfg = _config(production_body())
+    assert cfg.workers == 32
+    assert cfg.listen.port == 8080
+    assert cfg.load_balancing.strategy == "weighted_round_robin"
+    assert [(b.name, b.weight, b.health_path, b.labels) for b in cfg.backends] == [
+        ("a100-0", 3, "/health", {"gpu": "a100"}),
+        ("h100-0", 5, "/v1/models", {}),
+    ]
+    assert (cfg.auth.jwt_issuer, cfg.auth.jwt_audience) == ("https://aiserve.farm", "gpuproxy")
+    assert cfg.rate_limits.trusted_proxies == ["10.0.0.0/8"]
+    assert cfg.redis is not None
+    assert cfg.redis.url == "redis://prod-redis.aiserve-farm.svc:6379/0"
+    assert cfg.database is not None
+    assert cfg.database.host == "prod-pgbouncer.aiserve-farm.svc"
+    assert cfg.database.database == "usage"
+    assert cfg.limits.max_connections_per_worker == 3438  # ceil(110000 / 32)
+    assert cfg.limits.shutdown_grace_seconds == 110
+
+
+def test_external_redis_url_is_used_verbatim() -> None:
+    cfg = _config(lean_body())
+    assert cfg.redis is not None
+    assert cfg.redis.url == "rediss://redis.cache.example:6380/2"
+
+
+@pytest.mark.parametrize(("grace", "expected"), [(60, 50), (11, 1), (5, 1), (1, 1)])
+def test_shutdown_grace_leaves_ten_seconds_but_at_least_one(grace: int, expected: int) -> None:
+    body = minimal_body()
+    body["spec"]["proxy"]["terminationGracePeriodSeconds"] = grace
+    assert _config(body).limits.shutdown_grace_seconds == expected
+    assert _pod(body)["spec"]["terminationGracePeriodSeconds"] == grace
+
+
+def test_deployment_strategy_probes_and_lifecycle() -> None:
+    objs = _objects(minimal_body())
+    dep = objs[("Deployment", "mini-proxy")]
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}
+    }
+    [c] = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"] == ["--config", "/etc/gpuproxy/config.yaml"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "admin": 9090}
+    assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "admin"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "admin"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
+    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts == {"/etc/gpuproxy": "config", "/tmp": "tmp"}
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "mini-proxy"
+    assert "emptyDir" in volumes["tmp"]
+
+
+def test_pod_security_context_and_safe_sysctls() -> None:
+    sc = _pod(minimal_body())["spec"]["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == sc["runAsGroup"] == sc["fsGroup"] == 10001
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["sysctls"] == [
+        {"name": "net.ipv4.ip_local_port_range", "value": "1024 65535"},
+        {"name": "net.ipv4.tcp_fin_timeout", "value": "15"},
+        {"name": "net.ipv4.tcp_keepalive_intvl", "value": "10"},
+        {"name": "net.ipv4.tcp_keepalive_probes", "value": "3"},
+        {"name": "net.ipv4.tcp_keepalive_time", "value": "60"},
+    ]
+    body = minimal_body()
+    body["spec"]["nodeTuning"] = {"sysctls": {"net.core.somaxconn": "65535"}}
+    assert "sysctls" not in _pod(body)["spec"]["securityContext"]
+
+
+def test_env_wires_every_secret_by_reference() -> None:
+    [c] = _pod(production_body())["spec"]["containers"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env == {
+        "GPUPROXY_JWT_SECRET": {"name": "gpuproxy-auth", "key": "jwt"},
+        "GPUPROXY_ADMIN_TOKEN": {"name": "gpuproxy-auth", "key": "admin"},
+        "GPUPROXY_DB_USER": {"name": "gpuproxy-db", "key": "username"},
+        "GPUPROXY_DB_PASSWORD": {"name": "gpuproxy-db", "key": "password"},
+        "GPUPROXY_REDIS_PASSWORD": {"name": "gpuproxy-redis", "key": "password"},
+    }
+    # Exactly the names the proxy reads its secrets from.
+    assert set(env) == set(SECRET_ENV_VARS)
+    [minimal] = _pod(minimal_body())["spec"]["containers"]
+    assert [e["name"] for e in minimal["env"]] == ["GPUPROXY_DB_USER", "GPUPROXY_DB_PASSWORD"]
+
+
+def test_scheduling_fields_pass_through() -> None:
+    template = _pod(production_body())
+    pod = template["spec"]
+    assert pod["nodeSelector"] == {"node-role/proxy": "true"}
+    assert pod["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "proxy", "effect": "NoSchedule"}
+    ]
+    assert pod["affinity"]["nodeAffinity"]
+    assert pod["priorityClassName"] == "gpuproxy-critical"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["example.com/team"] == "inference"
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "9090"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert len(annotations[CONFIG_HASH_ANNOTATION]) == 64
+
+
+def test_default_topology_spread_unless_the_user_sets_one() -> None:
+    spread = _pod(minimal_body())["spec"]["topologySpreadConstraints"]
+    assert spread[0]["topologyKey"] == "kubernetes.io/hostname"
+    assert all(s["maxSkew"] == 1 and s["whenUnsatisfiable"] == "ScheduleAnyway" for s in spread)
+    assert spread[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "proxy"
+    body = minimal_body()
+    own = {"maxSkew": 2, "topologyKey": "rack", "whenUnsatisfiable": "DoNotSchedule",
+           "labelSelector": {"matchLabels": {"app": "x"}}}
+    body["spec"]["proxy"]["topologySpreadConstraints"] = [own]
+    assert _pod(body)["spec"]["topologySpreadConstraints"] == [own]
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "decided", "expected"),
+    [
+        ({"enabled": False}, None, 3),
+        ({"enabled": False}, 12, 12),
+        ({"enabled": True, "minReplicas": 4, "maxReplicas": 8}, None, 4),
+        ({"enabled": True, "minReplicas": 2, "maxReplicas": 8}, 6, 6),
+        ({"enabled": True, "minReplicas": 2, "maxReplicas": 8}, 20, 8),
+    ],
+)
+def test_replicas(autoscaling: dict[str, Any], decided: int | None, expected: int) -> None:
+    body = minimal_body()
+    body["spec"]["autoscaling"] = autoscaling
+    dep = _objects(body, decided)[("Deployment", "mini-proxy")]
+    assert dep["spec"]["replicas"] == expected
+
+
+def test_client_service_follows_spec_proxy_service() -> None:
+    svc = _objects(production_body())[("Service", "prod-proxy")]
+    assert svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-type"] == (
+        "nlb"
+    )
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["spec"]["loadBalancerSourceRanges"] == ["0.0.0.0/0"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 443, "targetPort": "http",
+                                     "protocol": "TCP"}]
+    minimal = _objects(minimal_body())[("Service", "mini-proxy")]["spec"]
+    assert minimal["type"] == "ClusterIP"
+    assert minimal["ports"][0]["port"] == 80
+    assert "externalTrafficPolicy" not in minimal
+
+
+def test_metrics_service_service_account_and_pdb() -> None:
+    objs = _objects(production_body())
+    metrics = objs[("Service", "prod-proxy-metrics")]["spec"]
+    assert metrics["type"] == "ClusterIP"
+    assert metrics["ports"] == [{"name": "admin", "port": 9090, "targetPort": "admin",
+                                 "protocol": "TCP"}]
+    assert metrics["selector"]["app.kubernetes.io/component"] == "proxy"
+    assert objs[("ServiceAccount", "prod-proxy")]["automountServiceAccountToken"] is False
+    pod = objs[("Deployment", "prod-proxy")]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "prod-proxy"
+    pdb = objs[("PodDisruptionBudget", "prod-proxy")]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 2
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "proxy"
