@@ -1,7 +1,7 @@
 """Token counts from OpenAI `usage` objects, in a JSON body or in the SSE chunk that carries it.
 
 The SSE scanner never holds the stream: it does a bytes search per chunk and keeps a copy only
-from the chunk whose `usage` is not null (normally the last data chunk before `[DONE]`).
+from the complete lines whose `usage` is not null (normally the last event before `[DONE]`).
 """
 
 from __future__ import annotations
@@ -61,37 +61,43 @@ def _has_non_null_usage(chunk: bytes) -> bool:
 
 
 class SseUsageScanner:
-    """Feed every chunk of an SSE stream; `result()` parses the last `data:` event with usage."""
+    """Feed every chunk of an SSE stream; `result()` parses the last `data:` line with usage.
 
-    __slots__ = ("_prev", "_tail")
+    Only complete lines are searched. The common case (events arrive whole) copies nothing:
+    a chunk that ends mid-line leaves its tail in `_partial`, joined to the next chunk.
+    """
+
+    __slots__ = ("_last", "_partial")
 
     def __init__(self) -> None:
-        self._prev = b""
-        self._tail: bytearray | None = None
+        self._partial = b""
+        self._last = b""
 
     def feed(self, chunk: bytes) -> None:
-        tail = self._tail
-        if _USAGE in chunk and _has_non_null_usage(chunk):
-            # The event may have started in the previous chunk: keep its last line too.
-            start = self._prev.rfind(b"\n") + 1
-            self._tail = bytearray(self._prev[start:])
-            self._tail += chunk
-        elif tail is not None and len(tail) < _MAX_TAIL:
-            tail += chunk
-        self._prev = chunk
+        data = self._partial + chunk if self._partial else chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == len(data):
+            complete, self._partial = data, b""
+        else:
+            complete, partial = data[:cut], data[cut:]
+            # A single line this long is not an SSE usage event; do not grow without bound.
+            self._partial = partial if len(partial) <= _MAX_TAIL else b""
+        if complete and _USAGE in complete and _has_non_null_usage(complete):
+            self._last = complete
 
     def result(self) -> Usage | None:
-        if self._tail is None:
-            return None
         found: Usage | None = None
-        for line in bytes(self._tail).splitlines():
-            line = line.strip()
-            if not line.startswith(b"data:") or _USAGE not in line:
+        for block in (self._last, self._partial):
+            if _USAGE not in block:
                 continue
-            try:
-                usage = usage_from_object(json.loads(line[5:]))
-            except ValueError:
-                continue
-            if usage is not None:
-                found = usage
+            for line in block.splitlines():
+                line = line.strip()
+                if not line.startswith(b"data:") or _USAGE not in line:
+                    continue
+                try:
+                    usage = usage_from_object(json.loads(line[5:]))
+                except ValueError:
+                    continue
+                if usage is not None:
+                    found = usage
         return found

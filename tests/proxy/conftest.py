@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from tests.proxy.fakes import FakeBackend
 
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from tests.proxy.fakes import FakeBackend
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
+from tests.proxy.conftest import ProxyFactory, proxy_config
+from tests.proxy.fakes import FakeBackend, free_port
 
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.routes import PIPELINE
-from tests.proxy.conftest import ProxyFactory, proxy_config
-from tests.proxy.fakes import FakeBackend, free_port
 
 
 class RecordingMeter:
@@ -109,7 +109,8 @@ async def test_stream_chunks_arrive_before_upstream_finishes(
     assert resp.headers["Content-Type"] == "text/event-stream"
     # The backend is blocked after its first event: it can only reach us if not buffered.
     first = await asyncio.wait_for(resp.content.readline(), timeout=2)
-    assert first.startswith(b"data: ") and b'"t0"' in first
+    assert first.startswith(b"data: ")
+    assert b'"t0"' in first
     assert not gate.is_set()
     gate.set()
     rest = await resp.read()
