@@ -7,6 +7,7 @@ outage tests can take a dependency down and bring it back. Registered as a pytes
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pwd
 import random
@@ -204,7 +205,7 @@ class ManagedServer:
             if self.is_ready():
                 return
             if time.monotonic() > deadline:
-                self._terminate(kill=True)
+                self.terminate(kill=True)
                 raise ServiceError(
                     f"{self.name} did not accept connections on {self.host}:{self.port} "
                     f"within {timeout:.0f}s\n{self.log_tail()}"
@@ -213,14 +214,15 @@ class ManagedServer:
 
     def stop(self) -> None:
         """Stop the server we started (no-op if stopped); afterwards its port refuses."""
-        self._terminate(kill=False)
+        self.terminate()
         deadline = time.monotonic() + 5.0
         while _can_connect(self.host, self.port):
             if time.monotonic() > deadline:
                 raise ServiceError(f"{self.name}: {self.host}:{self.port} still accepts after stop")
             time.sleep(0.05)
 
-    def _terminate(self, *, kill: bool) -> None:
+    def terminate(self, *, kill: bool = False) -> None:
+        """Signal our own process (by PID) and reap it; SIGKILL if it outlives the grace time."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -253,7 +255,11 @@ class RedisServer(ManagedServer):
 
     def __init__(self, workdir: Path, port: int) -> None:
         super().__init__(workdir, port, run_as=None)
-        self.binary = find_executable("redis-server", provider="Debian package redis-server")
+
+    @functools.cached_property
+    def binary(self) -> Path:
+        # Looked up on first start, inside _launch, so a missing binary leaks no temp dir.
+        return find_executable("redis-server", provider="Debian package redis-server")
 
     @property
     def url(self) -> str:
@@ -290,12 +296,15 @@ class PostgresServer(ManagedServer):
 
     def __init__(self, workdir: Path, port: int, run_as: RunAs | None) -> None:
         super().__init__(workdir, port, run_as)
-        self.bindir = postgres_bin_dir()
         self.datadir = workdir / "data"
         self.socket_dir = workdir
         self.user = "gpuproxy"
         self.password = secrets.token_hex(16)
         self.database = "gpuproxy"
+
+    @functools.cached_property
+    def bindir(self) -> Path:
+        return postgres_bin_dir()
 
     @property
     def dsn(self) -> str:
@@ -379,7 +388,6 @@ class PgBouncerServer(ManagedServer):
         self, workdir: Path, port: int, run_as: RunAs | None, backend: PostgresServer
     ) -> None:
         super().__init__(workdir, port, run_as)
-        self.binary = find_executable("pgbouncer", provider="Debian package pgbouncer")
         self.backend = backend
         self.user = backend.user
         self.password = backend.password
@@ -389,6 +397,10 @@ class PgBouncerServer(ManagedServer):
     @property
     def dsn(self) -> str:
         return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
+
+    @functools.cached_property
+    def binary(self) -> Path:
+        return find_executable("pgbouncer", provider="Debian package pgbouncer")
 
     @property
     def admin_dsn(self) -> str:
@@ -456,10 +468,9 @@ class ServiceRegistry:
             return
         self._closed = True
         for server in reversed(self.servers):
-            try:
-                server.stop()
-            finally:
-                shutil.rmtree(server.workdir, ignore_errors=True)
+            # No port check here: teardown must reach every server even if one misbehaves.
+            server.terminate()
+            shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 def _launch(registry: ServiceRegistry, server: ServerT, boot: Callable[[], None]) -> ServerT:
@@ -467,7 +478,7 @@ def _launch(registry: ServiceRegistry, server: ServerT, boot: Callable[[], None]
     try:
         boot()
     except BaseException:
-        server._terminate(kill=True)
+        server.terminate(kill=True)
         shutil.rmtree(server.workdir, ignore_errors=True)
         raise
     registry.add(server)
