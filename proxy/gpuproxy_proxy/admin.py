@@ -12,6 +12,7 @@ from gpuproxy_proxy.auth import AUTHENTICATOR, bearer_token
 from gpuproxy_proxy.http_errors import forbidden, json_error, unauthorized, unavailable
 
 _MAX_FIELD_LEN = 200
+_MAX_LIST = 10_000
 
 
 def _require_admin(request: web.Request) -> None:
@@ -65,7 +66,13 @@ async def list_keys(request: web.Request) -> web.Response:
     user_id = request.query.get("user_id") or None
     include_revoked = request.query.get("include_revoked", "true").lower() != "false"
     try:
-        keys = await request.app[AUTHENTICATOR].keys.list(user_id, include_revoked)
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= _MAX_LIST:
+        raise _bad_request(f"query parameter 'limit' must be an integer from 1 to {_MAX_LIST}")
+    try:
+        keys = await request.app[AUTHENTICATOR].keys.list(user_id, include_revoked, limit)
     except DatabaseUnavailable as exc:
         raise _db_down(exc) from exc
     return web.json_response({"keys": [k.public() for k in keys]})

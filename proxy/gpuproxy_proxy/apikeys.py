@@ -150,12 +150,16 @@ class ApiKeyStore:
         assert row is not None
         return _row_to_key(row), plaintext
 
-    async def list(self, user_id: str | None = None, include_revoked: bool = True) -> list[ApiKey]:
+    async def list(
+        self, user_id: str | None = None, include_revoked: bool = True, limit: int = 1000
+    ) -> list[ApiKey]:
         sql = f"SELECT {_COLUMNS} FROM api_keys WHERE ($1::text IS NULL OR user_id = $1)"  # noqa: S608
         if not include_revoked:
             sql += " AND revoked_at IS NULL"
         try:
-            rows = await self._pool().fetch(sql + " ORDER BY created_at, id", user_id)
+            rows = await self._pool().fetch(
+                sql + " ORDER BY created_at, id LIMIT $2", user_id, limit
+            )
         except _DB_ERRORS as exc:
             raise DatabaseUnavailable(str(exc)) from exc
         return [_row_to_key(r) for r in rows]

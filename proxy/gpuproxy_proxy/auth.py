@@ -22,6 +22,9 @@ from gpuproxy_proxy.principal import ADMIN, ANONYMOUS, Principal
 
 log = logging.getLogger(__name__)
 
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
+_MIN_JWT_SECRET_BYTES = 32
+
 
 def bearer_token(request: web.Request) -> str | None:
     """The credential from `Authorization: Bearer ...` or `X-API-Key`, else None."""
@@ -108,5 +111,17 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx (after db_ctx): builds the Authenticator from config and secrets."""
-    app[AUTHENTICATOR] = Authenticator(app[CONFIG].auth, app[SECRETS], app[DB_POOL])
+    config, secrets = app[CONFIG], app[SECRETS]
+    if config.auth.enabled:
+        if secrets.jwt_secret and len(secrets.jwt_secret.encode()) < _MIN_JWT_SECRET_BYTES:
+            log.warning(
+                "GPUPROXY_JWT_SECRET is shorter than %d bytes; HS256 tokens signed with it can "
+                "be brute-forced: use a longer random secret", _MIN_JWT_SECRET_BYTES,
+            )
+        if not secrets.jwt_secret and app[DB_POOL] is None:
+            log.warning(
+                "auth is enabled but neither GPUPROXY_JWT_SECRET nor config.database is set: "
+                "every client request will get 401"
+            )
+    app[AUTHENTICATOR] = Authenticator(config.auth, secrets, app[DB_POOL])
     yield

@@ -121,7 +121,9 @@ async def test_admin_create_list_revoke_and_lookup(
     assert bytes(row["key_hash"]) == hash_key(key)
     assert key not in str(dict(row))
 
-    resp = await client.get("/admin/keys", params={"user_id": user}, headers=admin_headers())
+    second = await create_key(client, user)
+    resp = await client.get("/admin/keys", params={"user_id": user, "limit": "1"},
+                            headers=admin_headers())
     listed = (await resp.json())["keys"]
     assert [k["id"] for k in listed] == [created["id"]]
     assert "key" not in listed[0]
@@ -142,6 +144,11 @@ async def test_admin_create_list_revoke_and_lookup(
     assert body["error"]["type"] == "permission_error"
     assert "revoked" in body["error"]["message"]
 
+    resp = await client.get(
+        "/admin/keys", params={"user_id": user, "include_revoked": "false"},
+        headers=admin_headers(),
+    )
+    assert [k["id"] for k in (await resp.json())["keys"]] == [second["id"]]
     resp = await client.delete(f"/admin/keys/{uuid.uuid4()}", headers=admin_headers())
     assert resp.status == 404
 
@@ -156,6 +163,9 @@ async def test_admin_requires_admin_token(client: TestClient[Any, Any]) -> None:
     user_key = (await create_key(client, "u-" + uuid.uuid4().hex))["key"]
     resp = await client.get("/admin/keys", headers={"Authorization": f"Bearer {user_key}"})
     assert resp.status == 401
+    resp = await client.get("/admin/keys", params={"limit": "0"}, headers=admin_headers())
+    assert resp.status == 400
+    assert "'limit'" in (await resp.json())["error"]["message"]
     resp = await client.post("/admin/keys", json={"name": "x"}, headers=admin_headers())
     assert resp.status == 400
     assert "user_id" in (await resp.json())["error"]["message"]

@@ -305,3 +305,39 @@ async def test_script_cache_flush_is_recovered(redis_server: Any) -> None:
     finally:
         await admin.aclose()
         await rl.close()
+
+
+async def test_redis_password_comes_from_secrets() -> None:
+    import shutil
+    import socket
+
+    from tests.services import RedisServer, free_port, make_workdir
+
+    password = uuid.uuid4().hex
+
+    class PasswordRedis(RedisServer):
+        def command(self) -> list[str]:
+            return [*super().command(), "--requirepass", password]
+
+        def is_ready(self) -> bool:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                    sock.sendall(f"AUTH {password}\r\n".encode())
+                    return sock.recv(64).startswith(b"+OK")
+            except OSError:
+                return False
+
+    server = PasswordRedis(make_workdir("gpuproxy-redis-pw-", None), free_port())
+    server.start()
+    config = RateLimitConfig(per_ip=5)
+    good = RateLimiter(config, RedisConfig(url=server.url), Secrets(redis_password=password))
+    bad = RateLimiter(config, RedisConfig(url=server.url), Secrets(redis_password="wrong"))
+    try:
+        assert (await good.check(unique_ip(), ANONYMOUS)).source == "redis"
+        assert (await bad.check(unique_ip(), ANONYMOUS)).source == "local"
+        assert not bad.redis_ready()
+    finally:
+        await good.close()
+        await bad.close()
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
