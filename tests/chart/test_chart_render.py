@@ -1,0 +1,327 @@
+"""`helm lint --strict` and `helm template` of charts/gpuproxy-operator for every CI value set; each
+rendered manifest must validate against the official Kubernetes schemas (the GpuProxyCluster
+against our CRD, the ServiceMonitor against prometheus-operator's)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped,unused-ignore]
+import kubernetes_validate
+import pytest
+import yaml
+from tests.chart.helm import (
+    CHART,
+    CLUSTER_VALUES,
+    CR_API,
+    NAMESPACE,
+    VALUE_SETS,
+    by_kind,
+    load_yaml,
+    one,
+    render,
+    render_result,
+    run_helm,
+    sync_module,
+)
+from tests.tools import REPO_ROOT
+
+from gpuproxy_operator.api.cluster import parse_cluster
+from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
+CRD_SOURCE = REPO_ROOT / "crds" / "gpuproxy.aiserve.farm_gpuproxyclusters.yaml"
+# prometheus-operator's ServiceMonitor CRD, vendored for the builders' schema tests.
+SERVICEMONITOR_CRD = (
+    REPO_ROOT / "tests" / "operator" / "schemas" / "monitoring.coreos.com_servicemonitors.yaml"
+)
+
+
+@cache
+def crd_validator(path: Path, version: str) -> jsonschema.Draft7Validator:
+    """A CRD's openAPIV3Schema as a strict JSON Schema (unknown fields are errors, as with
+    `kubectl apply --validate=strict`)."""
+    crd = load_yaml(path)
+    served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+    schema = sync_module().openapi_to_jsonschema(
+        served["schema"]["openAPIV3Schema"], strict_objects=True
+    )
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(validator: jsonschema.Draft7Validator, manifest: dict[str, Any]) -> list[str]:
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in validator.iter_errors(manifest)
+    ]
+
+
+def values_files(name: str) -> tuple[Path, ...]:
+    return VALUE_SETS[name]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint_strict(name: str) -> None:
+    args = [arg for path in values_files(name) for arg in ("-f", str(path))]
+    result = run_helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rendered_manifests_are_valid(name: str, version: str) -> None:
+    manifests = render(values_files(name))
+    assert manifests
+    for manifest in manifests:
+        what = f"{manifest['kind']} {manifest['metadata']['name']}"
+        if manifest["kind"] == "GpuProxyCluster":
+            assert schema_errors(crd_validator(CRD_SOURCE, "v1alpha1"), manifest) == [], what
+        elif manifest["kind"] == "ServiceMonitor":
+            validator = crd_validator(SERVICEMONITOR_CRD, "v1")
+            assert schema_errors(validator, manifest) == [], what
+        else:
+            try:
+                kubernetes_validate.validate(manifest, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{what}: {exc}")
+
+
+def test_value_sets_cover_namespaced_and_cluster_installs() -> None:
+    assert {"default", "namespaced-values", "cluster-values"} <= set(VALUE_SETS)
+
+
+def test_default_install_is_cluster_wide_with_crd() -> None:
+    manifests = render()
+    kinds = sorted(m["kind"] for m in manifests)
+    assert kinds == sorted([
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition",
+        "Deployment", "Service", "ServiceAccount",
+    ])
+    assert all(
+        m["metadata"].get("namespace") == NAMESPACE
+        for m in manifests
+        if m["kind"] in ("ConfigMap", "Deployment", "Service", "ServiceAccount")
+    )
+
+
+def test_operator_deployment_shape() -> None:
+    deployment = one(render(), "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == one(render(), "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["args"][:2] == ["run", "--all-namespaces"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8080, "metrics": 9100}
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert "--metrics-port=9100" in container["args"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+    assert container["resources"]["limits"]["memory"] == "256Mi"
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    # Selector labels are a subset of the pod labels and never include the version.
+    selector = spec["selector"]["matchLabels"]
+    assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+    assert "app.kubernetes.io/version" not in selector
+
+
+def test_metrics_service_targets_the_operator_pod() -> None:
+    manifests = render()
+    service = one(manifests, "Service")
+    pod_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    without = render((), ("metrics.enabled=false",))
+    assert by_kind(without, "Service") == []
+    (container,) = one(without, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert not any(a.startswith("--metrics-port") for a in container["args"])
+
+
+def test_service_monitor_selects_the_metrics_service() -> None:
+    manifests = render((), ("metrics.serviceMonitor.enabled=true",))
+    monitor = one(manifests, "ServiceMonitor")
+    service = one(manifests, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def test_checksum_annotation_follows_the_operator_environment() -> None:
+    def checksum(*sets: str) -> str:
+        deployment = one(render((), sets), "Deployment")
+        value: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/env"]
+        return value
+
+    base = checksum()
+    assert len(base) == 64
+    assert checksum("operator.env.LOG_FORMAT=json") != base
+    assert checksum("operator.env.LOG_FORMAT=text") not in (base, checksum("operator.env.A=1"))
+    # Unrelated values do not restart the operator through this annotation.
+    assert checksum("podAnnotations.team=ml") == base
+
+
+def test_namespaced_install_watches_only_its_namespaces() -> None:
+    manifests = render(values_files("namespaced-values"))
+    (container,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--all-namespaces" not in container["args"]
+    assert [a for a in container["args"] if a.startswith("--namespace")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+    assert by_kind(manifests, "CustomResourceDefinition") == []
+    assert by_kind(manifests, "ClusterRole") == []
+    assert by_kind(manifests, "ClusterRoleBinding") == []
+    assert {r["metadata"]["namespace"] for r in by_kind(manifests, "Role")} == {"team-a", "team-b"}
+    assert {b["metadata"]["namespace"] for b in by_kind(manifests, "RoleBinding")} == {
+        "team-a",
+        "team-b",
+    }
+
+
+def test_namespaced_install_defaults_to_the_release_namespace() -> None:
+    manifests = render((), ("watch.allNamespaces=false",))
+    (container,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert f"--namespace={NAMESPACE}" in container["args"]
+    assert [r["metadata"]["namespace"] for r in by_kind(manifests, "Role")] == [NAMESPACE]
+
+
+def test_crd_is_the_generated_one_kept_on_uninstall() -> None:
+    crd = one(render(), "CustomResourceDefinition")
+    annotations = crd["metadata"].pop("annotations")
+    assert annotations == {"helm.sh/resource-policy": "keep"}
+    assert crd == load_yaml(CRD_SOURCE)
+
+
+def test_crd_install_can_be_turned_off() -> None:
+    assert by_kind(render((), ("crds.install=false",)), "CustomResourceDefinition") == []
+
+
+def test_chart_copies_of_the_crd_are_in_sync() -> None:
+    """templates/crd.yaml and the cluster.spec schema are generated from crds/; a stale copy
+    means someone changed the API without running scripts/sync-chart-crd.py."""
+    assert sync_module().main(["--check"]) == 0
+
+
+def test_the_chart_renders_only_the_cluster_resource() -> None:
+    manifests = render((CLUSTER_VALUES,))
+    cluster = one(manifests, "GpuProxyCluster")
+    assert cluster["metadata"]["namespace"] == NAMESPACE
+    # Only the operator's own workload: the proxy stack comes from the operator's builders.
+    assert [m["metadata"]["name"] for m in by_kind(manifests, "Deployment")] == [
+        "gp-gpuproxy-operator"
+    ]
+    assert not by_kind(manifests, "StatefulSet") + by_kind(manifests, "DaemonSet")
+    spec = load_yaml(CLUSTER_VALUES)["cluster"]["spec"]
+    assert cluster["spec"] == spec
+
+
+def test_rendered_cluster_parses_and_builds() -> None:
+    cluster_body = one(render((CLUSTER_VALUES,)), "GpuProxyCluster")
+    parsed = parse_cluster(cluster_body)
+    assert parsed.metadata.name == "prod"
+    children = build_all(parsed, BuildInputs(DatabaseCredentials("gpuproxy", "pw")))
+    assert {"Deployment", "StatefulSet", "DaemonSet"} <= {m["kind"] for m in children}
+
+
+def test_cluster_waits_for_the_crd_on_a_first_install() -> None:
+    """CRD and resource in one release: Helm cannot map the kind before the CRD exists, so
+    the resource is rendered once the API is known (the next upgrade)."""
+    sets = ("crds.install=true",)
+    first = render((CLUSTER_VALUES,), sets)
+    assert by_kind(first, "GpuProxyCluster") == []
+    assert one(first, "CustomResourceDefinition")
+    later = render((CLUSTER_VALUES,), sets, "--api-versions", CR_API)
+    assert one(later, "GpuProxyCluster")["metadata"]["name"] == "prod"
+
+
+@pytest.mark.parametrize(
+    ("base", "sets", "message"),
+    [
+        ((), ("unknownKey=1",), "additional properties 'unknownKey' not allowed"),
+        ((), ("metrics.serviceMonitor.intervall=30s",), "'intervall' not allowed"),
+        ((), ("watch.namespaces[0]=Not_A_Namespace",), "/watch/namespaces/0"),
+        ((), ("image.pullPolicy=Sometimes",), "/image/pullPolicy"),
+        ((), ("cluster.create=true",), "missing properties 'proxy', 'database'"),
+        ((CLUSTER_VALUES,), ("cluster.spec.proxy.replicass=3",), "'replicass' not allowed"),
+        ((CLUSTER_VALUES,), ("cluster.spec.pgbouncer.poolMode=bogus",), "/pgbouncer/poolMode"),
+        ((CLUSTER_VALUES,), ("cluster.spec.autoscaling.maxReplicas=0",), "/maxReplicas"),
+    ],
+)
+def test_values_schema_rejects_mistakes(
+    base: tuple[Path, ...], sets: tuple[str, ...], message: str
+) -> None:
+    result = render_result(base, sets)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_values_schema_accepts_the_examples_as_cluster_spec(tmp_path: Path) -> None:
+    """The cluster.spec schema is strict, but never stricter than the CRD: every example's spec
+    renders as chart values."""
+    examples = sorted((REPO_ROOT / "examples").glob("*.yaml"))
+    specs = [
+        doc["spec"]
+        for path in examples
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if doc and doc.get("kind") == "GpuProxyCluster"
+    ]
+    assert specs, "examples/*.yaml hold no GpuProxyCluster"
+    for n, spec in enumerate(specs):
+        values = tmp_path / f"example-{n}.yaml"
+        values.write_text(
+            yaml.safe_dump({"crds": {"install": False}, "cluster": {"create": True, "spec": spec}})
+        )
+        assert one(render((values,)), "GpuProxyCluster")["spec"] == spec
+
+
+def test_values_yaml_validates_against_its_schema() -> None:
+    schema = load_yaml(CHART / "values.schema.json")
+    jsonschema.Draft7Validator.check_schema(schema)
+    errors = schema_errors(jsonschema.Draft7Validator(schema), load_yaml(CHART / "values.yaml"))
+    assert errors == []
+
+
+def test_every_value_is_documented() -> None:
+    """helm-docs convention: every value has a `# --` comment, on itself or on an enclosing key
+    whose default is a whole object (e.g. `resources:`); plain sections need none."""
+    lines = (CHART / "values.yaml").read_text(encoding="utf-8").splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    undocumented = []
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")) or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        documented = _has_doc_comment(lines, index) or any(doc for _, doc in stack)
+        is_section = stripped.endswith(":")
+        if not documented and not is_section:
+            undocumented.append(stripped)
+        stack.append((indent, documented))
+    assert undocumented == []
+
+
+def _has_doc_comment(lines: list[str], index: int) -> bool:
+    """The comment block right above the line starts with `# --`."""
+    above = index - 1
+    while above >= 0 and lines[above].strip().startswith("#"):
+        if lines[above].strip().startswith("# --"):
+            return True
+        above -= 1
+    return False
