@@ -19,23 +19,34 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import servers
+import wrk
 from harness import BENCH_DIR, PYTHON, Children, median, percentile, process_tree, rss_kib
 
 PER_HOLDER = 15000  # sockets per holder process, under the 20000 open-files cap
 
 
-def run_probe(port: int, args: argparse.Namespace) -> dict[str, float]:
+def start_probe(port: int, seconds: float, args: argparse.Namespace) -> subprocess.Popen[str]:
     argv = [PYTHON, str(BENCH_DIR / "loadclients.py"), "probe", "--port", str(port)]
-    argv += ["--rate", str(args.probe_rate), "--seconds", str(args.probe_seconds)]
+    argv += ["--rate", str(args.probe_rate), "--seconds", str(seconds)]
     argv += ["--conns", str(args.probe_conns)]
-    done = subprocess.run(  # noqa: S603 - our own client script
-        argv, capture_output=True, text=True, timeout=args.probe_seconds + 60, check=False
+    return subprocess.Popen(  # noqa: S603 - our own client script
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"probe failed: {done.stderr[-2000:]}")
-    data = json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def finish_probe(proc: subprocess.Popen[str], seconds: float) -> dict[str, float]:
+    try:
+        out, err = proc.communicate(timeout=seconds + 120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe failed: {err[-2000:]}")
+    data = json.loads(out.strip().splitlines()[-1])
     lat = data["latencies_ms"]
     return {
         "n": len(lat),
@@ -43,6 +54,23 @@ def run_probe(port: int, args: argparse.Namespace) -> dict[str, float]:
         "p99_ms": percentile(lat, 99),
         "max_ms": max(lat) if lat else float("nan"),
         "failures": data["failures"],
+    }
+
+
+def run_probe(port: int, seconds: float, args: argparse.Namespace) -> dict[str, float]:
+    return finish_probe(start_probe(port, seconds, args), seconds)
+
+
+def run_load(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """A saturating wrk run: p99 and max under load (pauses show up as max latency)."""
+    result = wrk.run(
+        f"http://127.0.0.1:{port}/v1/bench", args.load_connections, 1, args.load_seconds
+    )
+    return {
+        "rps": result.rps,
+        "p99_ms": result.p99_ms,
+        "max_ms": result.max_ms,
+        "failures": result.errors + result.non_2xx,
     }
 
 
@@ -108,24 +136,33 @@ def release(holders: list[subprocess.Popen[str]]) -> None:
             proc.wait(timeout=5)
 
 
-def bench_target(server: servers.Server, args: argparse.Namespace) -> dict[str, object]:
+def bench_target(server: servers.Server, args: argparse.Namespace) -> dict[str, Any]:
     total = args.per_worker * args.workers
-    run_probe(server.port, argparse.Namespace(**vars(args) | {"probe_seconds": 3}))  # warm-up
-    quiet = run_probe(server.port, args)
+    run_probe(server.port, 3.0, args)  # warm-up: pools, caches, first-request allocations
+    quiet = run_probe(server.port, args.probe_seconds, args)
+    quiet_load = run_load(server.port, args) if args.load_seconds else None
     pids = process_tree(server.pid)
     rss0 = rss_kib(pids)
     gc0 = gc_metrics(server.admin_port)
     holders: list[subprocess.Popen[str]] = []
+    # A probe runs while the connections are being opened: collections triggered by many new
+    # long-lived objects happen then, and show up as its max latency.
+    ramp_probe = start_probe(server.port, args.ramp_probe_seconds, args)
     try:
         holders, opened, failed = hold_connections(server.port, total, args)
+        ramp = finish_probe(ramp_probe, args.ramp_probe_seconds)
         time.sleep(2.0)
         pids = process_tree(server.pid)
         rss1 = rss_kib(pids)
         fds = fd_counts(pids)
-        loaded = run_probe(server.port, args)
+        loaded = run_probe(server.port, args.probe_seconds, args)
+        loaded_load = run_load(server.port, args) if args.load_seconds else None
         gc1 = gc_metrics(server.admin_port)
         rss2 = rss_kib(pids)
     finally:
+        if ramp_probe.poll() is None:
+            ramp_probe.kill()
+            ramp_probe.wait()
         release(holders)
     return {
         "target": server.name,
@@ -133,38 +170,64 @@ def bench_target(server: servers.Server, args: argparse.Namespace) -> dict[str, 
         "failed": failed,
         "rss_before_kib": rss0,
         "rss_after_kib": rss1,
-        "rss_after_probe_kib": rss2,
+        "rss_after_load_kib": rss2,
         "kib_per_conn": (rss1 - rss0) / opened if opened else math.nan,
         "fds_per_process": fds,
         "probe_without": quiet,
+        "probe_during_ramp": ramp,
         "probe_with": loaded,
         "p99_ratio": loaded["p99_ms"] / quiet["p99_ms"],
+        "load_without": quiet_load,
+        "load_with": loaded_load,
+        "load_p99_ratio": (
+            loaded_load["p99_ms"] / quiet_load["p99_ms"] if quiet_load and loaded_load else None
+        ),
         "gc_metrics_before": gc0,
         "gc_metrics_after": gc1,
     }
 
 
-def report(result: dict[str, object]) -> None:
-    q = result["probe_without"]
-    w = result["probe_with"]
-    assert isinstance(q, dict)
-    assert isinstance(w, dict)
+def report(r: dict[str, Any]) -> None:
     print(
-        f"\n== {result['target']}: {result['opened']} idle connections held "
-        f"({result['failed']} failed to open); sockets per process {result['fds_per_process']}"
+        f"\n== {r['target']}: {r['opened']} idle connections held "
+        f"({r['failed']} failed to open); sockets per process {r['fds_per_process']}"
     )
     print(
-        f"RSS {result['rss_before_kib']} -> {result['rss_after_kib']} KiB: "
-        f"{result['kib_per_conn']:.2f} KiB per idle connection"
+        f"RSS {r['rss_before_kib']} -> {r['rss_after_kib']} KiB: "
+        f"{r['kib_per_conn']:.2f} KiB per idle connection"
     )
-    for label, row in (("without idle", q), ("with idle   ", w)):
+    probes = (
+        ("without idle ", r["probe_without"]),
+        ("while opening", r["probe_during_ramp"]),
+        ("with idle    ", r["probe_with"]),
+    )
+    for label, row in probes:
         print(
             f"probe {label}: n={row['n']} p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
             f"  max {row['max_ms']:.1f} ms  failures {row['failures']}"
         )
-    print(f"p99 with/without: x{result['p99_ratio']:.2f}")
-    for line in result["gc_metrics_after"] or []:  # type: ignore[attr-defined]
-        print(f"  metric: {line}")
+    print(f"probe p99 with/without idle: x{r['p99_ratio']:.2f}")
+    for label, key in (("without idle", "load_without"), ("with idle   ", "load_with")):
+        row = r[key]
+        if row:
+            print(
+                f"load  {label}: {row['rps']:.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
+                f"max {row['max_ms']:.1f} ms  failures {row['failures']:.0f}"
+            )
+    if r["load_p99_ratio"] is not None:
+        print(f"load p99 with/without idle: x{r['load_p99_ratio']:.2f}")
+    before = dict(_metric_pairs(r["gc_metrics_before"]))
+    for name, value in _metric_pairs(r["gc_metrics_after"]):
+        print(f"  metric {name} = {value:g} (was {before.get(name, float('nan')):g})")
+
+
+def _metric_pairs(lines: list[str]) -> list[tuple[str, float]]:
+    pairs = []
+    for line in lines:
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            pairs.append((name, float(value)))
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--per-worker", type=int, default=2000, help="idle connections / worker")
     parser.add_argument("--sources", type=int, default=4, help="source addresses 127.0.0.2..")
-    parser.add_argument("--targets", default="nginx,proxy", help="comma list: nginx, proxy")
+    parser.add_argument(
+        "--targets", default="nginx,proxy", help="comma list: nginx, proxy, naive (reference)"
+    )
     parser.add_argument("--probe-rate", type=float, default=200.0, help="probe requests/s")
     parser.add_argument("--probe-seconds", type=float, default=10.0)
     parser.add_argument("--probe-conns", type=int, default=8)
+    parser.add_argument("--ramp-probe-seconds", type=float, default=20.0)
+    parser.add_argument("--load-seconds", type=float, default=10.0, help="0 skips the wrk load")
+    parser.add_argument("--load-connections", type=int, default=64)
     parser.add_argument("--max-hold", type=float, default=300.0, help="holders self-release")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -184,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_worker * args.workers > 28000 * args.sources:
         parser.error("--sources: each source address gives at most 28k ports; add sources")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - {"nginx", "proxy", "naive"}
+    if unknown:
+        parser.error(f"--targets: unknown {sorted(unknown)}; use nginx, proxy, naive")
 
     results = []
     with tempfile.TemporaryDirectory(prefix="gpuproxy-idle-") as tmp:
@@ -200,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         kids, work, "proxy-bare", backend.port, args.workers
                     )
                 else:
-                    parser.error(f"--targets: unknown {target!r}; use nginx, proxy")
+                    server = servers.start_naive(kids, backend.port, args.workers)
                 result = bench_target(server, args)
                 report(result)
                 results.append(result)

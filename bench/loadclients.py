@@ -124,8 +124,12 @@ async def probe(args: argparse.Namespace) -> None:
                 try:
                     status = await asyncio.wait_for(proto.ask(request), 30)
                 except (TimeoutError, ConnectionError):
+                    # Counted, then a fresh connection: one failure must not end the stream.
                     failures += 1
-                    return
+                    transport.close()
+                    transport, proto = await loop.create_connection(OneShot, "127.0.0.1", args.port)
+                    next_at += interval
+                    continue
                 latencies.append((time.perf_counter() - start) * 1000.0)
                 failures += status != 200
                 next_at += interval
