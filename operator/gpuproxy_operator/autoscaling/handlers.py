@@ -1,0 +1,124 @@
+"""kopf wiring of the autoscaler: one asyncio task per GpuProxyCluster with autoscaling enabled
+and not paused, started and stopped from the cluster's watch events. Not a kopf daemon: daemons
+put a finalizer on the object, and deleting a cluster must not wait for a running operator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import kopf
+
+from gpuproxy_operator.api.base import GROUP, PLURAL, VERSION
+from gpuproxy_operator.autoscaling.kube_adapter import KubeScaling
+from gpuproxy_operator.autoscaling.loop import ClusterScaler, ScalingKube, plain, run_loop
+from gpuproxy_operator.autoscaling.report import CONDITION, Outcome, scaling_condition
+
+TASK_PREFIX = "gpuproxy-autoscaler:"
+MEMO_ATTR = "autoscaler"  # on kopf's per-object memo copy
+
+
+@dataclass
+class Tracker:
+    """Per-cluster: the live body the loop reads and the loop's task."""
+
+    body: dict[str, Any] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+
+def inactive_reason(body: Mapping[str, Any]) -> str | None:
+    """Why this cluster must not be autoscaled now, or None when it must."""
+    spec = body.get("spec") or {}
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
+        return "Deleting"
+    if not (spec.get("autoscaling") or {}).get("enabled", False):
+        return "Disabled"
+    if spec.get("paused", False):
+        return "Paused"
+    return None
+
+
+INACTIVE_MESSAGES = {
+    "Disabled": "spec.autoscaling.enabled is false: replicas come from spec.proxy.replicas "
+                "(kubectl scale gpc NAME --replicas N)",
+    "Paused": "spec.paused is true: the autoscaler leaves the replicas as they are",
+}
+
+
+async def _loop(tracker: Tracker, kube: ScalingKube, log: logging.Logger) -> None:
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        scaler = ClusterScaler(kube, session, clock=time.time)
+
+        async def wait(seconds: float) -> bool:
+            await asyncio.sleep(seconds)
+            return False  # ended only by cancellation
+
+        await run_loop(scaler, tracker.body, wait, log)
+
+
+async def _report_inactive(kube: ScalingKube, body: dict[str, Any], reason: str) -> None:
+    """Say once that autoscaling stopped, if a Scaling condition says otherwise."""
+    status = body.get("status") or {}
+    conditions = list(status.get("conditions") or [])
+    old = next((c for c in conditions if c.get("type") == CONDITION), None)
+    if old is None or old.get("reason") == reason:
+        return  # never autoscaled (keep quiet: no writes), or already reported
+    outcome = Outcome(False, reason, INACTIVE_MESSAGES[reason])
+    generation = (body.get("metadata") or {}).get("generation")
+    meta = body["metadata"]
+    await kube.patch_status(meta["namespace"], meta["name"], {
+        "conditions": scaling_condition(outcome, conditions, generation, time.time())})
+
+
+async def track(event: Mapping[str, Any], body: Mapping[str, Any], memo: Any, kube: ScalingKube,
+                logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """Start, feed or stop the cluster's loop according to the latest watch event."""
+    tracker: Tracker | None = getattr(memo, MEMO_ATTR, None)
+    if tracker is None:
+        tracker = Tracker()
+        setattr(memo, MEMO_ATTR, tracker)
+    raw = plain(body)
+    # The loop reads this dict every interval: update it in place.
+    tracker.body.clear()
+    tracker.body.update(raw)
+    reason = "Deleting" if event.get("type") == "DELETED" else inactive_reason(raw)
+    running = tracker.task is not None and not tracker.task.done()
+    if reason is None and not running:
+        meta = raw["metadata"]
+        log = logging.getLogger(f"gpuproxy_operator.autoscaling.{meta['namespace']}.{meta['name']}")
+        tracker.task = asyncio.get_running_loop().create_task(
+            _loop(tracker, kube, log), name=f"{TASK_PREFIX}{meta['namespace']}/{meta['name']}")
+        logger.info("autoscaling started")
+    elif reason is not None and running:
+        assert tracker.task is not None
+        tracker.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tracker.task
+        tracker.task = None
+        logger.info(f"autoscaling stopped: {reason}")
+    if reason in INACTIVE_MESSAGES:
+        await _report_inactive(kube, raw, reason)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="autoscaler")
+async def autoscaler_event(event: kopf.RawEvent, body: kopf.Body, memo: Any,
+                           logger: kopf.Logger, **_: Any) -> None:
+    await track(event, body, memo, KubeScaling(memo.kube), logger)
+
+
+@kopf.on.cleanup()
+async def stop_autoscalers(logger: kopf.Logger, **_: Any) -> None:
+    """Operator shutdown: end every cluster's loop (their tasks are named, so no registry)."""
+    tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith(TASK_PREFIX)]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if tasks:
+        logger.info(f"stopped {len(tasks)} autoscaler loops")
