@@ -71,6 +71,8 @@ def test_every_pod_is_hardened_and_has_probes_and_resources(item: tuple[str, Man
     assert pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
+    # No docker-link env vars: a Service named like `gpuproxy-*` must not leak GPUPROXY_* env.
+    assert pod["enableServiceLinks"] is False
     for c in pod["containers"]:
         sc = c["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True

@@ -31,10 +31,16 @@ def stable_hash(value: Any) -> str:
 
 
 def image_version(image: str) -> str:
-    """The image tag as a valid label value (`latest` when the image has no tag)."""
-    ref = image.split("@", 1)[0]
-    tag = ref.rsplit(":", 1)[1] if ":" in ref.rsplit("/", 1)[-1] else "latest"
-    cleaned = _LABEL_UNSAFE.sub("-", tag)[:63].strip("-_.")
+    """The image tag as a valid label value; a digest-only image gives `sha256-<12 hex>`,
+    an image with neither tag nor digest `latest`."""
+    ref, _, digest = image.partition("@")
+    if ":" in ref.rsplit("/", 1)[-1]:
+        version = ref.rsplit(":", 1)[1]
+    elif digest:
+        version = digest.replace(":", "-")[:19]
+    else:
+        version = "latest"
+    cleaned = _LABEL_UNSAFE.sub("-", version)[:63].strip("-_.")
     return cleaned or "latest"
 
 

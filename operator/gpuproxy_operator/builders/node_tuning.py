@@ -113,6 +113,7 @@ def build_node_tuning_daemonset(cluster: GpuProxyCluster) -> Manifest | None:
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",
         "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
         "securityContext": pod_security_context(NOBODY_UID, fs_group=False),
         "initContainers": [_init_container(cluster)],
         "containers": [_main_container(cluster)],

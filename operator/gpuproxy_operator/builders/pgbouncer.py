@@ -147,6 +147,7 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
     name = child_name(cluster.metadata.name, "pgbouncer")
     return {
         "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
         "securityContext": pod_security_context(PGBOUNCER_UID),
         "containers": [
             {

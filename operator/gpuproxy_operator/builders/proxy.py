@@ -142,6 +142,7 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "serviceAccountName": child_name(cluster.metadata.name, "proxy"),
         "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
         "terminationGracePeriodSeconds": proxy.termination_grace_period_seconds,
         "securityContext": pod_security_context(PROXY_UID, sysctls),
         "containers": [_container(cluster)],

@@ -165,6 +165,7 @@ def build_redis_statefulset(cluster: GpuProxyCluster) -> Manifest | None:
             },
             "spec": {
                 "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
                 "securityContext": pod_security_context(REDIS_UID),
                 "containers": [_container(cluster)],
                 "volumes": volumes,
