@@ -128,6 +128,22 @@ class Children:
         self.procs.clear()
 
 
+def code_version() -> str:
+    """The commit the proxy code comes from, and whether proxy/ has uncommitted edits."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(  # noqa: S603 - fixed git argv
+            ["git", "-C", str(REPO), *argv],  # noqa: S607 - git from PATH
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return done.stdout.strip()
+
+    dirty = " + uncommitted edits in proxy/" if git("status", "--porcelain", "proxy") else ""
+    return f"{git('rev-parse', '--short', 'HEAD')}{dirty}, {time.strftime('%Y-%m-%d %H:%M %Z')}"
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

@@ -23,7 +23,16 @@ from typing import Any
 
 import servers
 import wrk
-from harness import BENCH_DIR, PYTHON, Children, median, percentile, process_tree, rss_kib
+from harness import (
+    BENCH_DIR,
+    PYTHON,
+    Children,
+    code_version,
+    median,
+    percentile,
+    process_tree,
+    rss_kib,
+)
 
 PER_HOLDER = 15000  # sockets per holder process, under the 20000 open-files cap
 
@@ -260,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpuproxy-idle-") as tmp:
         work = Path(tmp)
         kids = Children(work)
+        print(f"proxy code: {code_version()}", flush=True)
         try:
             backend = servers.start_backend(kids)
             conns = args.per_worker + 1000

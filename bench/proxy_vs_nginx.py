@@ -18,7 +18,7 @@ from pathlib import Path
 import pyspy_top
 import servers
 import wrk
-from harness import VENV_BIN, Children, cpu_seconds, median, process_tree
+from harness import VENV_BIN, Children, code_version, cpu_seconds, median, process_tree
 
 PYSPY = str(VENV_BIN / "py-spy") if (VENV_BIN / "py-spy").exists() else "py-spy"
 
@@ -153,6 +153,18 @@ def profile(side: Side, args: argparse.Namespace, out_dir: Path) -> list[Path]:
     return [out for _proc, out in spies if out.exists()]
 
 
+def redis_script_calls(port: int) -> int:
+    import redis  # from the proxy extra
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    names = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall", "cmdstat_evalsha_ro")
+    return sum(int(stats[n]["calls"]) for n in names if n in stats)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=2, help="nginx and proxy workers")
@@ -185,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpuproxy-bench-") as tmp:
         work = Path(tmp)
         kids = Children(work)
+        print(f"proxy code: {code_version()}", flush=True)
         try:
             backend = servers.start_backend(kids)
             sides: list[Side] = []
+            redis_port = 0
             for name in names:
                 if name == "nginx":
                     srv = servers.start_nginx(kids, work, backend.port, args.workers)
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     srv = servers.start_gpuproxy(kids, work, name, backend.port, args.workers)
                     sides.append(Side(name, srv, {}))
                 else:
-                    redis_port = servers.start_redis(kids, work)
+                    redis_port = redis_port or servers.start_redis(kids, work)
                     srv = servers.start_gpuproxy(
                         kids, work, name, backend.port, args.workers, redis_port
                     )
@@ -223,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                     samples.append(sample)
             summary = summarise(samples, names)
             print_summary(summary, args)
+            if redis_port:
+                # Proof the auth side really hit Redis: script calls per request served.
+                calls = redis_script_calls(redis_port)
+                served = sum(s.requests for s in samples if s.side == "proxy-auth")
+                print(
+                    f"redis script calls {calls} for {served} measured proxy-auth requests "
+                    f"(+warm-up): {calls / max(served, 1):.2f} per request"
+                )
             if args.pyspy:
                 for side in sides:
                     if side.name != "nginx":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import servers
-from harness import Children, median, percentile
+from harness import Children, code_version, median, percentile
 
 try:
     import uvloop
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpuproxy-sse-") as tmp:
         work = Path(tmp)
         kids = Children(work)
+        print(f"proxy code: {code_version()}", flush=True)
         try:
             backend = servers.start_backend(kids, args.events, args.delay_ms)
             ports = {"direct": backend.port}
