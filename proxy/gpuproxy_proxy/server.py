@@ -35,6 +35,7 @@ _REJECT = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\
 # Eviction looks at the oldest connections only, so a burst over the cap costs O(1) each.
 _EVICT_SCAN = 256
 _EVICT_BATCH = 4
+_LINGER_SECONDS = 2.0
 
 
 def raise_nofile_limit() -> int:
@@ -58,6 +59,29 @@ def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+class _Rejected(asyncio.Protocol):
+    """Answers 503 at once, then a lingering close: what the client already sent is read and
+    dropped (closing with unread data would send a RST that can destroy the 503 in flight)."""
+
+    def __init__(self, handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
+        self._handler = handler
+        self._transport = transport
+        transport.set_protocol(self)
+        transport.write(_REJECT)
+        transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: close now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._handler.connection_lost(exc)  # aiohttp's bookkeeping and our counters
 
 
 class CappedServer(web_server.Server):
@@ -85,8 +109,7 @@ class CappedServer(web_server.Server):
         if runtime.connections_active > self._cap and not self._evict_idle(handler):
             runtime.connections_rejected += 1
             self._rejected.inc()
-            transport.write(_REJECT)
-            handler.force_close()
+            _Rejected(handler, transport)
 
     def connection_lost(self, handler: web_protocol.RequestHandler,
                         exc: BaseException | None = None) -> None:
@@ -102,7 +125,7 @@ class CappedServer(web_server.Server):
             waiter = handler._waiter
             if (handler is not new and not handler._request_in_progress
                     and waiter is not None and not waiter.done()):
-                handler.close()  # idle: waiting for its next request
+                handler.force_close()  # idle: no request in progress, nothing is lost
                 evicted += 1
                 if evicted >= _EVICT_BATCH:
                     break

@@ -1,0 +1,215 @@
+"""Process model: connection cap with idle eviction (in process) and the real CLI as a
+subprocess: graceful drain on SIGTERM during streams, N workers with one aggregated admin port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from tests.proxy.conftest import proxy_config
+from tests.proxy.fakes import FakeBackend, free_port
+
+from gpuproxy_proxy.server import Worker, reuseport_socket
+
+
+async def _open_idle(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _request(port: int, body: bytes = b"{}") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    data = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    return data
+
+
+@pytest.fixture
+async def worker_factory() -> AsyncIterator[Any]:
+    workers: list[Worker] = []
+
+    async def start(config: Any) -> tuple[Worker, int]:
+        worker = Worker(config, __import__("gpuproxy_proxy.config").config.Secrets())
+        sock = reuseport_socket("127.0.0.1", 0, 128)
+        await worker.start(sock)
+        workers.append(worker)
+        return worker, sock.getsockname()[1]
+
+    yield start
+    for worker in workers:
+        await worker.drain()
+
+
+async def test_connection_cap_evicts_idle_connections_first(
+    backends: list[FakeBackend], worker_factory: Any
+) -> None:
+    backends.append(await FakeBackend("a").start())
+    worker, port = await worker_factory(proxy_config(
+        backends, limits={"max_connections_per_worker": 2}))
+    idle = [await _open_idle(port) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert worker.runtime.connections_active == 2
+    answer = await _request(port)  # over the cap: an idle connection makes room
+    assert answer.startswith(b"HTTP/1.1 200")
+    closed = [await asyncio.wait_for(r.read(), timeout=2) == b"" for r, _ in idle]
+    assert any(closed)
+    for _, writer in idle:
+        writer.close()
+
+
+async def test_connection_cap_refuses_when_nothing_is_idle(
+    backends: list[FakeBackend], worker_factory: Any
+) -> None:
+    gate = asyncio.Event()
+    backends.append(await FakeBackend("a", gate=gate).start())
+    worker, port = await worker_factory(proxy_config(
+        backends, limits={"max_connections_per_worker": 2}))
+    busy = [asyncio.create_task(_request(port, b'{"stream": true}')) for _ in range(2)]
+    while backends[0].hits < 2:
+        await asyncio.sleep(0.01)
+    refused = await _request(port)
+    assert refused.startswith(b"HTTP/1.1 503")
+    assert b'"overloaded"' in refused
+    assert worker.runtime.connections_rejected == 1
+    gate.set()
+    for task in busy:
+        assert b"data: [DONE]" in await task
+
+
+# --- the real CLI as a subprocess --------------------------------------------------------
+
+async def _wait_ready(admin: str, proc: asyncio.subprocess.Process, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            assert proc.returncode is None, "proxy exited early"
+            try:
+                async with http.get(f"{admin}/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "proxy did not become ready"
+            await asyncio.sleep(0.1)
+
+
+async def _start_cli(tmp_path: Path, backends: list[FakeBackend], workers: int,
+                     **overrides: Any) -> tuple[asyncio.subprocess.Process, int, int]:
+    port, admin_port = free_port(), free_port()
+    config = proxy_config(backends, listen={"host": "127.0.0.1", "port": port,
+                                            "admin_port": admin_port}, **overrides)
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gpuproxy_proxy.cli", "--config", str(path),
+        "--workers", str(workers), env=env, stderr=asyncio.subprocess.PIPE)
+    await _wait_ready(f"http://127.0.0.1:{admin_port}", proc)
+    return proc, port, admin_port
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_sigterm_during_streams_lets_them_finish(tmp_path: Path,
+                                                       backends: list[FakeBackend]) -> None:
+    backends.append(await FakeBackend("slow", chunks=8, delay=0.1).start())
+    proc, port, admin_port = await _start_cli(tmp_path, backends, workers=1,
+                                              limits={"shutdown_grace_seconds": 10})
+    try:
+        async with aiohttp.ClientSession() as http:
+            responses = [await http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                         json={"stream": True}) for _ in range(3)]
+            for resp in responses:
+                assert (await resp.content.readline()).startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            async with http.get(f"http://127.0.0.1:{admin_port}/ready") as ready:
+                assert ready.status == 503  # draining: reported not ready
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await http.post(f"http://127.0.0.1:{port}/v1/models",
+                                headers={"Connection": "close"})
+            for resp in responses:
+                rest = await resp.read()
+                assert rest.rstrip().endswith(b"data: [DONE]")
+                assert rest.count(b"data: ") == 9  # tokens t1..t7, usage, [DONE]
+        assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
+    finally:
+        await _stop(proc)
+
+
+async def test_workers_share_port_and_admin_reports_the_sum(
+    tmp_path: Path, backends: list[FakeBackend]
+) -> None:
+    backends.append(await FakeBackend("a").start())
+    proc, port, admin_port = await _start_cli(tmp_path, backends, workers=2)
+    admin = f"http://127.0.0.1:{admin_port}"
+    idle: list[socket.socket] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(20):
+                async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     json={}, headers={"Connection": "close"}) as resp:
+                    assert resp.status == 200
+            for _ in range(12):
+                idle.append(socket.create_connection(("127.0.0.1", port)))
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.get(f"{admin}/stats") as resp:
+                    stats = await resp.json()
+                if stats["connections_active"] == 12:
+                    break
+                assert time.monotonic() < deadline, stats
+                await asyncio.sleep(0.1)
+            assert stats["workers"] == 2
+            pids = {w["pid"] for w in stats["per_worker"]}
+            assert len(pids) == 2
+            assert stats["backends"]["a"]["healthy_workers"] == 2
+            async with http.get(f"{admin}/metrics") as resp:
+                text = await resp.text()
+            assert "gpuproxy_connections_active 12.0" in text
+            total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith("gpuproxy_requests_total{"))
+            assert total == 20
+        for sock in idle:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
+    finally:
+        for sock in idle:
+            sock.close()
+        await _stop(proc)
+
+
+async def test_demo_self_test_exits_zero() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gpuproxy_proxy.cli", "--demo", "--self-test",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, (out + err).decode()
+    assert b"self-test passed" in out
+    assert b"stream=true" in out
+
+
+def test_invalid_config_names_the_field(tmp_path: Path) -> None:
+    from gpuproxy_proxy.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps({"backends": [{"name": "x", "url": "not a url"}]}))
+    assert main(["--config", str(path)]) == 2
