@@ -23,7 +23,6 @@ from gpuproxy_proxy.http_errors import error_body
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.principal import Principal
 from gpuproxy_proxy.ratelimit_batch import ScriptBatcher
-from gpuproxy_proxy.ratelimit_lua import SLIDING_WINDOW_LUA
 from gpuproxy_proxy.ratelimit_window import (
     UNLIMITED,
     LocalWindowLimiter,
@@ -160,7 +159,7 @@ class RateLimiter:
                 retry=Retry(NoBackoff(), 0),
             )
             self._redis = aioredis.Redis(connection_pool=pool)
-            self._batcher = ScriptBatcher(self._redis, SLIDING_WINDOW_LUA, self._timeout)
+            self._batcher = ScriptBatcher(self._redis, config.window_seconds, self._timeout)
 
     def client_ip(self, request: web.Request) -> str:
         return client_ip(request, self.trusted)
@@ -187,16 +186,14 @@ class RateLimiter:
         if self._down:
             return self._fallback(scopes)
         try:
-            reply = await self._batcher.call(
-                [s.key for s in scopes],
-                [self.config.window_seconds, *(s.limit for s in scopes)],
+            elapsed, raw = await self._batcher.call(
+                [s.key for s in scopes], [s.limit for s in scopes]
             )
         except _FAILURES as exc:
             self._mark_down(exc)
             return self._fallback(scopes)
-        raw = [int(v) for v in reply.split(b",")]
-        counts = [(raw[2 + 2 * i], raw[3 + 2 * i]) for i in range(len(scopes))]
-        decision = decide(scopes, raw[0] == 1, raw[1], counts, self._window_ms, "redis")
+        counts = [(raw[1 + 2 * i], raw[2 + 2 * i]) for i in range(len(scopes))]
+        decision = decide(scopes, raw[0] == 1, elapsed, counts, self._window_ms, "redis")
         return self._count(decision)
 
     def _count(self, decision: RateLimitDecision) -> RateLimitDecision:

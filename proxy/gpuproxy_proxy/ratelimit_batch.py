@@ -1,8 +1,9 @@
-"""Coalesces concurrent rate-limit script calls into one Redis pipeline per event-loop turn.
+"""Coalesces the rate-limit checks of one event-loop turn into ONE Redis script call.
 
-Every request still costs exactly one script execution, but requests arriving together share
-one network round trip and one pooled connection. Commands are packed by hand and sent on a
-raw pooled connection: redis-py's generic pipeline cost more client CPU than the check itself.
+Every request is still decided atomically on its own (see ratelimit_lua), but requests that
+arrive together share one command, one round trip and one reply to parse. The command is
+packed by hand and sent on a raw pooled connection: redis-py's generic command path cost more
+client CPU than the check itself.
 """
 
 from __future__ import annotations
@@ -10,48 +11,64 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
-from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
-_MAX_BATCH = 512
-_MAX_IN_FLIGHT = 2  # pipelines on the wire at once: one being answered, one being filled
+from gpuproxy_proxy.ratelimit_lua import SLIDING_WINDOW_LUA
 
-Call = tuple[Sequence[str], Sequence[int], "asyncio.Future[bytes]"]
+_MAX_BATCH = 256
+_MAX_IN_FLIGHT = 2  # script calls on the wire at once: one being answered, one being filled
+
+# (scope keys, scope limits, future of (elapsed_ms, [allowed, cur_1, prev_1, ...]))
+Reply = tuple[int, list[int]]
+Call = tuple[Sequence[str], Sequence[int], "asyncio.Future[Reply]"]
 
 
-def pack_evalsha(sha: bytes, keys: Sequence[str], args: Sequence[int]) -> bytes:
-    """One EVALSHA command in RESP."""
-    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (3 + len(keys) + len(args), len(sha), sha)]
-    numkeys = b"%d" % len(keys)
-    parts.append(b"$%d\r\n%s\r\n" % (len(numkeys), numkeys))
-    for key in keys:
-        raw = key.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    for arg in args:
-        raw = b"%d" % arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+def _bulk(raw: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+
+def pack_batch(sha: bytes, window_seconds: int, batch: Sequence[Call]) -> bytes:
+    """EVALSHA sha numkeys keys... window count (n limits...)... in RESP."""
+    keys: list[bytes] = []
+    args: list[bytes] = [b"%d" % window_seconds, b"%d" % len(batch)]
+    for scope_keys, limits, _ in batch:
+        keys.extend(k.encode() for k in scope_keys)
+        args.append(b"%d" % len(limits))
+        args.extend(b"%d" % limit for limit in limits)
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args))
+    parts = [head, _bulk(sha), _bulk(b"%d" % len(keys))]
+    parts.extend(map(_bulk, keys))
+    parts.extend(map(_bulk, args))
     return b"".join(parts)
 
 
+def parse_reply(reply: bytes) -> tuple[int, list[list[int]]]:
+    elapsed, _, results = reply.partition(b"|")
+    return int(elapsed), [[int(v) for v in r.split(b",")] for r in results.split(b";")]
+
+
 class ScriptBatcher:
-    def __init__(self, client: aioredis.Redis, script: str, timeout_seconds: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis, window_seconds: int, timeout_seconds: float
+    ) -> None:
         self._client = client
-        self._script = script
+        self._window = window_seconds
         self._timeout = timeout_seconds
-        self._sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest().encode()
+        self._sha = hashlib.sha1(SLIDING_WINDOW_LUA.encode(), usedforsecurity=False)
+        self._sha_hex = self._sha.hexdigest().encode()
         self._pending: list[Call] = []
         self._scheduled = False
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, keys: Sequence[str], args: Sequence[int]) -> asyncio.Future[bytes]:
-        """Queue one script call; the future resolves to its reply or the Redis error
-        (each batch is bounded by the timeout, so callers need no timer of their own)."""
+    def call(self, keys: Sequence[str], limits: Sequence[int]) -> asyncio.Future[Reply]:
+        """Queue one request's check; the future resolves to its counts or the Redis error
+        (each script call is bounded by the timeout, so callers need no timer of their own)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._pending.append((keys, args, future))
+        future: asyncio.Future[Reply] = loop.create_future()
+        self._pending.append((keys, limits, future))
         if not self._scheduled and self._in_flight < _MAX_IN_FLIGHT:
             # call_soon: every request handled in this loop turn joins the same batch.
             self._scheduled = True
@@ -63,7 +80,7 @@ class ScriptBatcher:
         while self._pending and self._in_flight < _MAX_IN_FLIGHT:
             batch = self._pending[:_MAX_BATCH]
             del self._pending[:_MAX_BATCH]
-            batch = [c for c in batch if not c[2].done()]  # drop callers that timed out
+            batch = [c for c in batch if not c[2].done()]  # drop callers that went away
             if not batch:
                 continue
             self._in_flight += 1
@@ -80,7 +97,9 @@ class ScriptBatcher:
     async def _send(self, batch: list[Call]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                replies = await self._execute(batch)
+                elapsed, results = await self._execute(batch)
+            if len(results) != len(batch):
+                raise ConnectionError(f"rate-limit script answered {len(results)}/{len(batch)}")
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else ConnectionError("cancelled")
             for _, _, future in batch:
@@ -89,43 +108,36 @@ class ScriptBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result((elapsed, result))
 
-    async def _execute(self, batch: list[Call]) -> list[Any]:
-        replies = await self._pipeline(batch)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            # First use, or Redis restarted and lost its script cache: load once, resend all.
-            await self._client.script_load(self._script)
-            replies = await self._pipeline(batch)
-        return replies
+    async def _execute(self, batch: list[Call]) -> tuple[int, list[list[int]]]:
+        command = pack_batch(self._sha_hex, self._window, batch)
+        try:
+            reply = await self._roundtrip(command)
+        except NoScriptError:
+            # First use, or Redis restarted and lost its script cache. NOSCRIPT means nothing
+            # ran, so loading and resending counts every request exactly once.
+            await self._client.script_load(SLIDING_WINDOW_LUA)
+            reply = await self._roundtrip(command)
+        if not isinstance(reply, bytes):
+            raise ConnectionError(f"unexpected rate-limit script reply {reply!r}")
+        return parse_reply(reply)
 
-    async def _pipeline(self, batch: list[Call]) -> list[Any]:
+    async def _roundtrip(self, command: bytes) -> object:
         pool = self._client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(
-                b"".join(pack_evalsha(self._sha, keys, args) for keys, args, _ in batch),
-                check_health=False,
-            )
-            replies: list[Any] = []
-            for _ in batch:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:  # one failed command; the stream stays in sync
-                    replies.append(exc)
-        except BaseException:
-            # A half-read connection cannot be reused: drop it, the pool makes a new one.
-            await conn.disconnect()
+            await conn.send_packed_command(command, check_health=False)
+            return await conn.read_response()
+        except BaseException as exc:
+            if not isinstance(exc, NoScriptError):
+                # A half-read connection cannot be reused: drop it, the pool makes a new one.
+                await conn.disconnect()
             raise
         finally:
             await pool.release(conn)
-        return replies
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -341,3 +341,28 @@ async def test_redis_password_comes_from_secrets() -> None:
         await bad.close()
         server.stop()
         shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+async def test_one_batch_decides_each_request_on_its_own(redis_server: Any) -> None:
+    # Checks issued together travel in one script call; each is still decided atomically
+    # with all of its own scopes, in order.
+    rl = limiter(redis_server, per_ip=5, per_user=10, per_api_key=7)
+    try:
+        shared_ip = unique_ip()
+        user = Principal(kind="jwt", user_id="u-" + uuid.uuid4().hex)
+        keyed = Principal(kind="api_key", user_id="u-" + uuid.uuid4().hex,
+                          api_key_id=str(uuid.uuid4()))
+        calls = (
+            [rl.check(shared_ip, ANONYMOUS) for _ in range(12)]
+            + [rl.check(unique_ip(), user) for _ in range(15)]
+            + [rl.check(unique_ip(), keyed) for _ in range(9)]
+        )
+        results = await asyncio.gather(*calls)
+        anon, users, keys = results[:12], results[12:27], results[27:]
+        assert sum(d.allowed for d in anon) == 5
+        assert sum(d.allowed for d in users) == 10
+        assert sum(d.allowed for d in keys) == 7
+        assert {d.scope for d in keys if not d.allowed} == {"api_key"}
+        assert {d.source for d in results} == {"redis"}
+    finally:
+        await rl.close()
