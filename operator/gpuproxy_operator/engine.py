@@ -1,0 +1,298 @@
+"""One reconcile of one GpuProxyCluster: observe -> build -> apply -> status, plus the operator's
+shared state (client, metrics, per-cluster locks). kopf-free, so handlers stay thin."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import kopf
+
+from gpuproxy_operator import kube, reconcile, status
+from gpuproxy_operator.api.base import KIND
+from gpuproxy_operator.api.cluster import GpuProxyCluster, InvalidSpecError, parse_cluster
+from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.naming import CLUSTER_LABEL, child_name
+from gpuproxy_operator.operator_metrics import OperatorMetrics
+
+ClusterKey = tuple[str, str]  # (namespace, name)
+LoginFn = Callable[..., kopf.ConnectionInfo | None]
+Result = Literal["converged", "changed", "paused", "invalid", "degraded", "gone"]
+
+
+def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account first, then the local kubeconfig."""
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+    return info or kopf.login_with_kubeconfig(**kwargs)
+
+
+@dataclass
+class OperatorState:
+    """Shared by every handler (kopf passes it as `memo`; its per-object shallow copies share
+    these containers)."""
+
+    kube: kube.KubeClient
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    login: LoginFn = default_login
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    resync_seconds: float = 60.0
+    inactivity_timeout: float = 300.0
+    consistency_timeout: float = 5.0
+    locks: dict[ClusterKey, asyncio.Lock] = field(default_factory=dict)
+    pending: set[ClusterKey] = field(default_factory=set)
+    # (cluster uid, kind, name) -> spec hash the API server rejected with 422: not retried
+    # until the desired body changes, so an invalid child never loops.
+    rejected: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    managed: set[str] = field(default_factory=set)
+
+    def lock(self, key: ClusterKey) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def forget(self, key: ClusterKey, uid: str) -> None:
+        self.locks.pop(key, None)
+        self.managed.discard(uid)
+        self.metrics.managed_clusters.set(len(self.managed))
+        for rkey in [k for k in self.rejected if k[0] == uid]:
+            del self.rejected[rkey]
+
+
+@dataclass
+class Outcome:
+    result: Result
+    message: str = ""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def request_reconcile(state: OperatorState, key: ClusterKey, trigger: str,
+                            logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome | None:
+    """Reconcile unless one is already queued behind the running one (bursts of child events
+    collapse into one extra pass, which sees their latest state)."""
+    if key in state.pending:
+        return None
+    state.pending.add(key)
+    async with state.lock(key):
+        state.pending.discard(key)
+        return await run(state, key, trigger, logger)
+
+
+async def run(state: OperatorState, key: ClusterKey, trigger: str,
+              logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
+    """Reconcile under the cluster's lock (callers hold it), with metrics."""
+    started = time.monotonic()
+    try:
+        outcome = await reconcile_cluster(state, key, logger)
+    except kube.KubeError as exc:
+        state.metrics.reconciles.labels(trigger, "error").inc()
+        state.metrics.errors.labels(type(exc).__name__).inc()
+        raise
+    finally:
+        state.metrics.duration.observe(time.monotonic() - started)
+    state.metrics.reconciles.labels(trigger, outcome.result).inc()
+    return outcome
+
+
+async def _credentials(api: kube.KubeClient, cluster: GpuProxyCluster
+                       ) -> tuple[DatabaseCredentials | None, str | None]:
+    ns, secret = cluster.metadata.namespace, cluster.spec.database.credentials_secret
+    fix = (f"create it with `kubectl -n {ns} create secret generic {secret} "
+           "--from-literal=username=... --from-literal=password=...`")
+    try:
+        obj = await api.get("Secret", ns, secret)
+    except kube.NotFound:
+        return None, f"database credentials Secret {ns}/{secret} not found: {fix}"
+    data = obj.get("data") or {}
+    values: dict[str, str] = {}
+    for k in ("username", "password"):
+        if k not in data:
+            return None, f"Secret {ns}/{secret} has no key {k!r}: {fix}"
+        try:
+            values[k] = base64.b64decode(data[k]).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None, f"Secret {ns}/{secret} key {k!r} is not valid base64 UTF-8 text"
+    return DatabaseCredentials(values["username"], values["password"]), None
+
+
+async def _observe(api: kube.KubeClient, cluster: GpuProxyCluster
+                   ) -> tuple[dict[reconcile.Key, dict[str, Any]], dict[str, str]]:
+    ns, name, uid = cluster.metadata.namespace, cluster.metadata.name, cluster.metadata.uid
+    kinds = list(kube.CHILD_KINDS)
+    results = await asyncio.gather(
+        *(api.list(k, ns, {CLUSTER_LABEL: name}) for k in kinds), return_exceptions=True)
+    children: dict[reconcile.Key, dict[str, Any]] = {}
+    missing: dict[str, str] = {}
+    for kind, result in zip(kinds, results, strict=True):
+        if isinstance(result, kube.MissingAPI):
+            missing[kind] = str(result)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            for obj in result:
+                if reconcile.is_controlled_by(obj, uid):
+                    children[reconcile.key_of(obj)] = obj
+    return children, missing
+
+
+def _proxy_replicas(cluster: GpuProxyCluster, body: dict[str, Any],
+                    children: dict[reconcile.Key, dict[str, Any]]) -> int | None:
+    """The autoscaler's decision while it is on; else (None) spec.proxy.replicas."""
+    if not cluster.spec.autoscaling.enabled:
+        return None
+    desired = (body.get("status") or {}).get("desiredReplicas")
+    if isinstance(desired, int) and desired > 0:
+        return desired
+    current = children.get(("Deployment", child_name(cluster.metadata.name, "proxy")))
+    replicas = ((current or {}).get("spec") or {}).get("replicas")
+    return replicas if isinstance(replicas, int) else None
+
+
+async def reconcile_cluster(state: OperatorState, key: ClusterKey,
+                            logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
+    api = state.kube
+    ns, name = key
+    try:
+        body = await api.get(KIND, ns, name)
+    except kube.NotFound:
+        return Outcome("gone")
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return Outcome("gone")  # children go by owner-reference garbage collection
+    generation = meta.get("generation")
+    previous = body.get("status") or {}
+    reconciled_before = generation is not None and previous.get("observedGeneration") == generation
+    if meta.get("uid"):
+        state.managed.add(meta["uid"])
+        state.metrics.managed_clusters.set(len(state.managed))
+
+    try:
+        cluster = parse_cluster(body)
+        children, missing = await _observe(api, cluster)
+        credentials, cred_problem = await _credentials(api, cluster)
+        inputs = BuildInputs(credentials, _proxy_replicas(cluster, body, children))
+        desired = build_all(cluster, inputs)  # everything is built before the first write
+    except InvalidSpecError as exc:
+        obs = status.Observation(generation, paused=bool((body.get("spec") or {}).get("paused")),
+                                 invalid=exc.problems)
+        await _write_status(api, body, obs, logger)
+        return Outcome("invalid", str(exc))
+
+    desired = [m for m in desired if m["kind"] not in missing]
+    uid = cluster.metadata.uid
+    proxy_key = ("Deployment", child_name(name, "proxy"))
+    planned = reconcile.plan(desired, children, uid, replicas_key=proxy_key,
+                             reconciled_before=reconciled_before)
+    errors: list[tuple[str, str]] = []
+    actions = []
+    for action in planned.actions:
+        rejected = state.rejected.get((uid, action.kind, action.name))
+        if rejected is not None and rejected == action.spec_hash:
+            errors.append(("ChildRejected", f"{action.kind} {action.name} was rejected by the "
+                           "API server; fix the spec fields named in the earlier event"))
+        else:
+            actions.append(action)
+
+    applied: list[str] = []
+    if not cluster.spec.paused:
+        applied = await _apply(state, body, cluster, actions, children, missing, errors, logger)
+    obs = status.Observation(
+        generation, paused=cluster.spec.paused, cluster=cluster, children=children,
+        desired=desired, credentials_problem=cred_problem, missing_apis=missing, errors=errors,
+        applied=applied, withheld=len(actions) if cluster.spec.paused else 0)
+    await _write_status(api, body, obs, logger)
+    if cluster.spec.paused:
+        return Outcome("paused", f"{len(actions)} change(s) withheld")
+    if errors or cred_problem:
+        return Outcome("degraded", "; ".join(m for _, m in errors) or cred_problem or "")
+    return Outcome("changed" if applied else "converged", "; ".join(applied))
+
+
+async def _apply(state: OperatorState, body: dict[str, Any], cluster: GpuProxyCluster,
+                 actions: list[reconcile.Action], children: dict[reconcile.Key, dict[str, Any]],
+                 missing: dict[str, str], errors: list[tuple[str, str]],
+                 logger: logging.Logger | logging.LoggerAdapter[Any]) -> list[str]:
+    api, ns, uid = state.kube, cluster.metadata.namespace, cluster.metadata.uid
+    applied: list[str] = []
+    for action in actions:
+        try:
+            if action.verb == "create":
+                result = await api.create(action.body)
+            elif action.verb == "patch":
+                result = await api.patch(action.kind, ns, action.name, action.body)
+            else:
+                await api.delete(action.kind, ns, action.name)
+                children.pop(action.key, None)
+                result = None
+        except kube.Invalid as exc:
+            state.rejected[(uid, action.kind, action.name)] = action.spec_hash
+            fields = "; ".join(f"{f or action.kind}: {m}" for f, m in exc.causes)
+            message = f"{action.kind} {action.name} was rejected by the API server: {fields}"
+            errors.append(("ChildRejected", message))
+            await kube.post_event(api, body, "Warning", "ChildRejected", message)
+            continue
+        except kube.MissingAPI as exc:
+            missing[action.kind] = str(exc)
+            continue
+        except kube.Conflict:
+            owner = await _owner_of(api, action.kind, ns, action.name)
+            if owner == uid:
+                raise  # we created it a moment ago (replayed event): retry soon, it will patch
+            message = (f"{action.kind} {ns}/{action.name} already exists and is not owned by "
+                       f"this {KIND}; delete or rename it")
+            errors.append(("NameConflict", message))
+            continue
+        except kube.Forbidden as exc:
+            errors.append(("Forbidden", f"{exc}; check the operator's RBAC (ClusterRole)"))
+            continue
+        state.rejected.pop((uid, action.kind, action.name), None)
+        if result is not None:
+            children[action.key] = result
+        state.metrics.child_writes.labels(action.kind, action.reason).inc()
+        text = f"{action.kind} {action.name} {action.detail}"
+        applied.append(text)
+        logger.info(text)
+        await kube.post_event(api, body, "Normal", action.reason, text)
+    return applied
+
+
+async def _owner_of(api: kube.KubeClient, kind: str, ns: str, name: str) -> str | None:
+    try:
+        obj = await api.get(kind, ns, name)
+    except kube.NotFound:
+        return None
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
+async def _write_status(api: kube.KubeClient, body: dict[str, Any], obs: status.Observation,
+                        logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """Patch status only when it changed; post an Event when Degraded or Ready flips."""
+    previous = body.get("status") or {}
+    new = status.compute_status(previous, obs, _now())
+    patch = status.status_patch(previous, new)
+    if patch is None:
+        return
+    meta = body["metadata"]
+    try:
+        await kube.patch_cluster_status(api, meta.get("namespace"), meta["name"], patch)
+    except kube.NotFound:
+        return
+    before_d, after_d = status.condition(previous, "Degraded"), status.condition(new, "Degraded")
+    if after_d.get("status") == "True" and (before_d.get("status"), before_d.get("message")) != (
+            "True", after_d.get("message")):
+        logger.warning(after_d.get("message", ""))
+        await kube.post_event(api, body, "Warning", str(after_d.get("reason")),
+                              str(after_d.get("message")))
+    before_r, after_r = status.condition(previous, "Ready"), status.condition(new, "Ready")
+    if after_r.get("status") == "True" and before_r.get("status") != "True":
+        await kube.post_event(api, body, "Normal", "Ready", str(after_r.get("message")))

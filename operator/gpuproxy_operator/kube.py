@@ -1,0 +1,351 @@
+"""The one Kubernetes API client of the operator: a small aiohttp client authenticated with kopf's
+login credentials, a registry of the kinds we use, and API errors mapped to typed exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import kopf
+
+from gpuproxy_operator.api.base import GROUP, KIND, PLURAL, VERSION
+from gpuproxy_operator.naming import Component, selector_labels
+
+
+@dataclass(frozen=True)
+class ResourceKind:
+    """Where a kind lives in the API."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{quote(namespace, safe='')}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{quote(name, safe='')}"
+        if sub:
+            base += f"/{sub}"
+        return base
+
+
+_KINDS = [
+    ResourceKind("ServiceAccount", "", "v1", "serviceaccounts"),
+    ResourceKind("ConfigMap", "", "v1", "configmaps"),
+    ResourceKind("Secret", "", "v1", "secrets"),
+    ResourceKind("Service", "", "v1", "services"),
+    ResourceKind("Pod", "", "v1", "pods"),
+    ResourceKind("Event", "", "v1", "events"),
+    ResourceKind("Deployment", "apps", "v1", "deployments"),
+    ResourceKind("StatefulSet", "apps", "v1", "statefulsets"),
+    ResourceKind("DaemonSet", "apps", "v1", "daemonsets"),
+    ResourceKind("PodDisruptionBudget", "policy", "v1", "poddisruptionbudgets"),
+    ResourceKind("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies"),
+    ResourceKind("PrometheusRule", "monitoring.coreos.com", "v1", "prometheusrules"),
+    ResourceKind("ServiceMonitor", "monitoring.coreos.com", "v1", "servicemonitors"),
+    ResourceKind(KIND, GROUP, VERSION, PLURAL),
+]
+REGISTRY: dict[str, ResourceKind] = {k.kind: k for k in _KINDS}
+CLUSTER = REGISTRY[KIND]
+# The kinds a GpuProxyCluster owns, in apply order; reconcile observes exactly these.
+CHILD_KINDS: tuple[str, ...] = (
+    "ServiceAccount", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet",
+    "DaemonSet", "PodDisruptionBudget", "NetworkPolicy", "PrometheusRule", "ServiceMonitor",
+)
+
+
+def kind_of(manifest: dict[str, Any]) -> ResourceKind:
+    """The registry entry of a manifest; a kind we do not know is a programming error."""
+    kind = REGISTRY.get(manifest.get("kind", ""))
+    if kind is None or kind.api_version != manifest.get("apiVersion"):
+        raise KeyError(f"unregistered kind {manifest.get('apiVersion')}/{manifest.get('kind')}")
+    return kind
+
+
+class KubeError(Exception):
+    """An API call failed; `status` is the HTTP code (0 without a response)."""
+
+    def __init__(self, verb: str, what: str, status: int, message: str) -> None:
+        self.verb, self.what, self.status, self.message = verb, what, status, message
+        super().__init__(f"{verb} {what}: HTTP {status}: {message}" if status else
+                         f"{verb} {what}: {message}")
+
+
+class NotFound(KubeError):
+    """The object (or its namespace) does not exist."""
+
+
+class Conflict(KubeError):
+    """409: the object already exists, or a stale resourceVersion."""
+
+
+class Invalid(KubeError):
+    """422: the API server rejected the body; `causes` are (field path, reason) pairs."""
+
+    def __init__(self, verb: str, what: str, status: int, message: str,
+                 causes: list[tuple[str, str]]) -> None:
+        super().__init__(verb, what, status, message)
+        self.causes = causes
+
+
+class Forbidden(KubeError):
+    """401/403: the operator's credentials or RBAC do not allow the call."""
+
+
+class MissingAPI(KubeError):
+    """The kind is not served by this cluster (e.g. no prometheus-operator CRDs)."""
+
+
+class Transient(KubeError):
+    """5xx, 429, timeouts and connection errors: worth retrying later."""
+
+    def __init__(self, verb: str, what: str, status: int, message: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(verb, what, status, message)
+        self.retry_after = retry_after
+
+
+CallHook = Callable[[str, str, str], None]  # (verb, kind, code) for metrics
+
+
+def _status_body(text: str) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) and body.get("kind") == "Status" else {}
+
+
+def map_error(verb: str, kind: ResourceKind, name: str | None, status: int, text: str,
+              retry_after: str | None = None) -> KubeError:
+    """Turn an error response into the typed exception the callers branch on."""
+    what = f"{kind.kind} {name}" if name else kind.plural
+    body = _status_body(text)
+    message = str(body.get("message") or text.strip()[:300] or "no message")
+    details = body.get("details") or {}
+    if status == 404:
+        # A missing collection, or kmock's/apiserver's "resource unknown" answer: the API is absent.
+        unknown = not body or body.get("reason") == "Resource Not Found"
+        if details.get("kind") != "namespaces" and (name is None or unknown):
+            return MissingAPI(verb, what, status, f"{kind.api_version} {kind.kind} is not served")
+        return NotFound(verb, what, status, message)
+    if status == 409:
+        return Conflict(verb, what, status, message)
+    if status == 422:
+        causes = [(str(c.get("field", "")), str(c.get("message", "")))
+                  for c in details.get("causes") or []]
+        return Invalid(verb, what, status, message, causes or [("", message)])
+    if status in (401, 403):
+        return Forbidden(verb, what, status, message)
+    if status == 429 or status >= 500:
+        delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+        return Transient(verb, what, status, message, delay)
+    return KubeError(verb, what, status, message)
+
+
+@dataclass
+class KubeClient:
+    """Kubernetes API calls for the kinds in REGISTRY, with merge patches only."""
+
+    credentials: kopf.ConnectionInfo | None = None
+    on_call: CallHook | None = None
+    timeout: float = 30.0
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.credentials is not None:
+            self._ready.set()
+
+    def set_credentials(self, info: kopf.ConnectionInfo) -> None:
+        """Called from the login handler (at start and whenever kopf re-authenticates)."""
+        old, self._session = self._session, None
+        self.credentials = info
+        if old is not None:
+            # Close outside the caller: a login handler must not wait for in-flight requests.
+            asyncio.get_running_loop().create_task(old.close())
+        self._ready.set()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _get_session(self) -> tuple[aiohttp.ClientSession, str]:
+        if not self._ready.is_set():
+            await asyncio.wait_for(self._ready.wait(), timeout=self.timeout)
+        info = self.credentials
+        assert info is not None
+        if self._session is None or self._session.closed:
+            ssl = info.as_ssl_context() if info.server.startswith("https") else False
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl),
+                headers={**info.as_http_headers(), "User-Agent": "gpuproxy-operator"},
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            )
+        return self._session, info.server.rstrip("/")
+
+    async def request(self, verb: str, kind: ResourceKind, namespace: str | None,
+                      name: str | None = None, *, sub: str | None = None,
+                      body: Any = None, params: dict[str, str] | None = None) -> Any:
+        method, content_type = {
+            "list": ("GET", None), "get": ("GET", None), "create": ("POST", "application/json"),
+            "patch": ("PATCH", "application/merge-patch+json"), "delete": ("DELETE", None),
+        }[verb]
+        path = kind.path(namespace, name, sub)
+        what = f"{kind.kind} {namespace}/{name}" if name else f"{kind.plural} in {namespace}"
+        code = "error"
+        try:
+            session, server = await self._get_session()
+            url = server + path + (f"?{urlencode(params)}" if params else "")
+            data = None if body is None else json.dumps(body)
+            headers = {"Content-Type": content_type} if content_type else {}
+            async with session.request(method, url, data=data, headers=headers) as resp:
+                code = str(resp.status)
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise map_error(verb, kind, name, resp.status, text,
+                                    resp.headers.get("Retry-After"))
+                return json.loads(text) if text else {}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Transient(verb, what, 0, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.on_call is not None:
+                self.on_call(verb, kind.kind, code)
+
+    async def list(self, kind: str, namespace: str | None,
+                   labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Objects of a kind; the label selector is also applied here, since not every server
+        (or test double) honours it."""
+        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} \
+            if labels else None
+        result = await self.request("list", REGISTRY[kind], namespace, params=params)
+        items: list[dict[str, Any]] = result.get("items") or []
+        if labels:
+            items = [i for i in items if _labels_match(i, labels)]
+        for item in items:  # lists omit kind/apiVersion on items
+            item.setdefault("kind", kind)
+            item.setdefault("apiVersion", REGISTRY[kind].api_version)
+        return items
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = await self.request("get", REGISTRY[kind], namespace, name)
+        return obj
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        kind = kind_of(manifest)
+        obj: dict[str, Any] = await self.request(
+            "create", kind, manifest["metadata"].get("namespace"), body=manifest)
+        return obj
+
+    async def patch(self, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
+                    *, sub: str | None = None) -> dict[str, Any]:
+        """JSON merge patch (RFC 7386): dicts merge, lists and scalars replace, null deletes."""
+        obj: dict[str, Any] = await self.request(
+            "patch", REGISTRY[kind], namespace, name, sub=sub, body=patch)
+        return obj
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        with contextlib.suppress(NotFound):  # already gone is what we wanted
+            await self.request("delete", REGISTRY[kind], namespace, name, body=body)
+
+
+def _labels_match(obj: dict[str, Any], labels: dict[str, str]) -> bool:
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())
+
+
+# --- Plain functions for the autoscaler and the handlers ---------------------------------------
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """A pod of a component, as the autoscaler needs it."""
+
+    name: str
+    ip: str | None
+    ready: bool
+    phase: str
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+async def list_component_pods(client: KubeClient, namespace: str, cluster: str,
+                              component: Component) -> list[PodInfo]:
+    """The pods of one component of a cluster (selected by its selector labels), sorted."""
+    pods = await client.list("Pod", namespace, selector_labels(cluster, component))
+    return sorted(
+        (PodInfo(name=p["metadata"]["name"], ip=(p.get("status") or {}).get("podIP"),
+                 ready=_pod_ready(p), phase=(p.get("status") or {}).get("phase", "Unknown"))
+         for p in pods),
+        key=lambda p: p.name,
+    )
+
+
+async def patch_deployment_replicas(client: KubeClient, namespace: str, name: str,
+                                    replicas: int) -> None:
+    """Set a Deployment's spec.replicas and nothing else."""
+    await client.patch("Deployment", namespace, name, {"spec": {"replicas": replicas}})
+
+
+async def patch_cluster_status(client: KubeClient, namespace: str, name: str,
+                               status: dict[str, Any]) -> dict[str, Any]:
+    """Merge-patch a GpuProxyCluster's status (camelCase keys; `conditions` replaces the list)."""
+    return await client.patch(KIND, namespace, name, {"status": status}, sub="status")
+
+
+def object_reference(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    ref = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+           "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")}
+    return {k: v for k, v in ref.items() if v}
+
+
+async def post_event(client: KubeClient, involved: dict[str, Any], type_: str, reason: str,
+                     message: str, *, component: str = "gpuproxy-operator") -> None:
+    """Post a core/v1 Event about `involved` (a GpuProxyCluster body); never raises for API
+    errors, since a lost Event must not fail a reconcile."""
+    ref = object_reference(involved)
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+    now = now.replace("+00:00", "Z")
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{ref.get('name', 'gpc')}.{uuid.uuid4().hex[:16]}",
+                     "namespace": ref.get("namespace", "default")},
+        "involvedObject": ref,
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "reportingInstance": component,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    with contextlib.suppress(KubeError):
+        await client.create(event)

@@ -1,0 +1,262 @@
+"""Pure status computation: what the reconcile observed -> phase, conditions (with transition
+times kept while a condition's status holds), scale-subresource fields and endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.naming import child_name, selector_labels
+
+OWN_CONDITIONS = ("Ready", "Progressing", "Degraded", "Paused", "ProxyReady", "PgBouncerReady",
+                  "RedisReady", "NodeTuningReady", "AlertsReady")
+# Status fields this module owns; others (currentConnections, desiredReplicas, lastScaleTime,
+# the Scaling condition) belong to the autoscaler and are left as they are.
+OWN_FIELDS = ("phase", "observedGeneration", "replicas", "readyReplicas", "selector", "endpoints")
+COMPONENT_CONDITIONS = ("ProxyReady", "PgBouncerReady", "RedisReady", "NodeTuningReady")
+
+Children = Mapping[tuple[str, str], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one reconcile learned; the input of `compute_status`."""
+
+    generation: int | None
+    paused: bool = False
+    cluster: GpuProxyCluster | None = None  # None when the spec is invalid
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+    children: Children = field(default_factory=dict)
+    desired: Sequence[Mapping[str, Any]] = field(default_factory=list)
+    credentials_problem: str | None = None
+    missing_apis: dict[str, str] = field(default_factory=dict)  # kind -> why
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
+    applied: list[str] = field(default_factory=list)  # changes made by this reconcile
+    withheld: int = 0  # changes not made because of spec.paused
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    status: bool | None  # None -> "Unknown"
+    reason: str
+    message: str = ""
+
+
+def _workload(obj: Mapping[str, Any] | None, what: str, hint: str) -> Cond:
+    """Readiness of a Deployment/StatefulSet (replicas) or DaemonSet (nodes)."""
+    if obj is None:
+        return Cond("", False, "NotCreated", f"{what} does not exist yet")
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    meta_gen = (obj.get("metadata") or {}).get("generation")
+    seen_gen = status.get("observedGeneration")
+    if meta_gen is not None and (seen_gen is None or seen_gen < meta_gen):
+        return Cond("", False, "RollingOut", f"{what}: the controller has not yet seen the change")
+    if obj.get("kind") == "DaemonSet":
+        want = int(status.get("desiredNumberScheduled") or 0)
+        ready = int(status.get("numberReady") or 0)
+        updated = int(status.get("updatedNumberScheduled") or 0)
+        unit = "nodes"
+    else:
+        want = int(spec.get("replicas", 1))
+        ready = int(status.get("readyReplicas") or 0)
+        updated = int(status.get("updatedReplicas", ready) or 0)
+        unit = "pods"
+    if ready >= want and updated >= want:
+        return Cond("", True, "AllReady", f"{what}: {ready}/{want} {unit} ready")
+    return Cond("", False, "NotReady", f"{what}: {ready}/{want} {unit} ready; {hint}")
+
+
+def _pods_hint(namespace: str, cluster: str, component: str) -> str:
+    sel = ",".join(f"{k}={v}" for k, v in selector_labels(cluster, component).items())  # type: ignore[arg-type]
+    return f"see `kubectl -n {namespace} get pods -l {sel}`"
+
+
+def component_conditions(obs: Observation) -> list[Cond]:
+    c = obs.cluster
+    if c is None:
+        why = "the spec is invalid, nothing was built (see the Degraded condition)"
+        return [Cond(t, None, "SpecInvalid", why) for t in (*COMPONENT_CONDITIONS, "AlertsReady")]
+    ns, name, kids = c.metadata.namespace, c.metadata.name, obs.children
+    out: list[Cond] = []
+    proxy = _workload(kids.get(("Deployment", child_name(name, "proxy"))), "proxy Deployment",
+                      _pods_hint(ns, name, "proxy"))
+    out.append(Cond("ProxyReady", proxy.status, proxy.reason, proxy.message))
+    if obs.credentials_problem:
+        out.append(Cond("PgBouncerReady", False, "CredentialsUnavailable", obs.credentials_problem))
+    else:
+        pgb = _workload(kids.get(("Deployment", child_name(name, "pgbouncer"))),
+                        "PgBouncer Deployment", _pods_hint(ns, name, "pgbouncer"))
+        out.append(Cond("PgBouncerReady", pgb.status, pgb.reason, pgb.message))
+    if c.spec.redis.mode == "external":
+        out.append(Cond("RedisReady", True, "External",
+                        "using the external Redis from spec.redis.url"))
+    else:
+        red = _workload(kids.get(("StatefulSet", child_name(name, "redis"))), "Redis StatefulSet",
+                        _pods_hint(ns, name, "redis"))
+        out.append(Cond("RedisReady", red.status, red.reason, red.message))
+    if not c.spec.node_tuning.enabled:
+        out.append(Cond("NodeTuningReady", True, "Disabled", "spec.nodeTuning.enabled is false"))
+    else:
+        nt = _workload(kids.get(("DaemonSet", child_name(name, "node-tuning"))),
+                       "node-tuning DaemonSet", _pods_hint(ns, name, "node-tuning"))
+        out.append(Cond("NodeTuningReady", nt.status, nt.reason, nt.message))
+    out.append(_alerts(obs))
+    return out
+
+
+def _alerts(obs: Observation) -> Cond:
+    assert obs.cluster is not None
+    mon = obs.cluster.spec.monitoring
+    wanted = [k for k, on in (("PrometheusRule", mon.prometheus_rule.enabled),
+                              ("ServiceMonitor", mon.service_monitor.enabled)) if on]
+    if not wanted:
+        return Cond("AlertsReady", True, "Disabled",
+                    "spec.monitoring turns alerts and scraping off")
+    missing = [k for k in wanted if k in obs.missing_apis]
+    if missing:
+        return Cond("AlertsReady", False, "PrometheusOperatorMissing",
+                    f"skipped {' and '.join(missing)}: the monitoring.coreos.com/v1 CRDs are not "
+                    "installed in this cluster; install the prometheus-operator CRDs, or turn "
+                    "these off under spec.monitoring")
+    absent = [k for k in wanted if not any(key[0] == k for key in obs.children)]
+    if absent:
+        return Cond("AlertsReady", False, "NotCreated", f"{' and '.join(absent)} not created yet")
+    return Cond("AlertsReady", True, "Created", f"{' and '.join(wanted)} in place")
+
+
+def summary_conditions(obs: Observation, components: list[Cond]) -> list[Cond]:
+    degraded: list[tuple[str, str]] = []
+    if obs.invalid:
+        degraded.append(("InvalidSpec", "the spec is invalid: " + "; ".join(
+            f"{path or 'spec'}: {reason}" for path, reason in obs.invalid)
+            + "; fix these fields with `kubectl edit gpc`"))
+    if obs.credentials_problem:
+        degraded.append(("CredentialsUnavailable", obs.credentials_problem))
+    degraded.extend(obs.errors)
+    core = [cond for cond in components if cond.type in COMPONENT_CONDITIONS]
+    waiting = [cond for cond in core if cond.status is not True]
+    ready = not waiting and not obs.invalid
+    out = [
+        Cond("Ready", ready, "AllComponentsReady" if ready else "ComponentsNotReady",
+             "; ".join(cond.message for cond in core) if ready else
+             "waiting for " + "; ".join(f"{cond.type}: {cond.message}" for cond in waiting)),
+    ]
+    if obs.paused:
+        out.append(Cond("Progressing", False, "Paused", "changes are on hold while paused"))
+    elif obs.applied:
+        out.append(Cond("Progressing", True, "Applied", "applied: " + "; ".join(obs.applied)))
+    elif waiting and not obs.invalid:
+        out.append(Cond("Progressing", True, "RollingOut",
+                        "waiting for the workloads to become ready"))
+    else:
+        out.append(Cond("Progressing", False, "Converged" if not degraded else "Blocked",
+                        "every child matches the spec" if not degraded
+                        else "cannot progress until the Degraded condition is resolved"))
+    if degraded:
+        out.append(Cond("Degraded", True, degraded[0][0], "; ".join(m for _, m in degraded)))
+    else:
+        out.append(Cond("Degraded", False, "AsExpected", ""))
+    if obs.paused:
+        out.append(Cond("Paused", True, "PausedBySpec",
+                        f"spec.paused is true: {obs.withheld} change(s) to child objects are on "
+                        "hold; set spec.paused to false to apply them"))
+    else:
+        out.append(Cond("Paused", False, "NotPaused", ""))
+    return out
+
+
+def _phase(obs: Observation, conds: Mapping[str, Cond]) -> str:
+    if obs.paused:
+        return "Paused"
+    if conds["Degraded"].status:
+        return "Degraded"
+    if conds["Ready"].status:
+        return "Ready"
+    return "Progressing" if obs.children else "Pending"
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def endpoints(obs: Observation) -> dict[str, str]:
+    c = obs.cluster
+    if c is None:
+        return {}
+    ns, name = c.metadata.namespace, c.metadata.name
+    ports: dict[str, int] = {}
+    for m in obs.desired:
+        if m.get("kind") == "Service":
+            svc_ports = (m.get("spec") or {}).get("ports") or []
+            if svc_ports:
+                ports[m["metadata"]["name"]] = int(svc_ports[0]["port"])
+
+    def host(svc: str) -> str | None:
+        return f"{svc}.{ns}.svc:{ports[svc]}" if svc in ports else None
+
+    out: dict[str, str | None] = {
+        "proxy": (h := host(child_name(name, "proxy"))) and f"http://{h}",
+        "metrics": (h := host(child_name(name, "proxy", "metrics"))) and f"http://{h}/metrics",
+        "pgbouncer": host(child_name(name, "pgbouncer")),
+        "redis": _strip_userinfo(c.spec.redis.url) if c.spec.redis.mode == "external" and
+        c.spec.redis.url else (h := host(child_name(name, "redis"))) and f"redis://{h}",
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def compute_status(previous: Mapping[str, Any], obs: Observation, now: str) -> dict[str, Any]:
+    """The status this module owns (camelCase, as on the wire), with the previous status'
+    transition times kept for conditions whose status did not change."""
+    components = component_conditions(obs)
+    summary = summary_conditions(obs, components)
+    by_type = {cond.type: cond for cond in summary + components}
+    old = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, dict)}
+    conditions: list[dict[str, Any]] = []
+    for ctype in OWN_CONDITIONS:
+        cond = by_type[ctype]
+        status = "Unknown" if cond.status is None else ("True" if cond.status else "False")
+        before = old.get(ctype) or {}
+        conditions.append({
+            "type": ctype, "status": status, "reason": cond.reason, "message": cond.message,
+            "lastTransitionTime": before.get("lastTransitionTime", now)
+            if before.get("status") == status else now,
+            "observedGeneration": obs.generation,
+        })
+    # Conditions of other writers (the autoscaler's Scaling) stay, after ours.
+    conditions += [c for t, c in old.items() if t not in OWN_CONDITIONS]
+    result: dict[str, Any] = {
+        "phase": _phase(obs, by_type),
+        "conditions": conditions,
+        "observedGeneration": obs.generation,
+        "endpoints": endpoints(obs),
+    }
+    if obs.cluster is not None:
+        name = obs.cluster.metadata.name
+        labels = selector_labels(name, "proxy")
+        result["selector"] = ",".join(f"{k}={v}" for k, v in labels.items())
+        proxy = obs.children.get(("Deployment", child_name(name, "proxy")))
+        if proxy is not None:
+            st = proxy.get("status") or {}
+            result["replicas"] = int(st.get("replicas", 0) or 0)
+            result["readyReplicas"] = int(st.get("readyReplicas", 0) or 0)
+    return {k: v for k, v in result.items() if v is not None}
+
+
+def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The fields of `new` that differ from `previous`, or None when nothing changed."""
+    changed = {k: v for k, v in new.items() if previous.get(k) != v}
+    return changed or None
+
+
+def condition(status: Mapping[str, Any], ctype: str) -> Mapping[str, Any]:
+    for cond in status.get("conditions") or []:
+        if isinstance(cond, dict) and cond.get("type") == ctype:
+            return cond
+    return {}
