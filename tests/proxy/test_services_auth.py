@@ -320,3 +320,28 @@ async def test_auth_disabled_is_anonymous() -> None:
         resp = await c.get("/whoami")
         assert await resp.json() == {"kind": "anonymous", "user_id": None, "key": None}
         assert await database_ready(c.app)
+
+
+async def test_concurrent_lookups_through_pgbouncer_stay_correct(pgbouncer_server: Any) -> None:
+    # Transaction pooling hands each statement to any server connection; with asyncpg's
+    # statement cache off, concurrent queries from two pools must still get their own rows.
+    secrets = make_secrets(pgbouncer_server)
+    config = make_config(pgbouncer_server).database
+    assert config is not None
+    dbs = [Database(config, secrets), Database(config, secrets)]
+    for db in dbs:
+        await db.connect_once()
+    try:
+        creator = ApiKeyStore(dbs[0], cache_seconds=0)
+        created = [await creator.create(f"user-{i}-{uuid.uuid4().hex}") for i in range(20)]
+        stores = [ApiKeyStore(db, cache_seconds=0) for db in dbs]
+        lookups = [
+            stores[i % 2].lookup(created[i % 20][1]) for i in range(300)
+        ]
+        results = await asyncio.gather(*lookups)
+        for i, record in enumerate(results):
+            assert record is not None
+            assert record.id == created[i % 20][0].id
+    finally:
+        for db in dbs:
+            await db.close()

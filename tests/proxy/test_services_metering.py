@@ -217,3 +217,25 @@ async def test_bad_record_is_dropped_not_retried_forever(
     rows = await stored(pgbouncer_server.dsn, tag)
     assert [r["request_id"] for r in rows] == [f"{tag}-0", f"{tag}-3"]
     assert metrics.registry.get_sample_value("gpuproxy_usage_records_dropped_total") == 2
+
+
+async def test_pgbouncer_restart_keeps_and_retries(
+    database: Database, pgbouncer_server: Any
+) -> None:
+    meter = UsageMeter(MeteringConfig(batch_size=5, flush_interval_seconds=0.1), database)
+    meter.start()
+    tag = uuid.uuid4().hex
+    batch = records(tag, 12)
+    try:
+        pgbouncer_server.stop()  # every pooled client connection breaks
+        for rec in batch:
+            meter.record(rec)
+        await asyncio.sleep(0.5)
+        assert meter.written == 0
+        assert meter.buffered == 12
+        pgbouncer_server.start()
+        await wait_for(lambda: meter.written == 12, seconds=60)
+    finally:
+        pgbouncer_server.start()
+        await meter.close()
+    assert len(await stored(pgbouncer_server.dsn, tag)) == 12
