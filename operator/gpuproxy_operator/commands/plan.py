@@ -1,0 +1,126 @@
+"""`gpuproxy-operator plan --connections N [-f cluster.yaml]`: the capacity plan for N concurrent
+connections (replicas, file descriptors, memory, PgBouncer, Redis, sysctls) and its warnings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import yaml
+
+from gpuproxy_operator.api.base import KIND
+from gpuproxy_operator.api.cluster import GpuProxyClusterSpec, InvalidSpecError, parse_cluster
+from gpuproxy_operator.autoscaling.capacity import MEMORY_SOURCE, Plan, plan
+
+EXIT_INVALID = 2
+# Without -f: the API defaults, with autoscaling on (placeholder backend and database).
+DEFAULT_SPEC: dict[str, Any] = {
+    "proxy": {"backends": [{"name": "gpu", "url": "http://gpu:8000"}]},
+    "database": {"host": "postgres", "credentialsSecret": "db"},
+    "autoscaling": {"enabled": True},
+}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def render(p: Plan, source: str) -> str:
+    lines = [
+        f"Capacity plan for {p.connections:,} concurrent connections ({source})",
+        "",
+        "Proxy",
+        f"  replicas                 {p.replicas}  ({p.connections_at_plan:,.0f} connections "
+        f"each; {p.replicas_unbounded} keep the {p.target_per_replica:,.0f}/replica target)",
+        f"  connectionsPerReplica    {p.connections_per_replica:,}",
+        f"  file descriptors         {p.fds_per_replica:,} per replica, {p.fds_per_worker:,} "
+        f"per worker process ({p.workers} workers): 2 per connection (client + upstream) + "
+        "upstream pool + 1024",
+        f"  memory                   ~{_gib(p.memory_per_replica_bytes)} per replica at "
+        f"{p.connections_per_replica:,} connections (note 1)"
+        + (f"; limit {_gib(p.memory_limit_bytes)}" if p.memory_limit_bytes else ""),
+        "",
+        "PgBouncer / PostgreSQL",
+        f"  server connections       {p.pgbouncer_server_connections} (pgbouncer.replicas x "
+        f"maxDbConnections) vs PostgreSQL max_connections {p.pg_max_connections} (guide)",
+        f"  client connections       {p.proxy_db_clients:,} from the proxies' pools vs "
+        f"{p.pgbouncer_client_capacity:,} slots (replicas x maxClientConn)",
+        "",
+        "Redis",
+        f"  rate-limit memory        ~{_gib(p.redis_bytes)} worst case (6 counter keys x ~120 B "
+        f"per distinct client) vs maxmemory {_gib(p.redis_maxmemory_bytes)}",
+        "",
+        "Node sysctls needed" + (" (all present in spec.nodeTuning.sysctls)"
+                                 if not p.sysctls_missing else " but not set by spec.nodeTuning"),
+    ]
+    lines += [f"  {k} = {v}" for k, v in sorted(p.sysctls_missing.items())]
+    lines.append("")
+    if p.warnings:
+        lines.append(f"Warnings ({len(p.warnings)})")
+        lines += [f"  ! {w}" for w in p.warnings]
+    else:
+        lines.append("No warnings: the spec reaches the target.")
+    lines += ["", f"Note 1: memory per connection: {MEMORY_SOURCE}."]
+    return "\n".join(lines)
+
+
+def load_spec(filename: str) -> tuple[GpuProxyClusterSpec, str]:
+    """The first GpuProxyCluster in FILE ('-' for stdin)."""
+    if filename == "-":
+        docs = list(yaml.safe_load_all(sys.stdin))
+    else:
+        with open(filename, encoding="utf-8") as fh:
+            docs = list(yaml.safe_load_all(fh))
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == KIND:
+            doc.setdefault("metadata", {}).setdefault("namespace", "default")
+            cluster = parse_cluster(doc)
+            return cluster.spec, f"{KIND} {cluster.metadata.namespace}/{cluster.metadata.name}"
+    raise ValueError(f"no {KIND} found in {filename}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connections", type=int, default=None,
+                        help="concurrent client connections to plan for "
+                        "(default: spec.autoscaling.targetConnections)")
+    parser.add_argument("-f", "--filename",
+                        help="YAML file with a GpuProxyCluster (default: the API defaults with "
+                        "autoscaling on); - for stdin")
+    parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when there are warnings (for CI)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.filename:
+            spec, source = load_spec(args.filename)
+        else:
+            spec, source = GpuProxyClusterSpec.model_validate(DEFAULT_SPEC), "API defaults"
+    except OSError as exc:
+        print(f"error: cannot read {args.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except yaml.YAMLError as exc:
+        print(f"error: {args.filename} is not valid YAML: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except InvalidSpecError as exc:
+        print(f"error: {exc.obj} is invalid:", file=sys.stderr)
+        for path, reason in exc.problems:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return EXIT_INVALID
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    connections = args.connections or spec.autoscaling.target_connections
+    if connections < 1:
+        print("error: --connections must be at least 1", file=sys.stderr)
+        return EXIT_INVALID
+    result = plan(spec, connections)
+    if args.output == "json":
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(render(result, source))
+    return 1 if args.strict and result.warnings else 0

@@ -1,0 +1,128 @@
+"""The capacity plan and `gpuproxy-operator plan`: the guide's 1M sizing and its warnings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpuproxy_operator.api.cluster import GpuProxyClusterSpec
+from gpuproxy_operator.autoscaling.capacity import plan, quantity_bytes, redis_bytes
+from gpuproxy_operator.cli import main as cli
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def spec(**overrides: Any) -> GpuProxyClusterSpec:
+    body: dict[str, Any] = {
+        "proxy": {"backends": [{"name": "gpu", "url": "http://gpu:8000"}]},
+        "database": {"host": "pg", "credentialsSecret": "db"},
+        "autoscaling": {"enabled": True},
+        "pgbouncer": {"replicas": 2, "maxDbConnections": 240, "defaultPoolSize": 200},
+    }
+    for key, value in overrides.items():
+        body[key] = {**body.get(key, {}), **value}
+    return GpuProxyClusterSpec.model_validate(body)
+
+
+def test_a_million_with_room_to_spare_has_no_warnings() -> None:
+    p = plan(spec(autoscaling={"maxReplicas": 13}), 1_000_000)
+    assert (p.replicas, p.replicas_unbounded, p.target_per_replica) == (13, 13, 80_000)
+    # 2 sockets per connection over 4 workers + 1024 upstream pool + 1024 base, per worker.
+    assert p.fds_per_worker == 200_000 // 4 + 1024 + 1024
+    assert p.fds_per_replica == 4 * p.fds_per_worker
+    # 100k x (10 KiB user + 2 x 4 KiB kernel) ~ 1.7 GiB, well under the 20Gi limit.
+    assert p.memory_per_replica_bytes == 100_000 * 18 * 1024
+    assert p.memory_limit_bytes == 20 * 1024**3
+    assert p.pgbouncer_server_connections == 480
+    assert p.warnings == []
+
+
+def test_max_replicas_too_low_for_the_target_is_a_warning_naming_the_fields() -> None:
+    p = plan(spec(autoscaling={"maxReplicas": 8}), 1_000_000)
+    assert p.replicas == 8
+    assert any("spec.autoscaling.maxReplicas 8" in w and "at least 10" in w
+               for w in p.warnings)
+
+
+def test_no_headroom_and_target_connections_warnings() -> None:
+    p = plan(spec(autoscaling={"maxReplicas": 10}), 1_000_000)
+    assert any("no headroom" in w for w in p.warnings)
+    p = plan(spec(autoscaling={"maxReplicas": 30, "targetConnections": 500_000}), 1_000_000)
+    assert any("targetConnections 500000" in w for w in p.warnings)
+
+
+def test_pgbouncer_over_postgres_max_connections() -> None:
+    p = plan(spec(pgbouncer={"maxDbConnections": 500, "defaultPoolSize": 500},
+                  autoscaling={"maxReplicas": 13}), 1_000_000)
+    assert p.pgbouncer_server_connections == 1000
+    assert any("maxDbConnections to 248" in w for w in p.warnings)
+
+
+def test_autoscaling_off_uses_spec_replicas() -> None:
+    p = plan(spec(autoscaling={"enabled": False}, proxy={"replicas": 3}), 1_000_000)
+    assert p.replicas == 3
+    assert any("spec.proxy.replicas 3" in w for w in p.warnings)
+
+
+def test_memory_limit_and_redis_warnings() -> None:
+    p = plan(spec(autoscaling={"maxReplicas": 13},
+                  proxy={"resources": {"limits": {"memory": "1Gi"}}},
+                  redis={"maxmemory": "100mb"}), 1_000_000)
+    assert any("limits.memory 1Gi" in w for w in p.warnings)
+    assert any("spec.redis.maxmemory 100mb" in w for w in p.warnings)
+
+
+def test_sysctls_missing_from_node_tuning() -> None:
+    p = plan(spec(autoscaling={"maxReplicas": 13}), 1_000_000)
+    assert set(p.sysctls_missing) == {"fs.nr_open", "fs.file-max",
+                                      "net.netfilter.nf_conntrack_max"}
+    off = plan(spec(autoscaling={"maxReplicas": 13}, nodeTuning={"enabled": False}), 1_000_000)
+    assert "net.core.somaxconn" in off.sysctls_missing
+    assert any("spec.nodeTuning.enabled is false" in w for w in off.warnings)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("16gb", 16 * 1024**3), ("16g", 16 * 10**9), ("100mb", 100 * 1024**2), ("42", 42)])
+def test_redis_bytes(value: str, expected: int) -> None:
+    assert redis_bytes(value) == expected
+
+
+def test_quantity_bytes() -> None:
+    assert quantity_bytes("20Gi") == 20 * 1024**3
+    assert quantity_bytes("512M") == 512 * 10**6
+    assert quantity_bytes("") is None
+
+
+def test_plan_command_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["plan", "--connections", "1000000"]) == 0
+    out = capsys.readouterr().out
+    assert "Capacity plan for 1,000,000 concurrent connections (API defaults)" in out
+    assert "replicas                 10" in out
+    assert "max_connections 500" in out
+    assert cli(["plan", "--connections", "1000000", "--strict"]) == 1  # defaults warn
+    capsys.readouterr()
+    assert cli(["plan", "--connections", "200000", "-o", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["replicas"] == 3
+    assert data["connections"] == 200_000
+
+
+def test_plan_command_reads_a_cluster_file(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    docs = list(yaml.safe_load_all((EXAMPLES / "gpuproxycluster-production-100k.yaml")
+                                   .read_text()))
+    assert cli(["plan", "-f", str(EXAMPLES / "gpuproxycluster-production-100k.yaml")]) == 0
+    out = capsys.readouterr().out
+    cluster = next(d for d in docs if d and d.get("kind") == "GpuProxyCluster")
+    assert f"{cluster['metadata']['namespace']}/{cluster['metadata']['name']}" in out
+
+    bad = tmp_path / "bad.yaml"
+    cluster["spec"]["autoscaling"]["minReplicas"] = 50
+    bad.write_text(yaml.safe_dump(cluster))
+    assert cli(["plan", "-f", str(bad)]) == 2
+    assert "minReplicas must be less than or equal to maxReplicas" in capsys.readouterr().err
+    assert cli(["plan", "-f", str(tmp_path / "missing.yaml")]) == 2
