@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from tests.operator.clusters import CREDENTIALS, by_key, cluster, minimal_body, production_body
 
+from gpuproxy_operator.api.cluster import InvalidSpecError
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.builders.pgbouncer import userlist
@@ -104,9 +105,26 @@ def test_userlist_quotes_and_escapes(user: str, password: str, line: str) -> Non
 
 
 @pytest.mark.parametrize("password", ["two\nlines", "cr\rhere", "nul\0byte"])
-def test_userlist_rejects_line_breaks_with_a_clear_message(password: str) -> None:
-    with pytest.raises(ValueError, match="password must not contain a line break"):
-        userlist(DatabaseCredentials("gpuproxy", password))
+def test_userlist_rejects_line_breaks_naming_the_secret(password: str) -> None:
+    with pytest.raises(InvalidSpecError) as info:
+        build_all(cluster(minimal_body()),
+                  BuildInputs(database_credentials=DatabaseCredentials("gpuproxy", password)))
+    assert info.value.obj == "Secret default/gpuproxy-db"
+    [(path, reason)] = info.value.problems
+    assert path == "data.password"
+    assert "must not contain a line break" in reason
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("database", "my db"), ("host", "pg;x"), ("database", "a=b")]
+)
+def test_unsafe_database_names_are_rejected_naming_the_field(field: str, value: str) -> None:
+    body = minimal_body()
+    body["spec"]["database"][field] = value
+    with pytest.raises(InvalidSpecError) as info:
+        build_all(cluster(body), BuildInputs())
+    assert info.value.obj == "GpuProxyCluster default/mini"
+    assert info.value.problems[0][0] == f"spec.database.{field}"
 
 
 def test_credentials_repr_hides_the_password() -> None:

@@ -4,9 +4,10 @@ Deployment and Service, with the guide's pool settings."""
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
-from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.api.cluster import GpuProxyCluster, InvalidSpecError
 from gpuproxy_operator.builders.common import (
     Manifest,
     container_security_context,
@@ -30,10 +31,25 @@ CONFIG_DIR = "/etc/pgbouncer"
 AUTH_DIR = "/etc/pgbouncer-auth"
 INI_FILE = "pgbouncer.ini"
 USERLIST_FILE = "userlist.txt"
+INI_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _ini_safe(cluster: GpuProxyCluster, field: str, value: str) -> str:
+    """[databases] values are unquoted connection-string words: keep them to safe chars."""
+    if not INI_SAFE.match(value):
+        raise InvalidSpecError(
+            f"GpuProxyCluster {cluster.metadata.namespace}/{cluster.metadata.name}",
+            [(f"spec.database.{field}",
+              f"{value!r} cannot be written to pgbouncer.ini; use only letters, digits, "
+              "'_', '-' and '.'")],
+        )
+    return value
 
 
 def pgbouncer_ini(cluster: GpuProxyCluster) -> str:
     db = cluster.spec.database
+    host = _ini_safe(cluster, "host", db.host)
+    name = _ini_safe(cluster, "database", db.database)
     pb = cluster.spec.pgbouncer
     settings: list[tuple[str, str | int]] = [
         ("listen_addr", "0.0.0.0"),
@@ -63,7 +79,7 @@ def pgbouncer_ini(cluster: GpuProxyCluster) -> str:
     ]
     lines = [
         "[databases]",
-        f"{db.database} = host={db.host} port={db.port} dbname={db.database}",
+        f"{name} = host={host} port={db.port} dbname={name}",
         "",
         "[pgbouncer]",
         *(f"{key} = {value}".rstrip() for key, value in settings),
@@ -71,26 +87,31 @@ def pgbouncer_ini(cluster: GpuProxyCluster) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _quote(field: str, value: str) -> str:
+def _quote(source: str, field: str, value: str) -> str:
     if any(ch in value for ch in "\r\n\0"):
-        raise ValueError(
-            f"database credentials: {field} must not contain a line break or NUL character; "
-            "change it in the credentials Secret"
-        )
+        raise InvalidSpecError(source, [(
+            f"data.{field}",
+            "must not contain a line break or NUL character (PgBouncer's userlist.txt is "
+            "line-based); change it in the Secret",
+        )])
     return '"' + value.replace('"', '""') + '"'
 
 
-def userlist(credentials: DatabaseCredentials) -> str:
-    """One `"user" "password"` line; PgBouncer escapes a double quote by doubling it."""
-    user = _quote("username", credentials.username)
-    password = _quote("password", credentials.password)
+def userlist(credentials: DatabaseCredentials, source: str = "database credentials") -> str:
+    """One `"user" "password"` line; PgBouncer escapes a double quote by doubling it.
+    `source` names the Secret in errors."""
+    user = _quote(source, "username", credentials.username)
+    password = _quote(source, "password", credentials.password)
     return f"{user} {password}\n"
 
 
-def _secret_data(credentials: DatabaseCredentials | None) -> dict[str, str]:
+def _secret_data(
+    cluster: GpuProxyCluster, credentials: DatabaseCredentials | None
+) -> dict[str, str]:
     if credentials is None:
         return {}
-    raw = userlist(credentials).encode("utf-8")
+    source = f"Secret {cluster.metadata.namespace}/{cluster.spec.database.credentials_secret}"
+    raw = userlist(credentials, source).encode("utf-8")
     return {USERLIST_FILE: base64.b64encode(raw).decode("ascii")}
 
 
@@ -115,7 +136,7 @@ def build_pgbouncer_secret(
         "kind": "Secret",
         "metadata": metadata(cluster, name, "pgbouncer", cluster.spec.pgbouncer.image),
         "type": "Opaque",
-        "data": _secret_data(credentials),
+        "data": _secret_data(cluster, credentials),
     })
 
 
@@ -195,7 +216,7 @@ def build_pgbouncer_deployment(
     name = child_name(cluster.metadata.name, "pgbouncer")
     config_hash = stable_hash({
         INI_FILE: pgbouncer_ini(cluster),
-        USERLIST_FILE: _secret_data(credentials),
+        USERLIST_FILE: _secret_data(cluster, credentials),
     })
     pod_labels = metadata(cluster, name, "pgbouncer", pb.image)["labels"]
     return with_spec_hash({
