@@ -30,8 +30,9 @@ def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
     target = f"{ns}/{cluster.metadata.name}"
     cpr = cluster.spec.proxy.connections_per_replica
 
-    def rule(name: str, expr: str, for_: str, severity: str, *text: str) -> dict[str, Any]:
-        summary, description = text
+    def rule(
+        name: str, expr: str, for_: str, severity: str, summary: str, description: str
+    ) -> dict[str, Any]:
         return {
             "alert": name,
             "expr": expr,
