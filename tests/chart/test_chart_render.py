@@ -4,9 +4,11 @@ against our CRD, the ServiceMonitor against prometheus-operator's)."""
 
 from __future__ import annotations
 
+import argparse
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
 import kubernetes_validate
@@ -17,6 +19,7 @@ from tests.chart.helm import (
     CLUSTER_VALUES,
     CR_API,
     NAMESPACE,
+    NAMESPACED_VALUES,
     VALUE_SETS,
     by_kind,
     load_yaml,
@@ -30,6 +33,8 @@ from tests.tools import REPO_ROOT
 
 from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.cli import build_parser
+from gpuproxy_operator.commands.run import namespaces_from
 
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 CRD_SOURCE = REPO_ROOT / "crds" / "gpuproxy.aiserve.farm_gpuproxyclusters.yaml"
@@ -119,9 +124,7 @@ def test_operator_deployment_shape() -> None:
     (container,) = pod["containers"]
     assert container["args"][:2] == ["run", "--all-namespaces"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"health": 8080, "metrics": 9100}
-    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
-    assert "--metrics-port=9100" in container["args"]
+    assert ports == {"health": 8081, "metrics": 8080}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
@@ -142,12 +145,44 @@ def test_metrics_service_targets_the_operator_pod() -> None:
     pod_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"]["ports"] == [
-        {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
     ]
     without = render((), ("metrics.enabled=false",))
     assert by_kind(without, "Service") == []
     (container,) = one(without, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert not any(a.startswith("--metrics-port") for a in container["args"])
+    assert parse_run_args(container["args"]).metrics_port == 0
+    assert [p["name"] for p in container["ports"]] == ["health"]
+
+
+def parse_run_args(args: list[str]) -> argparse.Namespace:
+    """The container's args as the operator's own CLI parses them (fails on unknown flags)."""
+    parsed = build_parser("run").parse_args(args)
+    assert parsed.command == "run"
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("values", "sets", "namespaces"),
+    [
+        ((), (), ()),
+        ((NAMESPACED_VALUES,), (), ("team-a", "team-b")),
+        ((), ("watch.allNamespaces=false",), (NAMESPACE,)),
+    ],
+)
+def test_container_args_mean_what_the_values_say(
+    values: tuple[Path, ...], sets: tuple[str, ...], namespaces: tuple[str, ...],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("GPUPROXY_WATCH_NAMESPACE", "GPUPROXY_METRICS_PORT", "GPUPROXY_LIVENESS"):
+        monkeypatch.delenv(var, raising=False)
+    (container,) = one(render(values, sets), "Deployment")["spec"]["template"]["spec"][
+        "containers"]
+    args = parse_run_args(container["args"])
+    assert namespaces_from(args) == namespaces
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
+    assert args.metrics_port == ports["metrics"]
+    assert container["livenessProbe"]["httpGet"]["path"] == urlparse(args.liveness).path
 
 
 def test_service_monitor_selects_the_metrics_service() -> None:

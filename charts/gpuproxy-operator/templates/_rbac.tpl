@@ -1,31 +1,34 @@
 {{/*
 RBAC rules of the operator, shared by the ClusterRole (cluster-wide install) and the per-namespace
-Roles (namespaced install). Only the verbs the code uses; no wildcards. tests/chart/test_rbac.py
-derives the needs from the operator's code and fails when a rule here is missing or too broad.
+Roles (namespaced install). Only the verbs the code uses; no wildcards. tests/chart/test_chart_rbac.py
+derives the needs from the operator's code and fails when a rule here is missing or unused.
 */}}
 
 {{/* Rules for objects that live in the watched namespaces. */}}
 {{- define "gpuproxy-operator.namespacedRules" -}}
-# --- Framework (kopf) ---
-# The GpuProxyCluster resource: watch it, patch its metadata (handler progress annotations).
+# --- Framework (kopf) and the reconcile loop: the GpuProxyCluster itself ---
+# Watched by kopf; read by every reconcile and listed by the periodic resync; patched by kopf
+# for its progress and last-handled-configuration annotations.
 - apiGroups: ["gpuproxy.aiserve.farm"]
   resources: ["gpuproxyclusters"]
   verbs: ["get", "list", "watch", "patch"]
-# Status goes through the status subresource (the CRD enables it).
+# Phase, conditions, replicas and endpoints go through the status subresource.
 - apiGroups: ["gpuproxy.aiserve.farm"]
   resources: ["gpuproxyclusters/status"]
-  verbs: ["get", "patch"]
-# Events about reconciles, repairs, scaling and errors (`kubectl describe gpc`).
+  verbs: ["patch"]
+# Events about created/repaired children, scaling and errors (`kubectl describe gpc`).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 # --- Application: the child objects the operator builds for each GpuProxyCluster ---
+# Watched for drift repair, listed to observe, created/patched to converge, deleted when a
+# component is switched off. get: ownership check on a name conflict, the autoscaler's read of
+# the proxy Deployment, and the database credentials Secret (spec.database.credentialsSecret).
 # Proxy and PgBouncer Deployments, the bundled Redis StatefulSet, the node-tuning DaemonSet.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets", "daemonsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Services, configuration, the PgBouncer userlist Secret and the proxy's ServiceAccount. Secrets
-# are also read for the database credentials (spec.database.credentialsSecret).
+# Services, configuration, the PgBouncer userlist Secret and the proxy's ServiceAccount.
 - apiGroups: [""]
   resources: ["services", "configmaps", "secrets", "serviceaccounts"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -37,25 +40,30 @@ derives the needs from the operator's code and fails when a rule here is missing
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Alerts and scraping, when the prometheus-operator CRDs exist.
+# Alerts and scraping, when the prometheus-operator CRDs exist (skipped otherwise).
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["prometheusrules", "servicemonitors"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The autoscaler reads the proxy pods' IPs and readiness to count live connections.
+# --- Application: the autoscaler ---
+# Lists the proxy pods (IPs and readiness) to scrape their live connection counts.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list"]
+# Looks for a HorizontalPodAutoscaler on the proxy Deployment, so it never fights one.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list"]
 {{- end }}
 
-{{/* Cluster-scoped reads of the framework (kopf): it follows CRD and namespace changes. */}}
+{{/* Cluster-scoped reads of the framework (kopf). */}}
 {{- define "gpuproxy-operator.clusterScopedRules" -}}
 # --- Framework (kopf): cluster-scoped reads ---
-# Notice CRDs being installed or upgraded, and whether the optional prometheus-operator CRDs exist.
+# kopf watches CRDs to notice resources (ours, prometheus-operator's) being added or removed.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- if not .Values.watch.allNamespaces }}
-# A namespaced operator lists namespaces to notice watched ones being created or deleted.
+# A namespaced kopf lists namespaces to notice watched ones being created or deleted.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
