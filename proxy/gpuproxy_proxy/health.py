@@ -12,7 +12,6 @@ from aiohttp import web
 
 from gpuproxy_proxy.backends import BackendPool, BackendState
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
-from gpuproxy_proxy.upstream import UPSTREAM_SESSION
 
 log = logging.getLogger("gpuproxy.health")
 
@@ -77,12 +76,21 @@ HEALTH_CHECKER = web.AppKey("health_checker", HealthChecker)
 
 
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: needs the upstream session; stops every check task on cleanup."""
+    """cleanup_ctx: stops every check task on cleanup.
+
+    Checks use their own small session: if traffic used every pooled connection to a backend,
+    a check queued behind it would time out and eject a backend that is merely busy.
+    """
     runtime = app[RUNTIME]
-    checker = HealthChecker(runtime, app[UPSTREAM_SESSION])
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=2),
+        cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+    )
+    checker = HealthChecker(runtime, session)
     app[HEALTH_CHECKER] = checker
     checker.sync(runtime.pool)
     try:
         yield
     finally:
         await checker.stop()
+        await session.close()

@@ -46,6 +46,9 @@ class Pipeline:
         self.auth = app[AUTHENTICATOR]
         self.limiter = app[RATE_LIMITER]
         self.meter = app[USAGE_METER]
+        self.rate_limits_on = config.rate_limits.enabled
+        # Mirrors UsageMeter: without a database nothing is recorded, so build no records.
+        self.metering_on = config.metering.enabled and config.database is not None
         self.max_in_flight = config.limits.max_in_flight_per_worker
         self.max_body = config.limits.max_body_bytes
         self.in_flight_gauge = metrics.requests_in_flight
@@ -89,13 +92,15 @@ class Pipeline:
                 outcome.status = exc.status
                 exc.headers["X-Request-ID"] = request_id
                 raise
-            decision = await self.limiter.check(self.limiter.client_ip(request), principal)
-            limit_headers = rate_limit_headers(decision)
-            if not decision.allowed:
-                rejection = rate_limit_response(decision)
-                rejection.headers["X-Request-ID"] = request_id
-                outcome.status = rejection.status
-                return rejection
+            limit_headers: dict[str, str] = {}
+            if self.rate_limits_on:
+                decision = await self.limiter.check(self.limiter.client_ip(request), principal)
+                limit_headers = rate_limit_headers(decision)
+                if not decision.allowed:
+                    rejection = rate_limit_response(decision)
+                    rejection.headers["X-Request-ID"] = request_id
+                    outcome.status = rejection.status
+                    return rejection
             length = request.content_length
             if length is not None and length > self.max_body:
                 outcome.status = 413
@@ -136,6 +141,8 @@ class Pipeline:
         if status >= 500:
             self.failed[route].inc()
         self.durations[route].observe(duration_ms)
+        if not self.metering_on:
+            return
         usage = outcome.usage
         self.meter.record(UsageRecord(
             request_id=request_id,

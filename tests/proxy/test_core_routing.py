@@ -122,7 +122,9 @@ async def test_usage_tokens_reach_the_meter(backends: list[FakeBackend],
     await _backend(backends, "u", chunks=4)
     client = await make_proxy(proxy_config(backends))
     meter = RecordingMeter()
-    client.app[PIPELINE].meter = meter  # type: ignore[assignment]
+    pipeline = client.app[PIPELINE]
+    pipeline.meter = meter  # type: ignore[assignment]
+    pipeline.metering_on = True
     await (await client.post("/v1/chat/completions", json={"q": 1})).read()
     await (await client.post("/v1/chat/completions", json={"stream": True})).read()
     plain, stream = meter.records
