@@ -115,3 +115,19 @@ def test_weights_allowed_with_weighted_round_robin() -> None:
 def test_sysctl_keys_are_checked() -> None:
     spec = _defaulted(nodeTuning__sysctls={"net.core.somaxconn": "1024", "rm -rf": "1"})
     assert any("kernel parameter names" in m for m in _failing_rules(spec))
+
+
+@pytest.mark.parametrize(("name", "ok"), [("a" * 40, True), ("a" * 41, False)])
+def test_root_rule_bounds_the_name_length(name: str, ok: bool) -> None:
+    env = celpy.Environment()
+    (rule,) = openapi_schema(load_crd())["x-kubernetes-validations"]
+    program = env.program(env.compile(rule["rule"]))
+    result = program.evaluate({"self": celpy.json_to_cel({"metadata": {"name": name}})})
+    assert bool(result) is ok
+    raw = {"proxy": {"backends": [{"name": "a", "url": "http://a"}]},
+           "database": {"host": "pg", "credentialsSecret": "db"}}
+    if ok:
+        parse_cluster({"metadata": {"name": name}, "spec": raw})
+    else:
+        with pytest.raises(InvalidSpecError):
+            parse_cluster({"metadata": {"name": name}, "spec": raw})

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
 
-from gpuproxy_operator.api.base import KIND, Model, Name
+from gpuproxy_operator.api.base import DNS_LABEL, KIND, Model
 from gpuproxy_operator.api.components import (
     AutoscalingSpec,
     DatabaseSpec,
@@ -16,6 +16,10 @@ from gpuproxy_operator.api.components import (
     RedisSpec,
 )
 from gpuproxy_operator.api.proxy import ProxySpec
+
+# Child names append up to 23 characters ("-pgbouncer", "-redis-headless", ...) and a
+# StatefulSet's pods add a revision hash: 40 keeps every child within Kubernetes' limits.
+MAX_NAME_LENGTH = 40
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Paused"]
 
@@ -101,7 +105,7 @@ class ObjectMeta(Model):
 
     model_config = Model.model_config | {"extra": "ignore", "alias_generator": None}
 
-    name: Name
+    name: Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=MAX_NAME_LENGTH)]
     namespace: Annotated[str, Field(min_length=1)] = "default"
     uid: str = ""
     generation: int | None = None

@@ -96,11 +96,13 @@ class AutoscalingSpec(Model):
 class DatabaseSpec(Model):
     """The user's PostgreSQL (usage records and API keys), reached through PgBouncer."""
 
-    host: Annotated[str, Field(min_length=1, max_length=253)]
-    """Host name of the PostgreSQL server."""
+    host: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    """Host name or IP address of the PostgreSQL server."""
     port: Annotated[int, Field(ge=1, le=65535)] = 5432
     """PostgreSQL port."""
-    database: Annotated[str, Field(min_length=1, max_length=63)] = "gpuproxy"
+    database: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")] = (
+        "gpuproxy"
+    )
     """Database name."""
     credentials_secret: Name
     """Secret with keys `username` and `password` of the login role."""

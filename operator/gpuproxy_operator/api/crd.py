@@ -14,7 +14,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from gpuproxy_operator.api.base import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
-from gpuproxy_operator.api.cluster import GpuProxyClusterSpec, GpuProxyClusterStatus
+from gpuproxy_operator.api.cluster import (
+    MAX_NAME_LENGTH,
+    GpuProxyClusterSpec,
+    GpuProxyClusterStatus,
+)
 from gpuproxy_operator.api.validation_rules import RULES
 
 
@@ -212,6 +216,14 @@ def build_crd() -> dict[str, Any]:
                                 "status": status_schema,
                             },
                             "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {
+                                    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+                                    "message": f"metadata.name must be at most "
+                                    f"{MAX_NAME_LENGTH} characters (child object names "
+                                    "append suffixes to it)",
+                                }
+                            ],
                         }
                     },
                 }

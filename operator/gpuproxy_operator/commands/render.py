@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 from typing import Any, TextIO
 
@@ -63,8 +64,25 @@ def render_documents(docs: list[Any]) -> list[dict[str, Any]]:
     return manifests
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (pgbouncer.ini, redis.conf, config.yaml) as readable literal blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump_manifests(manifests: list[dict[str, Any]], out: TextIO) -> None:
-    yaml.safe_dump_all(manifests, out, sort_keys=False, explicit_start=True, width=100)
+    yaml.dump_all(
+        manifests, out, Dumper=_Dumper, sort_keys=False, explicit_start=True, width=100
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,5 +113,10 @@ def main(args: argparse.Namespace) -> int:
     except RenderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    dump_manifests(manifests, sys.stdout)
+    try:
+        dump_manifests(manifests, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `render | head` closed the pipe: not an error. Silence the flush at exit too.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     return 0
