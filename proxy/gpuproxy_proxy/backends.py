@@ -23,7 +23,8 @@ class BackendState:
     __slots__ = (
         "_healthy_gauge", "_in_flight_gauge", "active_healthy", "check_failures",
         "check_successes", "config", "consecutive_failures", "ejected_until", "ewma_ms",
-        "health_url", "host", "in_flight", "last_check_error", "name", "origin", "path_prefix",
+        "health_url", "host", "in_flight", "last_check_error", "last_success", "name", "origin",
+        "path_prefix",
         "port", "probing", "scheme", "weight",
     )
 
@@ -50,6 +51,7 @@ class BackendState:
         self.ejected_until = 0.0
         self.probing = False
         self.last_check_error: str | None = None
+        self.last_success = 0.0  # monotonic time of the last good answer to real traffic
         self._healthy_gauge = metrics.backend_healthy.labels(self.name)
         self._in_flight_gauge = metrics.backend_requests_in_flight.labels(self.name)
         self._healthy_gauge.set(1)
@@ -88,8 +90,9 @@ class BackendState:
         self._in_flight_gauge.dec()
 
     # --- passive outlier detection ---------------------------------------------------------
-    def record_success(self, latency_ms: float, alpha: float) -> None:
+    def record_success(self, latency_ms: float, alpha: float, now: float = 0.0) -> None:
         self.ewma_ms = ewma(self.ewma_ms, latency_ms, alpha)
+        self.last_success = now
         self.consecutive_failures = 0
         if self.ejected_until:
             self.ejected_until = 0.0

@@ -204,11 +204,12 @@ async def _relay(
 ) -> web.StreamResponse:
     status = resp.status
     outcome.status = status
-    latency_ms = (time.monotonic() - started) * 1000.0
+    now = time.monotonic()
+    latency_ms = (now - started) * 1000.0
     if status >= 500:
-        backend.record_failure(time.monotonic(), runtime.config.health_check)
+        backend.record_failure(now, runtime.config.health_check)
     else:
-        backend.record_success(latency_ms, runtime.config.load_balancing.ewma_alpha)
+        backend.record_success(latency_ms, runtime.config.load_balancing.ewma_alpha, now)
     headers = _response_headers(resp.headers, request_id, extra)
     length = resp.content_length
     content_type = resp.headers.get("Content-Type", "")
