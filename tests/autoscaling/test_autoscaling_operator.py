@@ -10,9 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-
-from gpuproxy_operator import handlers
-from gpuproxy_operator.naming import selector_labels
 from tests.autoscaling.conftest import POD_IPS
 from tests.autoscaling.proxies import ProxyProcess
 from tests.reconcile.conftest import (  # noqa: F401 - fixtures
@@ -26,6 +23,9 @@ from tests.reconcile.conftest import (  # noqa: F401 - fixtures
     operator,
     secret_body,
 )
+
+from gpuproxy_operator import handlers
+from gpuproxy_operator.naming import selector_labels
 
 pytestmark = pytest.mark.slow
 NS = "scale"

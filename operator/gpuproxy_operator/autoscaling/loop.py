@@ -106,6 +106,9 @@ class ClusterScaler:
                 decision = decide(spec.autoscaling, spec.proxy.connections_per_replica,
                                   current, result.samples, self.state, now)
                 outcome = outcome_of(decision, deployment_name)
+                if decision.reason == "MetricsUnavailable" and not any(p.ready for p in pods):
+                    outcome = Outcome(False, "NoReadyPods", f"no proxy pod is ready yet; "
+                                      f"holding {current} replicas")
                 if result.errors:
                     shown = ", ".join(f"{p}: {e}" for p, e in sorted(result.errors.items())[:3])
                     outcome = Outcome(outcome.able, outcome.reason, f"{outcome.message} "

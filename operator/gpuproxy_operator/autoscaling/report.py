@@ -12,8 +12,8 @@ from gpuproxy_operator.autoscaling.policy import Decision
 
 CONDITION = "Scaling"
 # Reasons after which the autoscaler is not doing its job; the first one gets a Warning Event.
-WARNING_REASONS = frozenset({"MetricsUnavailable", "ReplicasOwnedElsewhere",
-                             "DeploymentMissing"})
+# (DeploymentMissing and NoReadyPods are normal right after creation: condition only.)
+WARNING_REASONS = frozenset({"MetricsUnavailable", "ReplicasOwnedElsewhere"})
 
 
 def rfc3339(epoch: float) -> str:

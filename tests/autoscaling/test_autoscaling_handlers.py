@@ -1,0 +1,118 @@
+"""The kopf-facing part: a loop per cluster started and stopped from watch events, stepping
+every intervalSeconds (fake loop time), and quiet for clusters that never autoscaled."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import socket
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+from tests.autoscaling.fakekube import FakeKube
+
+from gpuproxy_operator.autoscaling.handlers import TASK_PREFIX, Tracker, inactive_reason, track
+from gpuproxy_operator.autoscaling.loop import ClusterScaler
+
+log = logging.getLogger("test")
+
+
+def body(enabled: bool = True, paused: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "gpuproxy.aiserve.farm/v1alpha1", "kind": "GpuProxyCluster",
+        "metadata": {"name": "demo", "namespace": "ns", "generation": 1},
+        "spec": {"proxy": {"backends": [{"name": "a", "url": "http://a:8000"}]},
+                 "database": {"host": "pg", "credentialsSecret": "db"},
+                 "autoscaling": {"enabled": enabled, "minReplicas": 1, "intervalSeconds": 15},
+                 "paused": paused},
+    }
+
+
+def test_inactive_reason() -> None:
+    assert inactive_reason(body()) is None
+    assert inactive_reason(body(enabled=False)) == "Disabled"
+    assert inactive_reason(body(paused=True)) == "Paused"
+    deleting = body()
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert inactive_reason(deleting) == "Deleting"
+
+
+@pytest.mark.looptime
+async def test_loop_steps_every_interval_and_stops_when_disabled() -> None:
+    kube = FakeKube(body(), pod_ips=[], replicas=1)  # no pod ever answers
+    memo = SimpleNamespace()
+    await track({"type": "ADDED"}, kube.body, memo, kube, log)
+    tracker: Tracker = memo.autoscaler
+    assert tracker.task is not None
+    assert tracker.task.get_name() == f"{TASK_PREFIX}ns/demo"
+
+    await asyncio.sleep(31)  # steps at 0, 15 and 30 s of loop time
+    assert kube.calls.count("get_deployment") == 3
+    cond = kube.condition()
+    assert (cond["status"], cond["reason"]) == ("False", "NoReadyPods")
+    assert kube.events == []  # normal while a new cluster starts: no Warning
+
+    # A status-only event (our own patch) neither restarts nor duplicates the loop.
+    task = tracker.task
+    await track({"type": "MODIFIED"}, copy.deepcopy(kube.body), memo, kube, log)
+    assert tracker.task is task
+
+    # Disabled: the loop ends and the condition says why, once.
+    disabled = copy.deepcopy(kube.body)
+    disabled["spec"]["autoscaling"]["enabled"] = False
+    await track({"type": "MODIFIED"}, disabled, memo, kube, log)
+    assert task.done()
+    assert tracker.task is None
+    cond = kube.condition()
+    assert (cond["status"], cond["reason"]) == ("False", "Disabled")
+    writes = len(kube.status_writes)
+    await track({"type": "MODIFIED"}, copy.deepcopy(kube.body) | {"spec": disabled["spec"]},
+                memo, kube, log)
+    await asyncio.sleep(60)
+    assert len(kube.status_writes) == writes
+    assert kube.calls.count("get_deployment") == 3
+
+
+@pytest.mark.looptime
+async def test_a_cluster_that_never_autoscaled_gets_no_writes() -> None:
+    kube = FakeKube(body(enabled=False), pod_ips=[], replicas=1)
+    memo = SimpleNamespace()
+    for event in ("ADDED", "MODIFIED", "DELETED"):
+        await track({"type": event}, kube.body, memo, kube, log)
+    await asyncio.sleep(60)
+    assert kube.calls == []
+
+
+@pytest.mark.looptime
+async def test_deletion_stops_the_loop() -> None:
+    kube = FakeKube(body(), pod_ips=[], replicas=1)
+    memo = SimpleNamespace()
+    await track({"type": "ADDED"}, kube.body, memo, kube, log)
+    task = memo.autoscaler.task
+    await asyncio.sleep(1)
+    await track({"type": "DELETED"}, kube.body, memo, kube, log)
+    assert task.done()
+    calls = len(kube.calls)
+    await asyncio.sleep(60)
+    assert len(kube.calls) == calls
+
+
+async def test_ready_pods_that_cannot_be_read_are_a_warning_once() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.9", 0))
+        port = s.getsockname()[1]
+    cluster = body()
+    cluster["spec"]["proxy"]["adminPort"] = port
+    kube = FakeKube(cluster, pod_ips=["127.0.0.9"], replicas=1)
+    async with aiohttp.ClientSession() as session:
+        scaler = ClusterScaler(kube, session, scrape_timeout=1)
+        for _ in range(3):
+            await scaler.step(kube.body)
+    cond = kube.condition()
+    assert (cond["status"], cond["reason"]) == ("False", "MetricsUnavailable")
+    assert "demo-proxy-0: /stats unreadable" in cond["message"]
+    assert [(t, r) for t, r, _ in kube.events] == [("Warning", "MetricsUnavailable")]
+    assert kube.replica_writes == []
