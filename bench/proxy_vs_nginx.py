@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     "summary": summary,
                     "samples": [asdict(s) for s in samples],
                 }
-                args.json.write_text(json.dumps(payload, indent=2))
+                args.json.write_text(json.dumps(payload, indent=2, default=str))
         finally:
             kids.close()
     return 0

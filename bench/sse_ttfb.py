@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "rounds": rows,
         }
-        args.json.write_text(json.dumps(payload, indent=2))
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
     return 0
 
 
