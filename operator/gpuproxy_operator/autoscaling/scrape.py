@@ -40,7 +40,10 @@ class ScrapeResult:
 
 
 def counted(pod: Pod) -> bool:
-    """Pods that are gone or going (Succeeded/Failed) take no part, as in the HPA."""
+    """Pods that are gone or going (Succeeded/Failed, or being deleted when the pod listing
+    says so) take no part, as in the HPA."""
+    if getattr(pod, "terminating", False):
+        return False
     return pod.phase not in ("Succeeded", "Failed")
 
 
