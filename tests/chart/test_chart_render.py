@@ -353,6 +353,31 @@ def test_every_value_is_documented() -> None:
     assert undocumented == []
 
 
+def test_chart_readme_lists_every_value() -> None:
+    values = load_yaml(CHART / "values.yaml")
+    readme = (CHART / "README.md").read_text(encoding="utf-8")
+    documented = {
+        line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")
+    }
+    assert _leaf_paths(values) - documented == set()
+    assert documented - _leaf_paths(values, keep_objects=True) == set(), "stale README rows"
+
+
+def _leaf_paths(node: Any, prefix: str = "", keep_objects: bool = False) -> set[str]:
+    """Dotted paths of values.yaml down to the leaves; empty maps/lists and the objects in
+    WHOLE_OBJECT_VALUES are leaves. keep_objects adds the section paths in between."""
+    if not isinstance(node, dict) or not node or prefix in WHOLE_OBJECT_VALUES:
+        return {prefix}
+    paths = {prefix} if keep_objects and prefix else set()
+    for key, value in node.items():
+        paths |= _leaf_paths(value, f"{prefix}.{key}" if prefix else key, keep_objects)
+    return paths
+
+
+# Values whose default is a whole object documented by one `# --` comment.
+WHOLE_OBJECT_VALUES = {"resources", "podSecurityContext", "securityContext"}
+
+
 def _has_doc_comment(lines: list[str], index: int) -> bool:
     """The comment block right above the line starts with `# --`."""
     above = index - 1
