@@ -5,6 +5,7 @@ against our CRD, the ServiceMonitor against prometheus-operator's)."""
 from __future__ import annotations
 
 import argparse
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,20 @@ def test_values_schema_rejects_mistakes(
     result = render_result(base, sets)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_cluster_name_limit_matches_the_crd() -> None:
+    """The CRD caps metadata.name with a CEL rule; the values schema says the same up front."""
+    rules = load_yaml(CRD_SOURCE)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "x-kubernetes-validations"]
+    limits = [int(m.group(1)) for r in rules
+              if (m := re.fullmatch(r"size\(self\.metadata\.name\) <= (\d+)", r["rule"]))]
+    assert len(limits) == 1
+    schema = load_yaml(CHART / "values.schema.json")
+    assert schema["properties"]["cluster"]["properties"]["name"]["maxLength"] == limits[0]
+    too_long = render_result((CLUSTER_VALUES,), (f"cluster.name={'a' * (limits[0] + 1)}",))
+    assert too_long.returncode != 0
+    assert "/cluster/name" in too_long.stderr
 
 
 def test_values_schema_accepts_the_examples_as_cluster_spec(tmp_path: Path) -> None:
