@@ -14,18 +14,19 @@ from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]+)(?::\d+)?\)$")
 
-# aiohttp modules used by both its client and its server: charged to whichever called them.
+# Modules used by several callers (aiohttp client and server, redis): charged to the caller.
 _SHARED = (
     "aiohttp/http_",
     "aiohttp/helpers",
     "aiohttp/streams",
     "aiohttp/base_protocol",
+    "asyncio/streams",
     "aiohttp/tcp_helpers",
     "aiohttp/payload",
     "aiohttp/_http",
 )
 # Python frames that sit directly on the event loop's native run loop.
-_LOOP_ENTRIES = {"run_app", "run_forever", "run_until_complete", "run", "_run_once", "main"}
+_LOOP_ENTRIES = {"run_app", "run_forever", "run_until_complete", "run", "_run_once", "Runner.run"}
 AREAS = (
     ("aiohttp client", ("aiohttp/client", "aiohttp/connector")),
     ("aiohttp server", ("aiohttp/web",)),
@@ -42,15 +43,13 @@ AREAS = (
 def leaf_area(frames: list[tuple[str, str]]) -> str:
     """The area a sample's self time is charged to (shared aiohttp code goes to its caller)."""
     func, path = frames[-1]
-    if func in _LOOP_ENTRIES and not path.startswith("gpuproxy"):
+    if func in _LOOP_ENTRIES and "gpuproxy_proxy/" not in path:
         return "event loop (native, incl. syscalls)"
     if any(s in path for s in _SHARED):
         for _f, caller in reversed(frames[:-1]):
             if any(s in caller for s in _SHARED):
                 continue
-            if "aiohttp/" in caller:
-                return area(caller)
-            break
+            return area(caller)
     return area(path)
 
 

@@ -57,10 +57,10 @@ def render_template(crd: dict[str, Any]) -> str:
     return TEMPLATE_HEADER + body + TEMPLATE_FOOTER
 
 
-def _openapi_to_jsonschema(node: Any, *, strict_objects: bool) -> Any:
+def openapi_to_jsonschema(node: Any, *, strict_objects: bool) -> Any:
     """OpenAPI v3.0 (CRD dialect) -> JSON Schema draft-07, closing objects that list properties."""
     if isinstance(node, list):
-        return [_openapi_to_jsonschema(item, strict_objects=strict_objects) for item in node]
+        return [openapi_to_jsonschema(item, strict_objects=strict_objects) for item in node]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
@@ -69,13 +69,13 @@ def _openapi_to_jsonschema(node: Any, *, strict_objects: bool) -> Any:
             continue  # apiserver-only keywords (CEL rules, list types); not JSON Schema
         if key in ("properties", "patternProperties"):
             out[key] = {
-                name: _openapi_to_jsonschema(sub, strict_objects=strict_objects)
+                name: openapi_to_jsonschema(sub, strict_objects=strict_objects)
                 for name, sub in value.items()
             }
         elif key in ("exclusiveMinimum", "exclusiveMaximum", "nullable"):
             continue  # handled below
         else:
-            out[key] = _openapi_to_jsonschema(value, strict_objects=strict_objects)
+            out[key] = openapi_to_jsonschema(value, strict_objects=strict_objects)
     # OpenAPI 3.0 marks exclusive bounds with a boolean beside minimum/maximum.
     for flag, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if node.get(flag) is True and bound in out:
@@ -85,8 +85,9 @@ def _openapi_to_jsonschema(node: Any, *, strict_objects: bool) -> Any:
     if node.get("nullable") and "type" in out:
         types = out["type"] if isinstance(out["type"], list) else [out["type"]]
         out["type"] = [*types, "null"]
+    # Only objects that list their properties are closed; `{type: object}` alone is free-form.
     free_form = node.get("x-kubernetes-preserve-unknown-fields")
-    if strict_objects and out.get("type") == "object" and not free_form:
+    if strict_objects and "properties" in node and not free_form:
         out.setdefault("additionalProperties", False)
     return out
 
@@ -99,7 +100,7 @@ def spec_json_schema(crd: dict[str, Any]) -> dict[str, Any]:
     """
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    converted: dict[str, Any] = _openapi_to_jsonschema(spec, strict_objects=True)
+    converted: dict[str, Any] = openapi_to_jsonschema(spec, strict_objects=True)
     converted.pop("required", None)
     return converted
 

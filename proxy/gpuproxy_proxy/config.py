@@ -119,6 +119,9 @@ class LimitsConfig(_Frozen):
     max_body_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
     keepalive_timeout_seconds: Annotated[float, Field(gt=0)] = 75.0
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 50.0
+    # After SIGTERM, keep accepting (answering with Connection: close) while /ready says 503,
+    # so endpoints stop routing here before the listener closes. Part of the grace period.
+    drain_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
     # Long-lived objects (idle connections) are moved out of the collector's reach this often,
     # so full collections stay short with many connections open; 0 disables the periodic freeze.
     gc_freeze_interval_seconds: Annotated[float, Field(ge=0)] = 60.0

@@ -22,7 +22,7 @@ from aiohttp import web
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth import AUTHENTICATOR
 from gpuproxy_proxy.backends import BackendState
-from gpuproxy_proxy.errors import error_body, json_error
+from gpuproxy_proxy.errors import json_error
 from gpuproxy_proxy.metering import USAGE_METER, UsageRecord
 from gpuproxy_proxy.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
@@ -242,6 +242,3 @@ def add_proxy_routes(app: web.Application) -> None:
     router.add_get("/v1/models", _route_handler("models"), allow_head=False)
     router.add_route("*", "/v1/{tail:.*}", _route_handler("other"))
 
-
-def not_found_body(request_id: str) -> bytes:
-    return error_body("not_found", "only /v1/* routes are served on this port", request_id)

@@ -213,6 +213,9 @@ class Worker:
                  runtime.connections_active, runtime.in_flight)
         for task in self._tasks:
             task.cancel()
+        delay = self.config.limits.drain_delay_seconds
+        if delay > 0:
+            await asyncio.sleep(delay)
         # Stops the listener, closes idle keep-alive connections, waits for in-flight requests
         # up to shutdown_grace_seconds, then runs the cleanup contexts (metering flush).
         await self.runner.cleanup()

@@ -81,7 +81,8 @@ class Supervisor:
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = self.config.limits.shutdown_grace_seconds + 15.0
+        limits = self.config.limits
+        deadline = limits.drain_delay_seconds + limits.shutdown_grace_seconds + 15.0
         _done, pending = await asyncio.wait(keepers, timeout=deadline)
         for proc in self.procs.values():
             if proc.returncode is None:

@@ -12,17 +12,20 @@ from typing import Any
 import pytest
 from tests.autoscaling.conftest import POD_IPS
 from tests.autoscaling.proxies import ProxyProcess
-from tests.reconcile.conftest import (  # noqa: F401 - fixtures
+from tests.reconcile import conftest as harness
+from tests.reconcile.conftest import (
     Cluster,
     Operator,
-    cluster,
     cluster_body,
     condition,
     eventually,
-    monitoring_crds,
-    operator,
     secret_body,
 )
+
+# Reuse every fixture of the reconcile harness (cluster, operator and what they depend on),
+# whatever their names: the harness evolves with the operator.
+globals().update({name: obj for name, obj in vars(harness).items()
+                  if type(obj).__name__ == "FixtureFunctionDefinition"})
 
 from gpuproxy_operator import handlers
 from gpuproxy_operator.naming import selector_labels
@@ -53,7 +56,7 @@ async def _pods_controller(env: Cluster, name: str) -> None:
 
 
 @pytest.fixture
-async def pods_controller(cluster: Cluster) -> AsyncIterator[None]:  # noqa: F811
+async def pods_controller(cluster: Cluster) -> AsyncIterator[None]:
     task = asyncio.create_task(_pods_controller(cluster, "demo"))
     yield
     task.cancel()
@@ -65,8 +68,8 @@ def _status(env: Cluster) -> dict[str, Any]:
 
 
 async def test_operator_scales_the_deployment_on_real_connections(
-    cluster: Cluster,  # noqa: F811
-    operator: Operator,  # noqa: F811
+    cluster: Cluster,
+    operator: Operator,
     pods_controller: None,
     proxy_pods: list[ProxyProcess],
 ) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
 import pytest
 from tests.chart.helm import CLUSTER_VALUES, NAMESPACED_VALUES, by_kind, load_yaml, render
 
@@ -179,29 +181,44 @@ def code_calls() -> set[Grant]:
     return asyncio.run(_exercise_operator())
 
 
-def _resource_of(selector: Any) -> tuple[str, str]:
-    name = selector.plural or selector.any_name
-    for res in [*kube.REGISTRY.values()]:
-        if res.group == selector.group and name in (res.plural, res.kind):
+# Runs in a subprocess: importing the autoscaler's handlers registers them in kopf's global
+# registry, which must not leak into other tests of this process.
+KOPF_REGISTRY_DUMP = """
+import json, kopf
+from gpuproxy_operator import handlers
+handlers.load_autoscaling()
+registry = kopf.get_default_registry()
+def dump(handlers):
+    return [[h.selector.group, h.selector.plural or h.selector.any_name] for h in handlers]
+print(json.dumps({
+    "watched": dump([*registry._watching.get_all_handlers(),
+                     *registry._changing.get_all_handlers(),
+                     *registry._spawning.get_all_handlers(),
+                     *registry._indexing.get_all_handlers()]),
+    "changing": dump(registry._changing.get_all_handlers()),
+}))
+"""
+
+
+def _resource_of(group: str, name: str) -> tuple[str, str]:
+    for res in kube.REGISTRY.values():
+        if res.group == group and name in (res.plural, res.kind):
             return res.group, res.plural
-    raise AssertionError(f"kopf watches {selector}, which kube.REGISTRY does not know")
+    raise AssertionError(f"kopf watches {group}/{name}, which kube.REGISTRY does not know")
 
 
 def kopf_needs() -> set[Grant]:
-    """From kopf's registry: every watched resource needs list+watch; resources with
+    """From kopf's handler registry: every watched resource needs list+watch; resources with
     create/update/resume handlers are patched (progress and diff-base annotations)."""
-    handlers.load_autoscaling()
-    registry = kopf.get_default_registry()
+    proc = subprocess.run([sys.executable, "-c", KOPF_REGISTRY_DUMP], capture_output=True,
+                          text=True, timeout=60, check=True)
+    dump = json.loads(proc.stdout)
     needs: set[Grant] = set()
-    for handler in [*registry._watching.get_all_handlers(),
-                    *registry._changing.get_all_handlers(),
-                    *registry._spawning.get_all_handlers(),
-                    *registry._indexing.get_all_handlers()]:
-        group, plural = _resource_of(handler.selector)
+    for group, name in dump["watched"]:
+        group, plural = _resource_of(group, name)
         needs |= {(group, plural, "list"), (group, plural, "watch")}
-    for handler in registry._changing.get_all_handlers():
-        group, plural = _resource_of(handler.selector)
-        needs.add((group, plural, "patch"))
+    for group, name in dump["changing"]:
+        needs.add((*_resource_of(group, name), "patch"))
     return needs
 
 

@@ -130,8 +130,9 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 async def test_sigterm_during_streams_lets_them_finish(tmp_path: Path,
                                                        backends: list[FakeBackend]) -> None:
     backends.append(await FakeBackend("slow", chunks=8, delay=0.1).start())
-    proc, port, admin_port = await _start_cli(tmp_path, backends, workers=1,
-                                              limits={"shutdown_grace_seconds": 10})
+    proc, port, admin_port = await _start_cli(
+        tmp_path, backends, workers=1,
+        limits={"shutdown_grace_seconds": 10, "drain_delay_seconds": 0.6})
     try:
         async with aiohttp.ClientSession() as http:
             responses = [await http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -142,6 +143,12 @@ async def test_sigterm_during_streams_lets_them_finish(tmp_path: Path,
             await asyncio.sleep(0.3)
             async with http.get(f"http://127.0.0.1:{admin_port}/ready") as ready:
                 assert ready.status == 503  # draining: reported not ready
+            # During the drain delay requests are still served, asking clients to reconnect.
+            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                 json={}) as late:
+                assert late.status == 200
+                assert late.headers["Connection"] == "close"
+            await asyncio.sleep(0.6)
             with pytest.raises(aiohttp.ClientConnectionError):
                 await http.post(f"http://127.0.0.1:{port}/v1/models",
                                 headers={"Connection": "close"})

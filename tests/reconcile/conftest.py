@@ -24,6 +24,7 @@ from gpuproxy_operator.operator_metrics import OperatorMetrics
 OPERATOR_AGENTS = ("gpuproxy-operator", "kopf/")
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 _uids = itertools.count(1)
+DEBUG_WRITES = False
 
 
 def cluster_body(name: str = "demo", namespace: str = "ns1", **spec: Any) -> dict[str, Any]:
@@ -121,6 +122,8 @@ class Cluster:
             if not events and req.resource is not None and req.resource.plural == "events":
                 continue
             out.append(f"{req.method.value} {req.url.path}")
+            if DEBUG_WRITES:
+                print("WRITE", agent, req.method.value, req.url.path, req.data)
         return out
 
     def events(self, namespace: str) -> list[dict[str, Any]]:
@@ -228,6 +231,26 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
     return {}
 
 
+class VersionedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock plus what kopf relies on to tell its own patches from stale events: every write
+    gets a new metadata.resourceVersion, as on a real API server."""
+
+    async def _handle(self, request: Any) -> Any:
+        if (request.resource is not None and isinstance(request.data, dict)
+                and request.action in (kmock.action.CREATE, kmock.action.UPDATE)):
+            request.data.setdefault("metadata", {})["resourceVersion"] = str(next(_versions))
+        return await super()._handle(request)
+
+
+_versions = itertools.count(1000)
+
+
+@pytest.fixture
+async def api_server() -> AsyncIterator[Any]:
+    async with VersionedEmulator() as server, kmock.Server(server):
+        yield server
+
+
 @pytest.fixture
 def monitoring_crds() -> bool:
     """Whether the prometheus-operator CRDs are served; tests override it."""
@@ -235,7 +258,8 @@ def monitoring_crds() -> bool:
 
 
 @pytest.fixture
-async def cluster(kmock: Any, monitoring_crds: bool) -> AsyncIterator[Cluster]:
+async def cluster(api_server: Any, monitoring_crds: bool) -> AsyncIterator[Cluster]:
+    kmock = api_server
     kmock.resources.load_bundled()
     kmock.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = {
         "kind": KIND, "singular": SINGULAR, "namespaced": True, "shortnames": ["gpc"],
@@ -264,11 +288,10 @@ async def cluster(kmock: Any, monitoring_crds: bool) -> AsyncIterator[Cluster]:
 
 
 @pytest.fixture
-async def operator(kmock: Any, cluster: Cluster) -> AsyncIterator[Operator]:
-    op = Operator(str(kmock.url).rstrip("/"))
+async def operator(api_server: Any, cluster: Cluster) -> AsyncIterator[Operator]:
+    op = Operator(str(api_server.url).rstrip("/"))
     yield op
     await op.stop()
 
 
-__all__ = ["Cluster", "Operator", "cluster_body", "condition", "eventually", "kmock",
-           "secret_body"]
+__all__ = ["Cluster", "Operator", "cluster_body", "condition", "eventually", "secret_body"]
