@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import functools
 import json
 import logging
 import subprocess
@@ -207,7 +208,8 @@ def _resource_of(group: str, name: str) -> tuple[str, str]:
     raise AssertionError(f"kopf watches {group}/{name}, which kube.REGISTRY does not know")
 
 
-def kopf_needs() -> set[Grant]:
+@functools.cache
+def kopf_needs() -> frozenset[Grant]:
     """From kopf's handler registry: every watched resource needs list+watch; resources with
     create/update/resume handlers are patched (progress and diff-base annotations)."""
     proc = subprocess.run([sys.executable, "-c", KOPF_REGISTRY_DUMP], capture_output=True,
@@ -219,7 +221,7 @@ def kopf_needs() -> set[Grant]:
         needs |= {(group, plural, "list"), (group, plural, "watch")}
     for group, name in dump["changing"]:
         needs.add((*_resource_of(group, name), "patch"))
-    return needs
+    return frozenset(needs)
 
 
 def child_resources() -> set[tuple[str, str]]:
