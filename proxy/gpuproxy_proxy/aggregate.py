@@ -88,6 +88,8 @@ def merge_stats(workers: Sequence[dict[str, Any]], draining: bool = False) -> di
         "config_generation": max((int(w.get("config_generation", 0)) for w in workers),
                                  default=0),
         "backends": backends,
+        "gc_max_pause_ms": max((float((w.get("gc") or {}).get("max_pause_ms", 0.0))
+                                for w in workers), default=0.0),
         "per_worker": [
             {key: w.get(key) for key in ("pid", "worker", "connections_active",
                                          "requests_in_flight", "draining")}

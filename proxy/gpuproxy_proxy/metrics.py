@@ -16,10 +16,15 @@ DURATION_BUCKETS_MS = (
     60000.0, 120000.0, 300000.0,
 )
 
+# The target is no pause over 50 ms; full collections with many connections reach 600+.
+GC_BUCKETS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
+
 
 @dataclass
 class ProxyMetrics:
-    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    registry: CollectorRegistry = field(
+        default_factory=lambda: CollectorRegistry(auto_describe=True)
+    )
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -76,6 +81,11 @@ class ProxyMetrics:
         )
         self.usage_records_dropped = Counter(
             "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
+        )
+        self.gc_pause_ms = Histogram(
+            "gpuproxy_gc_pause_milliseconds",
+            "Garbage-collector pauses of this process, by generation.", ["generation"],
+            buckets=GC_BUCKETS_MS, registry=r,
         )
         self.connections_rejected = Counter(
             "gpuproxy_connections_rejected", "Connections or requests refused by admission.",

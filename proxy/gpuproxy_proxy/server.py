@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import resource
@@ -20,10 +19,11 @@ from aiohttp import web, web_protocol, web_server
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import ProxyConfig, Secrets
+from gpuproxy_proxy.gcwatch import GcMonitor, freeze_after_warmup, freeze_periodically
 from gpuproxy_proxy.logging import JsonAccessLogger
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
-from gpuproxy_proxy.status import LocalSource, build_status_app
+from gpuproxy_proxy.status import GC_MONITOR, LocalSource, build_status_app
 
 log = logging.getLogger("gpuproxy.server")
 
@@ -151,15 +151,6 @@ class ProxyRunner(web.AppRunner):
         )
 
 
-async def _gc_freezer(interval: float) -> None:
-    # Young generations are cheap to collect; then survivors (connections, buffers) move to
-    # the permanent generation, so full collections never walk them.
-    while True:
-        await asyncio.sleep(interval)
-        gc.collect(1)
-        gc.freeze()
-
-
 class Worker:
     """The client-port app of one process plus its status endpoints."""
 
@@ -177,6 +168,8 @@ class Worker:
             keepalive_timeout=config.limits.keepalive_timeout_seconds, **kwargs,
         )
         self.status_runner: web.AppRunner | None = None
+        self.gc_monitor = GcMonitor(self.app[METRICS])
+        self.app[GC_MONITOR] = self.gc_monitor
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -199,11 +192,12 @@ class Worker:
                 assert status_path is not None
                 await web.UnixSite(self.status_runner, str(status_path)).start()
         # Warm-up is over: everything alive now lives as long as the process.
-        gc.collect()
-        gc.freeze()
+        freeze_after_warmup()
+        self.gc_monitor.install()
         interval = self.config.limits.gc_freeze_interval_seconds
         if interval > 0:
-            self._tasks.append(asyncio.create_task(_gc_freezer(interval), name="gc-freeze"))
+            self._tasks.append(
+                asyncio.create_task(freeze_periodically(interval), name="gc-freeze"))
 
     async def drain(self) -> None:
         """Report not ready, stop accepting, finish in-flight requests, then run cleanup."""
@@ -213,6 +207,7 @@ class Worker:
                  runtime.connections_active, runtime.in_flight)
         for task in self._tasks:
             task.cancel()
+        self.gc_monitor.uninstall()
         delay = self.config.limits.drain_delay_seconds
         if delay > 0:
             await asyncio.sleep(delay)

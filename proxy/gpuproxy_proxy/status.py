@@ -20,8 +20,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gpuproxy_proxy.aggregate import merge_metrics, merge_stats
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.db import database_ready
+from gpuproxy_proxy.gcwatch import GcMonitor
 from gpuproxy_proxy.ratelimit import RATE_LIMITER
 from gpuproxy_proxy.runtime import RUNTIME
+
+# Set by the worker process (not by build_app: tests run apps without a GC monitor).
+GC_MONITOR = web.AppKey("gc_monitor", GcMonitor)
 
 
 class Source(Protocol):
@@ -48,6 +52,7 @@ class LocalSource:
             "config_generation": runtime.generation,
             "strategy": runtime.pool.strategy,
             "backends": runtime.pool.snapshot(),
+            "gc": monitor.snapshot() if (monitor := self.app.get(GC_MONITOR)) else None,
         }
 
     async def metrics(self) -> str:

@@ -185,6 +185,7 @@ async def test_workers_share_port_and_admin_reports_the_sum(
                 assert time.monotonic() < deadline, stats
                 await asyncio.sleep(0.1)
             assert stats["workers"] == 2
+            assert stats["gc_max_pause_ms"] >= 0.0
             pids = {w["pid"] for w in stats["per_worker"]}
             assert len(pids) == 2
             assert stats["backends"]["a"]["healthy_workers"] == 2
@@ -220,3 +221,25 @@ def test_invalid_config_names_the_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(json.dumps({"backends": [{"name": "x", "url": "not a url"}]}))
     assert main(["--config", str(path)]) == 2
+
+
+def test_gc_monitor_times_collections() -> None:
+    import gc
+
+    from prometheus_client import generate_latest
+
+    from gpuproxy_proxy.gcwatch import GcMonitor
+    from gpuproxy_proxy.metrics import ProxyMetrics
+
+    metrics = ProxyMetrics()
+    monitor = GcMonitor(metrics)
+    monitor.install()
+    try:
+        gc.collect()
+    finally:
+        monitor.uninstall()
+    gc.collect()  # not counted any more
+    assert monitor.collections == 1
+    assert monitor.snapshot()["max_pause_ms"] >= 0.0
+    text = generate_latest(metrics.registry).decode()
+    assert 'gpuproxy_gc_pause_milliseconds_count{generation="2"} 1.0' in text
