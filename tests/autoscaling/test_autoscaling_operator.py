@@ -22,13 +22,13 @@ from tests.reconcile.conftest import (
     secret_body,
 )
 
+from gpuproxy_operator import handlers
+from gpuproxy_operator.naming import selector_labels
+
 # Reuse every fixture of the reconcile harness (cluster, operator and what they depend on),
 # whatever their names: the harness evolves with the operator.
 globals().update({name: obj for name, obj in vars(harness).items()
                   if type(obj).__name__ == "FixtureFunctionDefinition"})
-
-from gpuproxy_operator import handlers
-from gpuproxy_operator.naming import selector_labels
 
 pytestmark = pytest.mark.slow
 NS = "scale"
