@@ -130,6 +130,12 @@ class ClusterScaler:
         return outcome
 
 
+class ScalerRunner(Protocol):
+    """What run_loop drives (ClusterScaler)."""
+
+    async def step(self, raw_body: Mapping[str, Any]) -> Outcome | None: ...
+
+
 async def run_loop(
     scaler: ScalerRunner,
     body: Mapping[str, Any],
@@ -150,6 +156,3 @@ async def run_loop(
         if await wait(float(spec.get("intervalSeconds", 15))):
             return
 
-
-class ScalerRunner(Protocol):
-    async def step(self, raw_body: Mapping[str, Any]) -> Outcome | None: ...
