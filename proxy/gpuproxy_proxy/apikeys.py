@@ -12,6 +12,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -119,9 +120,11 @@ class ApiKeyStore:
         cache_seconds: float,
         max_cached: int = 100_000,
         max_negative_cached: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
         self._ttl = cache_seconds
+        self._clock = clock
         self._positive = _TtlCache(max_cached)
         self._negative = _TtlCache(max_negative_cached)
         self._pending: dict[bytes, asyncio.Future[ApiKey | None]] = {}
@@ -190,7 +193,7 @@ class ApiKeyStore:
         stale entry, is cached (a stale hit beats rejecting every client during an outage).
         """
         digest = hash_key(key)
-        now = time.monotonic()
+        now = self._clock()
         for cache in (self._positive, self._negative):
             hit = cache.get(digest)
             if hit is not None and hit[0] > now:
@@ -226,7 +229,7 @@ class ApiKeyStore:
             if stale is not None:
                 return stale[1]
             raise DatabaseUnavailable(str(exc)) from exc
-        deadline = time.monotonic() + self._ttl
+        deadline = self._clock() + self._ttl
         if row is None:
             self._negative.put(digest, deadline, None)
             return None
