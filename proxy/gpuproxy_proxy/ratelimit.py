@@ -44,7 +44,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-_REDIS_MAX_CONNECTIONS = 64
+# The batcher keeps at most two script calls on the wire, plus the outage probe.
+_REDIS_MAX_CONNECTIONS = 8
 _PROBE_INTERVAL_SECONDS = 1.0
 _FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -97,6 +98,18 @@ def client_ip(request: web.Request, trusted_proxies: Iterable[str] | Iterable[IP
     return str(current)
 
 
+@lru_cache(maxsize=4096)
+def ip_scope_key(ip: str) -> str:
+    """IPv4 addresses count one by one; IPv6 per /64, the smallest block one subscriber
+    gets, so rotating addresses inside it does not multiply the budget."""
+    if ":" not in ip:
+        return ip
+    addr = _ip(ip)
+    if addr is None or addr.version == 4:
+        return ip if addr is None else str(addr)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
 def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
     if decision.limit == 0:
         return {}
@@ -139,7 +152,15 @@ class RateLimiter:
     ) -> None:
         self.config = config
         self.trusted: tuple[IPNetwork, ...] = _parse_networks(tuple(config.trusted_proxies))
-        self._metrics = metrics
+        # Label children bound once: .labels() is a locked dict lookup per call otherwise.
+        self._rejections = {
+            scope: metrics.ratelimit_rejections.labels(scope)
+            for scope in ("ip", "user", "api_key")
+        } if metrics is not None else {}
+        self._fallbacks = (
+            metrics.ratelimit_fallback.labels(config.on_redis_failure)
+            if metrics is not None else None
+        )
         self._window_ms = config.window_seconds * 1000
         self._local = LocalWindowLimiter(config.window_seconds)
         self._redis: aioredis.Redis | None = None
@@ -170,7 +191,7 @@ class RateLimiter:
 
     def scopes(self, ip: str, principal: Principal) -> list[Scope]:
         c = self.config
-        scopes = [Scope("ip", "rl:ip:" + ip, c.per_ip)]
+        scopes = [Scope("ip", "rl:ip:" + ip_scope_key(ip), c.per_ip)]
         if principal.user_id is not None:
             scopes.append(Scope("user", "rl:user:" + principal.user_id, c.per_user))
         if principal.api_key_id is not None:
@@ -197,14 +218,16 @@ class RateLimiter:
         return self._count(decision)
 
     def _count(self, decision: RateLimitDecision) -> RateLimitDecision:
-        if not decision.allowed and self._metrics is not None:
-            self._metrics.ratelimit_rejections.labels(decision.scope).inc()
+        if not decision.allowed:
+            counter = self._rejections.get(decision.scope)
+            if counter is not None:
+                counter.inc()
         return decision
 
     def _fallback(self, scopes: list[Scope]) -> RateLimitDecision:
         mode = self.config.on_redis_failure
-        if self._metrics is not None:
-            self._metrics.ratelimit_fallback.labels(mode).inc()
+        if self._fallbacks is not None:
+            self._fallbacks.inc()
         if mode == "local":
             return self._count(self._local.check(scopes))
         if mode == "open":

@@ -366,3 +366,11 @@ async def test_one_batch_decides_each_request_on_its_own(redis_server: Any) -> N
         assert {d.source for d in results} == {"redis"}
     finally:
         await rl.close()
+
+
+def test_ipv6_clients_share_their_slash_64() -> None:
+    rl = limiter(None, per_ip=2)
+    ip_scope = rl.scopes("2001:db8:1:2::1", ANONYMOUS)[0].key
+    assert ip_scope == rl.scopes("2001:db8:1:2:ffff::9", ANONYMOUS)[0].key
+    assert ip_scope != rl.scopes("2001:db8:1:3::1", ANONYMOUS)[0].key
+    assert rl.scopes("192.0.2.1", ANONYMOUS)[0].key != rl.scopes("192.0.2.2", ANONYMOUS)[0].key
