@@ -98,6 +98,9 @@ class GpuProxyClusterStatus(Model):
     """When the autoscaler last changed replicas (RFC 3339)."""
     endpoints: Endpoints = Field(default_factory=Endpoints)
     """In-cluster addresses."""
+    autoscaler_state: str | None = None
+    """Opaque autoscaler memory (recent recommendations and scale events), so a restarted
+    operator keeps its stabilization windows."""
 
 
 class ObjectMeta(Model):
