@@ -118,7 +118,9 @@ def test_final_stage_is_lean(image: str) -> None:
     assert final.all("ADD") == []
     for run in final.all("RUN"):
         assert not any(tool in run for tool in BUILD_TOOLS), run
-    assert "--no-cache-dir" in " ".join(final.all("RUN"))
+    runs = " ".join(final.all("RUN"))
+    assert "--no-cache-dir" in runs
+    assert "pip uninstall --yes setuptools wheel" in runs, "packaging tools of the base image"
 
 
 @pytest.mark.parametrize("image", DOCKERFILES)
