@@ -27,7 +27,9 @@ def test_schema_is_structural() -> None:
         extensions = ("x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields")
         if "type" not in node and not any(node.get(e) for e in extensions):
             problems.append(f"{path}: no type")
-        for forbidden in ("$ref", "$defs", "title", "nullable", "const", "propertyNames"):
+        for forbidden in (
+            "$ref", "$defs", "title", "nullable", "const", "propertyNames", "patternProperties",
+        ):
             if forbidden in node:
                 problems.append(f"{path}: has {forbidden}")
         if "properties" in node and "additionalProperties" in node:

@@ -85,6 +85,11 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[BaseMode
         if key == "properties":
             out[key] = {k: _structural(v, defs, models) for k, v in value.items()}
             continue
+        if key == "patternProperties":
+            # The apiserver forbids patternProperties; key patterns are CEL rules instead.
+            (value_schema,) = value.values()
+            out["additionalProperties"] = _structural(value_schema, defs, models)
+            continue
         out[key] = _structural(value, defs, models)
     if model is not None and "properties" in out:
         _factory_defaults(model, out["properties"])
