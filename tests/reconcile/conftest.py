@@ -106,7 +106,8 @@ class Cluster:
     def children(self, namespace: str, owner_uid: str) -> dict[tuple[str, str], dict[str, Any]]:
         return {(o["kind"], o["metadata"]["name"]): o for o in self.live()
                 if o["metadata"].get("namespace") == namespace
-                and any(r.get("uid") == owner_uid for r in o["metadata"].get("ownerReferences", []))}
+                and any(r.get("uid") == owner_uid
+                        for r in o["metadata"].get("ownerReferences", []))}
 
     def mark(self) -> int:
         return len(list(self.server))
@@ -183,7 +184,7 @@ class Operator:
         state = self.state = OperatorState(
             kube=kube.KubeClient(on_call=metrics.api_call), metrics=metrics,
             login=lambda **_: info, namespaces=namespaces, resync_seconds=self.resync_seconds,
-            consistency_timeout=0.2)
+            consistency_timeout=5.0)
         stop, ready = threading.Event(), threading.Event()
         self._stop = stop
         self._thread = threading.Thread(target=lambda: asyncio.run(handlers.run_operator(
