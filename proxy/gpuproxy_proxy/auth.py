@@ -78,10 +78,10 @@ class Authenticator:
         return await self.authenticate_token(token)
 
     async def authenticate_token(self, token: str) -> Principal:
-        if looks_like_api_key(token):
-            return await self._api_key(token)
         if self.is_admin_token(token):
             return ADMIN
+        if looks_like_api_key(token):
+            return await self._api_key(token)
         if looks_like_jwt(token):
             if self._jwt is None:
                 raise unauthorized("JWT authentication is not configured on this proxy")

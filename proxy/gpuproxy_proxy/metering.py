@@ -25,7 +25,7 @@ from gpuproxy_proxy.metrics import ProxyMetrics
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_SECONDS = 0.5
-_BACKOFF_MAX_SECONDS = 30.0
+_BACKOFF_MAX_SECONDS = 10.0
 _SHUTDOWN_FLUSH_SECONDS = 10.0
 _WRITE_TIMEOUT_SECONDS = 10.0
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)

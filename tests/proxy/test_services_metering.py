@@ -239,3 +239,19 @@ async def test_pgbouncer_restart_keeps_and_retries(
         pgbouncer_server.start()
         await meter.close()
     assert len(await stored(pgbouncer_server.dsn, tag)) == 12
+
+
+async def test_pool_gauges(pgbouncer_server: Any) -> None:
+    metrics = ProxyMetrics()
+    db = Database(db_config(pgbouncer_server), db_secrets(pgbouncer_server), metrics)
+    await db.connect_once()
+    try:
+        assert db.pool is not None
+        async with db.pool.acquire(), db.pool.acquire():
+            db.update_gauges()
+            assert metrics.registry.get_sample_value("gpuproxy_db_connections_active") == 2
+        db.update_gauges()
+        assert metrics.registry.get_sample_value("gpuproxy_db_connections_active") == 0
+        assert metrics.registry.get_sample_value("gpuproxy_db_connections_max") == 4
+    finally:
+        await db.close()
