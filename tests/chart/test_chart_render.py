@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import re
+import tarfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -512,3 +513,14 @@ def test_rendered_cluster_passes_the_crd_cel_rules() -> None:
     assert _cel_violations(schema, bad) == [
         ".spec.autoscaling: minReplicas must be less than or equal to maxReplicas"
     ]
+
+
+def test_helm_package_ships_the_chart_without_ci_files(tmp_path: Path) -> None:
+    result = run_helm("package", str(CHART), "--destination", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (archive,) = tmp_path.glob("gpuproxy-operator-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames()}
+    assert {"Chart.yaml", "values.yaml", "values.schema.json", "README.md",
+            "templates/crd.yaml", "templates/NOTES.txt"} <= names
+    assert not [n for n in names if n.startswith("ci/")]
