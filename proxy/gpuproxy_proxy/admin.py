@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,8 @@ from aiohttp import web
 from gpuproxy_proxy.apikeys import DatabaseUnavailable
 from gpuproxy_proxy.auth import AUTHENTICATOR, bearer_token
 from gpuproxy_proxy.http_errors import forbidden, json_error, unauthorized, unavailable
+
+log = logging.getLogger(__name__)
 
 _MAX_FIELD_LEN = 200
 _MAX_LIST = 10_000
@@ -57,7 +60,9 @@ async def create_key(request: web.Request) -> web.Response:
         key, plaintext = await request.app[AUTHENTICATOR].keys.create(user_id, name)
     except DatabaseUnavailable as exc:
         raise _db_down(exc) from exc
-    # The plaintext key is returned exactly once; only its hash is stored.
+    # Audit trail without the secret: the plaintext is returned exactly once, never logged.
+    log.info("API key created", extra={"key_id": key.id, "user_id": key.user_id,
+                                       "prefix": key.prefix, "remote": request.remote})
     return web.json_response({**key.public(), "key": plaintext}, status=201)
 
 
@@ -87,6 +92,8 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise _db_down(exc) from exc
     if key is None:
         raise json_error(web.HTTPNotFound, "not_found_error", f"no API key with id {key_id!r}")
+    log.info("API key revoked", extra={"key_id": key.id, "user_id": key.user_id,
+                                       "remote": request.remote})
     return web.json_response(key.public())
 
 

@@ -150,6 +150,7 @@ class UsageMeter:
 
     async def _run(self) -> None:
         backoff = _BACKOFF_MIN_SECONDS
+        failing = False
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.flush_interval_seconds):
@@ -158,17 +159,23 @@ class UsageMeter:
             try:
                 await self.flush()
             except Exception as exc:  # the writer must outlive any single failure
-                if isinstance(exc, _DB_ERRORS):
-                    log.warning(
-                        "usage records not written (%s); %d kept, retrying in %.1fs",
-                        exc, self.buffered, backoff,
-                    )
-                else:
+                if not isinstance(exc, _DB_ERRORS):
                     log.exception("unexpected error writing usage records; retrying")
+                elif not failing:  # once per outage, not once per retry
+                    log.warning(
+                        "usage records cannot be written (%s: %s); keeping up to %d in memory "
+                        "and retrying with backoff", type(exc).__name__, exc,
+                        self.config.max_buffered_records,
+                    )
+                failing = True
                 self._gauge()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_SECONDS)
             else:
+                if failing:
+                    log.warning("usage records are written again (%d dropped so far)",
+                                self.dropped)
+                failing = False
                 backoff = _BACKOFF_MIN_SECONDS
             self._gauge()
 

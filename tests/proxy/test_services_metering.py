@@ -4,6 +4,7 @@ retention and retry, bounded buffer, shutdown flush, and the app cleanup_ctx."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -94,6 +95,8 @@ async def test_records_written_in_batches(database: Database, pgbouncer_server: 
 async def test_postgres_outage_keeps_and_retries(
     database: Database, postgres_server: Any, pgbouncer_server: Any
 ) -> None:
+    # PgBouncer holds queries while PostgreSQL is away (up to its query_wait_timeout), so a
+    # short outage shows up as a slow write; records keep queueing behind it meanwhile.
     meter = UsageMeter(MeteringConfig(batch_size=5, flush_interval_seconds=0.1), database)
     meter.start()
     tag = uuid.uuid4().hex
@@ -220,8 +223,9 @@ async def test_bad_record_is_dropped_not_retried_forever(
 
 
 async def test_pgbouncer_restart_keeps_and_retries(
-    database: Database, pgbouncer_server: Any
+    database: Database, pgbouncer_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.metering")
     meter = UsageMeter(MeteringConfig(batch_size=5, flush_interval_seconds=0.1), database)
     meter.start()
     tag = uuid.uuid4().hex
@@ -230,7 +234,7 @@ async def test_pgbouncer_restart_keeps_and_retries(
         pgbouncer_server.stop()  # every pooled client connection breaks
         for rec in batch:
             meter.record(rec)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0)  # refused connections: several attempts fail meanwhile
         assert meter.written == 0
         assert meter.buffered == 12
         pgbouncer_server.start()
@@ -239,6 +243,9 @@ async def test_pgbouncer_restart_keeps_and_retries(
         pgbouncer_server.start()
         await meter.close()
     assert len(await stored(pgbouncer_server.dsn, tag)) == 12
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot be written" in m for m in messages) == 1  # once per outage
+    assert sum("written again" in m for m in messages) == 1
 
 
 async def test_pool_gauges(pgbouncer_server: Any) -> None:
@@ -255,3 +262,33 @@ async def test_pool_gauges(pgbouncer_server: Any) -> None:
         assert metrics.registry.get_sample_value("gpuproxy_db_connections_max") == 4
     finally:
         await db.close()
+
+
+@pytest.mark.slow
+async def test_long_postgres_outage_times_out_and_recovers(
+    database: Database, postgres_server: Any, pgbouncer_server: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Longer than the write timeout: writes fail (not just stall), records stay, and they
+    # are written once PostgreSQL is back.
+    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.metering")
+    meter = UsageMeter(MeteringConfig(batch_size=5, flush_interval_seconds=0.1), database)
+    meter.start()
+    tag = uuid.uuid4().hex
+    batch = records(tag, 8)
+    try:
+        postgres_server.stop()
+        for rec in batch:
+            meter.record(rec)
+        await wait_for(
+            lambda: any("cannot be written" in r.getMessage() for r in caplog.records),
+            seconds=40,
+        )
+        assert meter.written == 0
+        assert meter.buffered == 8
+        postgres_server.start()
+        await wait_for(lambda: meter.written == 8, seconds=60)
+    finally:
+        postgres_server.start()
+        await meter.close()
+    assert len(await stored(pgbouncer_server.dsn, tag)) == 8
