@@ -148,8 +148,10 @@ def release(holders: list[subprocess.Popen[str]]) -> None:
 def bench_target(server: servers.Server, args: argparse.Namespace) -> dict[str, Any]:
     total = args.per_worker * args.workers
     run_probe(server.port, 3.0, args)  # warm-up: pools, caches, first-request allocations
+    t0 = time.time()
     quiet = run_probe(server.port, args.probe_seconds, args)
     quiet_load = run_load(server.port, args) if args.load_seconds else None
+    t1 = time.time()
     pids = process_tree(server.pid)
     rss0 = rss_kib(pids)
     gc0 = gc_metrics(server.admin_port)
@@ -159,13 +161,16 @@ def bench_target(server: servers.Server, args: argparse.Namespace) -> dict[str, 
     ramp_probe = start_probe(server.port, args.ramp_probe_seconds, args)
     try:
         holders, opened, failed = hold_connections(server.port, total, args)
+        t2 = time.time()
         ramp = finish_probe(ramp_probe, args.ramp_probe_seconds)
         time.sleep(2.0)
         pids = process_tree(server.pid)
         rss1 = rss_kib(pids)
         fds = fd_counts(pids)
+        t3 = time.time()
         loaded = run_probe(server.port, args.probe_seconds, args)
         loaded_load = run_load(server.port, args) if args.load_seconds else None
+        t4 = time.time()
         gc1 = gc_metrics(server.admin_port)
         rss2 = rss_kib(pids)
     finally:
@@ -191,6 +196,9 @@ def bench_target(server: servers.Server, args: argparse.Namespace) -> dict[str, 
         "load_p99_ratio": (
             loaded_load["p99_ms"] / quiet_load["p99_ms"] if quiet_load and loaded_load else None
         ),
+        "gc_pause_without": servers.gc_pauses(server.gc_dir, t0, t1),
+        "gc_pause_while_opening": servers.gc_pauses(server.gc_dir, t1, t2),
+        "gc_pause_with": servers.gc_pauses(server.gc_dir, t3, t4),
         "gc_metrics_before": gc0,
         "gc_metrics_after": gc1,
     }
@@ -225,6 +233,22 @@ def report(r: dict[str, Any]) -> None:
             )
     if r["load_p99_ratio"] is not None:
         print(f"load p99 with/without idle: x{r['load_p99_ratio']:.2f}")
+    if r["gc_pause_with"]["processes"]:
+        whole = r["gc_pause_with"]
+        print(
+            f"GC (measured in-process, {whole['gen2_count']:.0f} full collections, max pause "
+            f"{whole['max_ms']:.1f} ms over the run); pauses >= 10 ms by phase:"
+        )
+        for label, key in (
+            ("without idle ", "gc_pause_without"),
+            ("while opening", "gc_pause_while_opening"),
+            ("with idle    ", "gc_pause_with"),
+        ):
+            row = r[key]
+            print(
+                f"  {label}: max {row['window_max_ms']:.1f} ms, "
+                f"{row['window_over_50ms']:.0f} over 50 ms"
+            )
     before = dict(_metric_pairs(r["gc_metrics_before"]))
     for name, value in _metric_pairs(r["gc_metrics_after"]):
         print(f"  metric {name} = {value:g} (was {before.get(name, float('nan')):g})")
@@ -270,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         kids = Children(work)
         print(f"proxy code: {code_version()}", flush=True)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         try:
             backend = servers.start_backend(kids)
             conns = args.per_worker + 1000
@@ -281,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                         kids, work, "proxy-bare", backend.port, args.workers
                     )
                 else:
-                    server = servers.start_naive(kids, backend.port, args.workers)
+                    server = servers.start_naive(kids, work, backend.port, args.workers)
                 result = bench_target(server, args)
                 report(result)
                 results.append(result)

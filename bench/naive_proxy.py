@@ -67,6 +67,7 @@ def serve(port: int, upstream: str) -> None:
         access_log=None,
         print=None,
         backlog=4096,
+        keepalive_timeout=600,
     )
 
 

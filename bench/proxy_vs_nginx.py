@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                     srv = servers.start_nginx(kids, work, backend.port, args.workers)
                     sides.append(Side(name, srv, {}))
                 elif name == "naive":
-                    srv = servers.start_naive(kids, backend.port, args.workers)
+                    srv = servers.start_naive(kids, work, backend.port, args.workers)
                     sides.append(Side(name, srv, {}))
                 elif name == "proxy-bare":
                     srv = servers.start_gpuproxy(kids, work, name, backend.port, args.workers)
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 if warm.non_2xx or warm.errors:
                     print(f"!! warm-up {side.name}: non2xx={warm.non_2xx} errors={warm.errors}")
             samples: list[Sample] = []
+            rounds_started = time.time()
             for rnd in range(1, args.rounds + 1):
                 order = sides if rnd % 2 else list(reversed(sides))
                 for side in order:
@@ -237,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                     samples.append(sample)
             summary = summarise(samples, names)
             print_summary(summary, args)
+            for side in sides:
+                pauses = servers.gc_pauses(side.server.gc_dir, rounds_started, time.time())
+                if pauses["processes"]:
+                    print(
+                        f"{side.name}: longest GC pause during the rounds "
+                        f"{pauses['window_max_ms']:.1f} ms, {pauses['window_over_50ms']:.0f} over "
+                        f"50 ms (since start: {pauses['gen2_count']:.0f} full collections, "
+                        f"longest {pauses['max_gen2_ms']:.1f} ms)"
+                    )
             if redis_port:
                 # Proof the auth side really hit Redis: script calls per request served.
                 calls = redis_script_calls(redis_port)

@@ -27,6 +27,50 @@ class Server:
     port: int
     pid: int
     admin_port: int | None = None
+    gc_dir: Path | None = None
+
+
+def gcwatch_env(
+    work: Path, name: str, env: dict[str, str] | None = None
+) -> tuple[dict[str, str], Path]:
+    """Environment that loads bench/gcwatch/sitecustomize.py: GC pauses recorded per process."""
+    gc_dir = work / f"gc-{name}"
+    gc_dir.mkdir(exist_ok=True)
+    env = dict(os.environ if env is None else env)
+    prior = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(BENCH_DIR / "gcwatch") + (os.pathsep + prior if prior else "")
+    env["BENCH_GC_DIR"] = str(gc_dir)
+    return env, gc_dir
+
+
+def gc_pauses(
+    gc_dir: Path | None, since: float = 0.0, until: float = float("inf")
+) -> dict[str, float]:
+    """Max collection pause (ms) over the processes: over the whole run, and in [since, until]."""
+    result = {
+        "max_ms": 0.0,
+        "max_gen2_ms": 0.0,
+        "window_max_ms": 0.0,
+        "window_over_50ms": 0.0,
+        "gen2_count": 0.0,
+        "processes": 0.0,
+    }
+    if gc_dir is None:
+        return result
+    for path in gc_dir.glob("gc-*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        result["processes"] += 1
+        result["max_ms"] = max(result["max_ms"], *data["max_ms"])
+        result["max_gen2_ms"] = max(result["max_gen2_ms"], data["max_ms"][2])
+        result["gen2_count"] += data["count"][2]
+        for stamp, _gen, ms in data["events"]:
+            if since <= stamp <= until:
+                result["window_max_ms"] = max(result["window_max_ms"], ms)
+                result["window_over_50ms"] += ms > 50
+    return result
 
 
 def start_backend(kids: Children, sse_events: int = 20, sse_delay_ms: float = 50.0) -> Server:
@@ -141,7 +185,7 @@ def start_gpuproxy(
     path = work / f"{name}.yaml"
     # JSON is valid YAML; no need to depend on a YAML writer here.
     path.write_text(json.dumps(proxy_config(port, admin_port, backend_port, workers, redis_port)))
-    env = dict(os.environ)
+    env, gc_dir = gcwatch_env(work, name)
     env["GPUPROXY_JWT_SECRET"] = JWT_SECRET
     env["GPUPROXY_ADMIN_TOKEN"] = "bench-admin-token"  # noqa: S105 - loopback only
     exe = VENV_BIN / "gpuproxy-proxy"
@@ -153,18 +197,19 @@ def start_gpuproxy(
         raise RuntimeError(f"{exc}\n--- {name} log ---\n{kids.log_tail(name)}") from exc
     # All workers must be up before measuring: wait until the tree stops growing.
     time.sleep(1.0)
-    return Server(name, port, proc.pid, admin_port)
+    return Server(name, port, proc.pid, admin_port, gc_dir)
 
 
-def start_naive(kids: Children, backend_port: int, workers: int) -> Server:
+def start_naive(kids: Children, work: Path, backend_port: int, workers: int) -> Server:
     """The minimal aiohttp reverse proxy the issue's baseline numbers describe."""
     port = free_port()
     argv = [PYTHON, str(BENCH_DIR / "naive_proxy.py"), "--port", str(port)]
     argv += ["--upstream", f"http://127.0.0.1:{backend_port}", "--workers", str(workers)]
-    proc = kids.start("naive", argv)
+    env, gc_dir = gcwatch_env(work, "naive")
+    proc = kids.start("naive", argv, env=env)
     wait_port(port, 20, proc)
     time.sleep(1.0)
-    return Server("naive", port, proc.pid)
+    return Server("naive", port, proc.pid, None, gc_dir)
 
 
 def make_jwt(subject: str = "bench-user") -> str:
