@@ -8,7 +8,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from functools import lru_cache
 
 import redis.asyncio as aioredis
@@ -47,6 +50,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The batcher keeps at most two script calls on the wire, plus the outage probe.
 _REDIS_MAX_CONNECTIONS = 8
 _PROBE_INTERVAL_SECONDS = 1.0
+_MAX_DENIED = 100_000
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -167,6 +171,11 @@ class RateLimiter:
         self._timeout = 0.0
         self._down = False
         self._probe: asyncio.Task[None] | None = None
+        # Scope key -> (monotonic time until which it is over its limit, end of its window,
+        # its rejection).
+        # A client told to retry after N seconds is answered locally until then, so a flood
+        # from one client costs this process a dict lookup instead of a Redis call.
+        self._denied: dict[str, tuple[float, float, RateLimitDecision]] = {}
         if redis_config is not None:
             self._timeout = redis_config.socket_timeout_seconds
             pool = aioredis.BlockingConnectionPool.from_url(
@@ -204,6 +213,10 @@ class RateLimiter:
         scopes = self.scopes(client_ip, principal)
         if self._redis is None:
             return self._count(self._local.check(scopes))
+        if self._denied:
+            denied = self._still_denied(scopes)
+            if denied is not None:
+                return self._count(denied)
         if self._down:
             return self._fallback(scopes)
         try:
@@ -215,7 +228,38 @@ class RateLimiter:
             return self._fallback(scopes)
         counts = [(raw[1 + 2 * i], raw[2 + 2 * i]) for i in range(len(scopes))]
         decision = decide(scopes, raw[0] == 1, elapsed, counts, self._window_ms, "redis")
+        if not decision.allowed:
+            self._deny(scopes, decision)
         return self._count(decision)
+
+    def _deny(self, scopes: list[Scope], decision: RateLimitDecision) -> None:
+        key = next(s.key for s in scopes if s.name == decision.scope)
+        now = time.monotonic()
+        if len(self._denied) >= _MAX_DENIED:
+            self._denied = {k: v for k, v in self._denied.items() if v[0] > now}
+            if len(self._denied) >= _MAX_DENIED:
+                return  # a flood of distinct clients: Redis answers them as usual
+        # Retry-After was rounded up to whole seconds: deny only for the part that is certain.
+        until = now + decision.retry_after_seconds - 1
+        if until > now:
+            self._denied[key] = (until, now + decision.reset_seconds, decision)
+
+    def _still_denied(self, scopes: list[Scope]) -> RateLimitDecision | None:
+        now = time.monotonic()
+        for scope in scopes:
+            entry = self._denied.get(scope.key)
+            if entry is None:
+                continue
+            until, window_end, decision = entry
+            if until <= now:
+                del self._denied[scope.key]
+                continue
+            return replace(
+                decision,
+                retry_after_seconds=max(1, math.ceil(until - now)),
+                reset_seconds=max(1, math.ceil(window_end - now)),
+            )
+        return None
 
     def _count(self, decision: RateLimitDecision) -> RateLimitDecision:
         if not decision.allowed:

@@ -374,3 +374,28 @@ def test_ipv6_clients_share_their_slash_64() -> None:
     assert ip_scope == rl.scopes("2001:db8:1:2:ffff::9", ANONYMOUS)[0].key
     assert ip_scope != rl.scopes("2001:db8:1:3::1", ANONYMOUS)[0].key
     assert rl.scopes("192.0.2.1", ANONYMOUS)[0].key != rl.scopes("192.0.2.2", ANONYMOUS)[0].key
+
+
+async def test_rejected_client_is_answered_without_redis(redis_server: Any) -> None:
+    rl = limiter(redis_server, per_ip=3)
+    calls = 0
+    original = rl._batcher.call
+
+    def counting(keys: Any, limits: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(keys, limits)
+
+    rl._batcher.call = counting  # type: ignore[method-assign]
+    try:
+        ip = unique_ip()
+        results = [await rl.check(ip, ANONYMOUS) for _ in range(10)]
+        assert [d.allowed for d in results] == [True] * 3 + [False] * 7
+        assert calls == 4  # three allowed and the first rejection; the rest stayed local
+        assert all(d.scope == "ip" and d.retry_after_seconds >= 1 for d in results[3:])
+        assert results[-1].retry_after_seconds <= results[3].retry_after_seconds
+        # Other clients still go to Redis.
+        assert (await rl.check(unique_ip(), ANONYMOUS)).allowed
+        assert calls == 5
+    finally:
+        await rl.close()
