@@ -133,8 +133,8 @@ def test_operator_deployment_shape() -> None:
     assert ports == {"health": 8081, "metrics": 8080}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
-    assert container["resources"]["limits"]["memory"] == "256Mi"
+    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "192Mi"}
+    assert container["resources"]["limits"] == {"memory": "384Mi"}
     security = container["securityContext"]
     assert security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True
