@@ -92,7 +92,7 @@ def merge_stats(workers: Sequence[dict[str, Any]], draining: bool = False) -> di
                                 for w in workers), default=0.0),
         "per_worker": [
             {key: w.get(key) for key in ("pid", "worker", "connections_active",
-                                         "requests_in_flight", "draining")}
+                                         "requests_in_flight", "draining", "gc")}
             for w in workers
         ],
     }

@@ -123,8 +123,9 @@ class LimitsConfig(_Frozen):
     # so endpoints stop routing here before the listener closes. Part of the grace period.
     drain_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
     # Long-lived objects (idle connections) are moved out of the collector's reach this often,
-    # so full collections stay short with many connections open; 0 disables the periodic freeze.
-    gc_freeze_interval_seconds: Annotated[float, Field(ge=0)] = 60.0
+    # and automatic full collections are off meanwhile, so many open connections never turn
+    # into long GC pauses; 0 keeps CPython's default collector (after one freeze at start).
+    gc_freeze_interval_seconds: Annotated[float, Field(ge=0)] = 1.0
 
 
 class ReloadConfig(_Frozen):

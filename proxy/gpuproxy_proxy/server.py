@@ -19,7 +19,12 @@ from aiohttp import web, web_protocol, web_server
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from gpuproxy_proxy.gcwatch import GcMonitor, freeze_after_warmup, freeze_periodically
+from gpuproxy_proxy.gcwatch import (
+    FullCollectionsOff,
+    GcMonitor,
+    freeze_after_warmup,
+    freeze_periodically,
+)
 from gpuproxy_proxy.logging import JsonAccessLogger
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
@@ -169,6 +174,7 @@ class Worker:
         )
         self.status_runner: web.AppRunner | None = None
         self.gc_monitor = GcMonitor(self.app[METRICS])
+        self._full_gc_off = FullCollectionsOff()
         self.app[GC_MONITOR] = self.gc_monitor
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -196,6 +202,7 @@ class Worker:
         self.gc_monitor.install()
         interval = self.config.limits.gc_freeze_interval_seconds
         if interval > 0:
+            self._full_gc_off.disable()
             self._tasks.append(
                 asyncio.create_task(freeze_periodically(interval), name="gc-freeze"))
 
@@ -208,6 +215,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         self.gc_monitor.uninstall()
+        self._full_gc_off.restore()
         delay = self.config.limits.drain_delay_seconds
         if delay > 0:
             await asyncio.sleep(delay)
