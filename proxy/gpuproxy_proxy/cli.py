@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from gpuproxy_proxy.config import ProxyConfig, Secrets, load_config
 from gpuproxy_proxy.logging import setup_logging
-from gpuproxy_proxy.server import raise_nofile_limit, serve_single, serve_worker
+from gpuproxy_proxy.server import ListenError, raise_nofile_limit, serve_single, serve_worker
 
 T = TypeVar("T")
 log = logging.getLogger("gpuproxy.cli")
@@ -64,6 +64,14 @@ def describe_config_error(path: Path, exc: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.demo:
         from gpuproxy_proxy.demo import run_demo

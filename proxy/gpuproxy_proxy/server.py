@@ -52,6 +52,21 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+class ListenError(RuntimeError):
+    """A port could not be bound; the message names the config field to change."""
+
+
+def _bind(sock: socket.socket, host: str, port: int, field: str) -> None:
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): change {field} in the config "
+            "file or stop the process that uses the port"
+        ) from exc
+
+
 def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
     """A listening socket every worker binds on its own; the kernel spreads connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -60,7 +75,7 @@ def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # Accepted sockets inherit it on Linux: SSE chunks leave at once.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    _bind(sock, host, port, "listen.port")
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
@@ -243,7 +258,7 @@ class Worker:
 def admin_socket(config: ProxyConfig) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.listen.host, config.listen.admin_port))
+    _bind(sock, config.listen.host, config.listen.admin_port, "listen.admin_port")
     sock.listen(128)
     sock.setblocking(False)
     return sock

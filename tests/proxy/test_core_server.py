@@ -243,3 +243,16 @@ def test_gc_monitor_times_collections() -> None:
     assert monitor.snapshot()["max_pause_ms"] >= 0.0
     text = generate_latest(metrics.registry).decode()
     assert 'gpuproxy_gc_pause_milliseconds_count{generation="2"} 1.0' in text
+
+
+def test_busy_port_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpuproxy_proxy.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "proxy.yaml"
+        path.write_text(yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": port}}))
+        assert main(["--config", str(path)]) == 1
+    assert "change listen.port" in capsys.readouterr().err
