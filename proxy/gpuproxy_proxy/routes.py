@@ -120,6 +120,10 @@ class Pipeline:
             if runtime.draining and not resp.prepared:
                 resp.force_close()
             return resp
+        except asyncio.CancelledError:
+            if not outcome.status:
+                outcome.status = 499  # nginx's code for "client closed request"
+            raise
         finally:
             runtime.in_flight -= 1
             self.in_flight_gauge.dec()

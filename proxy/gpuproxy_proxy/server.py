@@ -185,7 +185,10 @@ class Worker:
         self.runner = ProxyRunner(
             self.app, cap=config.limits.max_connections_per_worker, handle_signals=False,
             shutdown_timeout=config.limits.shutdown_grace_seconds,
-            keepalive_timeout=config.limits.keepalive_timeout_seconds, **kwargs,
+            keepalive_timeout=config.limits.keepalive_timeout_seconds,
+            # A client that hangs up cancels its handler, which closes the upstream request:
+            # the GPU stops generating for nobody.
+            handler_cancellation=True, **kwargs,
         )
         self.status_runner: web.AppRunner | None = None
         self.gc_monitor = GcMonitor(self.app[METRICS])

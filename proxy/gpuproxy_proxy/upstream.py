@@ -7,6 +7,7 @@ byte was sent is retried once on another backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -184,9 +185,16 @@ async def forward(
             return json_error(502, "upstream_error",
                               f"backend {backend.name!r} failed: {type(exc).__name__}",
                               request_id, extra_headers)
+        except BaseException:
+            backend.release()  # cancelled (client hung up) or a bug: keep the count right
+            raise
     try:
         return await _relay(request, resp, backend, runtime, started, request_id, outcome,
                             extra_headers)
+    except asyncio.CancelledError:
+        outcome.status = 499  # the client hung up (or the drain deadline passed)
+        resp.close()  # never hand a half-read connection back to the pool
+        raise
     finally:
         backend.release()
         resp.release()

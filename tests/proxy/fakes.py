@@ -40,6 +40,7 @@ class FakeBackend:
     seen: list[Seen] = field(default_factory=list)
     # When set, a stream sends its first chunk and then waits for this before finishing.
     gate: asyncio.Event | None = None
+    cancelled: int = 0  # handlers cancelled because the proxy closed the connection
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -56,7 +57,9 @@ class FakeBackend:
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._inference)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
@@ -83,7 +86,11 @@ class FakeBackend:
         if self.mode == "fail":
             return web.json_response({"error": {"message": "boom"}}, status=500)
         if self.mode == "hang":
-            await asyncio.sleep(3600)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.mode == "close":
             assert request.transport is not None
             request.transport.abort()

@@ -256,3 +256,22 @@ def test_busy_port_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture
         path.write_text(yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": port}}))
         assert main(["--config", str(path)]) == 1
     assert "change listen.port" in capsys.readouterr().err
+
+
+async def test_client_hangup_cancels_the_upstream_request(
+    backends: list[FakeBackend], worker_factory: Any
+) -> None:
+    hang = await FakeBackend("hang", mode="hang").start()
+    backends.append(hang)
+    worker, port = await worker_factory(proxy_config(backends))
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    while hang.hits == 0:
+        await asyncio.sleep(0.01)
+    assert worker.runtime.in_flight == 1
+    writer.close()  # the client gives up before the backend answered
+    deadline = time.monotonic() + 5
+    while hang.cancelled == 0 or worker.runtime.in_flight:
+        assert time.monotonic() < deadline, "upstream request was not cancelled"
+        await asyncio.sleep(0.01)
+    assert worker.runtime.pool.by_name["hang"].in_flight == 0
