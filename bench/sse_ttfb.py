@@ -94,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=50.0, help="gap between events")
     parser.add_argument("--seconds", type=float, default=10.0, help="per target per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--targets", default="direct,nginx,proxy")
+    parser.add_argument(
+        "--targets", default="direct,nginx,proxy", help="comma list; naive = reference proxy"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.streams_per_core * args.workers > 5000 or args.seconds > 120 or args.rounds > 10:
         parser.error("bounded benchmark: at most 5000 streams, 120 s per run, 10 rounds")
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(names) - {"direct", "nginx", "proxy", "naive"}
+    if unknown:
+        parser.error(f"--targets: unknown {sorted(unknown)}; use direct, nginx, proxy, naive")
 
     with tempfile.TemporaryDirectory(prefix="gpuproxy-sse-") as tmp:
         work = Path(tmp)
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             ports = {"direct": backend.port}
             if "nginx" in names:
                 ports["nginx"] = servers.start_nginx(kids, work, backend.port, args.workers).port
+            if "naive" in names:
+                ports["naive"] = servers.start_naive(kids, work, backend.port, args.workers).port
             if "proxy" in names:
                 ports["proxy"] = servers.start_gpuproxy(
                     kids, work, "proxy-bare", backend.port, args.workers
