@@ -89,6 +89,12 @@ class BackendState:
         self.in_flight -= 1
         self._in_flight_gauge.dec()
 
+    def abandon(self) -> None:
+        """Release a request that ended without an answer either way (client hung up)."""
+        self.release()
+        if self.probing:
+            self.probing = False  # the half-open probe proved nothing: let another one try
+
     # --- passive outlier detection ---------------------------------------------------------
     def record_success(self, latency_ms: float, alpha: float, now: float = 0.0) -> None:
         self.ewma_ms = ewma(self.ewma_ms, latency_ms, alpha)

@@ -186,7 +186,7 @@ async def forward(
                               f"backend {backend.name!r} failed: {type(exc).__name__}",
                               request_id, extra_headers)
         except BaseException:
-            backend.release()  # cancelled (client hung up) or a bug: keep the count right
+            backend.abandon()  # cancelled (client hung up) or a bug: keep the counts right
             raise
     try:
         return await _relay(request, resp, backend, runtime, started, request_id, outcome,

@@ -46,6 +46,9 @@ def test_half_open_allows_a_single_probe() -> None:
     assert not state.available(later + 5)
     assert state.available(later + 11)
     state.acquire()
+    state.abandon()  # a probe cancelled before any answer does not block the next one
+    assert state.available(later + 11)
+    state.acquire()
     state.release()
     state.record_success(12.0, 0.5)
     assert state.state(later + 11) == "healthy"
