@@ -168,7 +168,11 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
         return Outcome("gone")  # children go by owner-reference garbage collection
     generation = meta.get("generation")
     previous = body.get("status") or {}
-    reconciled_before = generation is not None and previous.get("observedGeneration") == generation
+    # This generation was applied already (not merely seen while paused): differences now are
+    # drift, and the Events say Repaired.
+    reconciled_before = (generation is not None
+                         and previous.get("observedGeneration") == generation
+                         and status.condition(previous, "Paused").get("status") != "True")
     if meta.get("uid"):
         state.managed.add(meta["uid"])
         state.metrics.managed_clusters.set(len(state.managed))
@@ -274,19 +278,34 @@ async def _owner_of(api: kube.KubeClient, kind: str, ns: str, name: str) -> str 
     return None
 
 
+STATUS_ATTEMPTS = 3
+
+
 async def _write_status(api: kube.KubeClient, body: dict[str, Any], obs: status.Observation,
                         logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-    """Patch status only when it changed; post an Event when Degraded or Ready flips."""
-    previous = body.get("status") or {}
-    new = status.compute_status(previous, obs, _now())
-    patch = status.status_patch(previous, new)
-    if patch is None:
-        return
+    """Patch status only when it changed (guarded by resourceVersion, re-read on a conflict
+    with the autoscaler's status writes); post an Event when Degraded or Ready flips."""
     meta = body["metadata"]
-    try:
-        await kube.patch_cluster_status(api, meta.get("namespace"), meta["name"], patch)
-    except kube.NotFound:
-        return
+    for attempt in range(STATUS_ATTEMPTS):
+        previous = body.get("status") or {}
+        new = status.compute_status(previous, obs, _now())
+        patch = status.status_patch(previous, new)
+        if patch is None:
+            return
+        try:
+            await kube.patch_cluster_status(api, meta.get("namespace"), meta["name"], patch,
+                                            resource_version=meta.get("resourceVersion"))
+            break
+        except kube.NotFound:
+            return
+        except kube.Conflict:
+            if attempt == STATUS_ATTEMPTS - 1:
+                raise
+            try:
+                body = await api.get(KIND, meta.get("namespace"), meta["name"])
+            except kube.NotFound:
+                return
+            meta = body["metadata"]
     before_d, after_d = status.condition(previous, "Degraded"), status.condition(new, "Degraded")
     if after_d.get("status") == "True" and (before_d.get("status"), before_d.get("message")) != (
             "True", after_d.get("message")):

@@ -59,6 +59,12 @@ async def login(memo: Any, logger: kopf.Logger, **kwargs: Any) -> kopf.Connectio
     return info
 
 
+@kopf.on.probe(id="managedClusters")
+def managed_clusters(memo: Any, **_: Any) -> int:
+    """Shown by the liveness endpoint."""
+    return len(state_of(memo).managed)
+
+
 def _retry_delay(retry: int) -> float:
     return float(min(MAX_BACKOFF, 2 ** min(retry, 10)))
 
@@ -120,6 +126,9 @@ async def resync_loop(state: engine.OperatorState) -> None:
         await resync_once(state)
 
 
+RESYNC_CONCURRENCY = 8
+
+
 async def resync_once(state: engine.OperatorState) -> None:
     scopes: list[str | None] = list(state.namespaces) or [None]
     keys: list[engine.ClusterKey] = []
@@ -131,11 +140,14 @@ async def resync_once(state: engine.OperatorState) -> None:
             continue
         keys += [(i["metadata"]["namespace"], i["metadata"]["name"]) for i in items]
 
+    limit = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
     async def one(key: engine.ClusterKey) -> None:
-        try:
-            await engine.request_reconcile(state, key, "resync", log)
-        except kube.KubeError as exc:
-            log.warning(f"resync of {key[0]}/{key[1]} failed: {exc}")
+        async with limit:
+            try:
+                await engine.request_reconcile(state, key, "resync", log)
+            except kube.KubeError as exc:
+                log.warning(f"resync of {key[0]}/{key[1]} failed: {exc}")
 
     await asyncio.gather(*(one(k) for k in keys))
 

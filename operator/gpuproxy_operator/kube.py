@@ -312,9 +312,15 @@ async def patch_deployment_replicas(client: KubeClient, namespace: str, name: st
 
 
 async def patch_cluster_status(client: KubeClient, namespace: str, name: str,
-                               status: dict[str, Any]) -> dict[str, Any]:
-    """Merge-patch a GpuProxyCluster's status (camelCase keys; `conditions` replaces the list)."""
-    return await client.patch(KIND, namespace, name, {"status": status}, sub="status")
+                               status: dict[str, Any], *,
+                               resource_version: str | None = None) -> dict[str, Any]:
+    """Merge-patch a GpuProxyCluster's status (camelCase keys; `conditions` replaces the list).
+    With `resource_version`, the API server refuses (Conflict) if the object changed since it
+    was read, so a list like `conditions` never overwrites another writer's newer entries."""
+    body: dict[str, Any] = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    return await client.patch(KIND, namespace, name, body, sub="status")
 
 
 def object_reference(obj: dict[str, Any]) -> dict[str, Any]:

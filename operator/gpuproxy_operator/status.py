@@ -148,7 +148,9 @@ def summary_conditions(obs: Observation, components: list[Cond]) -> list[Cond]:
     if obs.paused:
         out.append(Cond("Progressing", False, "Paused", "changes are on hold while paused"))
     elif obs.applied:
-        out.append(Cond("Progressing", True, "Applied", "applied: " + "; ".join(obs.applied)))
+        shown = "; ".join(obs.applied[:3])
+        more = f"; and {len(obs.applied) - 3} more" if len(obs.applied) > 3 else ""
+        out.append(Cond("Progressing", True, "Applied", f"applied: {shown}{more}"))
     elif waiting and not obs.invalid:
         out.append(Cond("Progressing", True, "RollingOut",
                         "waiting for the workloads to become ready"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -27,6 +28,12 @@ class MemoryKube(kube.KubeClient):
         self.objects: dict[Key, dict[str, Any]] = {}
         self.failures: dict[tuple[str, str, str | None], kube.KubeError] = {}
         self.writes: list[tuple[str, str, str]] = []
+        self.versions = 0
+        self.before_status_patch: Callable[[], None] | None = None
+
+    def _bump(self, obj: dict[str, Any]) -> None:
+        self.versions += 1
+        obj["metadata"]["resourceVersion"] = str(self.versions)
 
     def _fail(self, verb: str, kind: str, name: str | None) -> None:
         exc = self.failures.get((verb, kind, name))
@@ -54,18 +61,26 @@ class MemoryKube(kube.KubeClient):
         if key in self.objects and manifest["kind"] != "Event":
             raise kube.Conflict("create", meta["name"], 409, "exists")
         self.objects[key] = copy.deepcopy(manifest)
+        self._bump(self.objects[key])
         self.writes.append(("create", manifest["kind"], meta["name"]))
         return copy.deepcopy(manifest)
 
     async def patch(self, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
                     *, sub: str | None = None) -> dict[str, Any]:
         self._fail("patch", kind, name)
+        if sub == "status" and self.before_status_patch is not None:
+            hook, self.before_status_patch = self.before_status_patch, None
+            hook()
         obj = self.objects[(kind, namespace, name)]
+        want_version = patch.get("metadata", {}).get("resourceVersion")
+        if want_version and want_version != obj["metadata"].get("resourceVersion"):
+            raise kube.Conflict("patch", name, 409, "the object has been modified")
         for field, value in patch.items():
             if isinstance(value, dict) and isinstance(obj.get(field), dict):
                 obj[field] = {**obj[field], **value}
             else:
                 obj[field] = value
+        self._bump(obj)
         self.writes.append(("patch", kind, name))
         return copy.deepcopy(obj)
 
@@ -160,3 +175,21 @@ async def test_deleted_cluster_is_left_to_garbage_collection(api: MemoryKube) ->
     outcome = await engine.reconcile_cluster(engine.OperatorState(kube=api), ("ns1", "demo"), log)
     assert outcome.result == "gone"
     assert api.writes == []
+
+
+async def test_status_write_rereads_after_a_conflict_and_keeps_the_autoscalers_condition(
+        api: MemoryKube) -> None:
+    scaling = {"type": "Scaling", "status": "True", "reason": "ScaledUp", "message": "2 -> 4"}
+
+    def autoscaler_writes() -> None:
+        obj = api.objects[(KIND, "ns1", "demo")]
+        obj["status"] = {**(obj.get("status") or {}), "conditions": [scaling],
+                         "desiredReplicas": 4}
+        api._bump(obj)
+
+    api.before_status_patch = autoscaler_writes
+    await engine.reconcile_cluster(engine.OperatorState(kube=api), ("ns1", "demo"), log)
+    status = cr_status(api)
+    assert condition(status, "Scaling") == scaling
+    assert condition(status, "Ready")["status"] == "False"
+    assert status["desiredReplicas"] == 4

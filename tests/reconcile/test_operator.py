@@ -82,6 +82,7 @@ async def test_create_builds_every_child_with_owner_refs_and_becomes_ready(
     cluster.ready = True
     await eventually(lambda: is_ready(cluster, body))
     status = cr(cluster, body)["status"]  # type: ignore[index]
+    assert not cr(cluster, body)["metadata"].get("finalizers")  # type: ignore[index]
     assert status["observedGeneration"] == 1
     assert (status["replicas"], status["readyReplicas"]) == (2, 2)
     assert "app.kubernetes.io/component=proxy" in status["selector"]
@@ -242,6 +243,7 @@ async def test_two_clusters_in_two_namespaces_are_independent(
     assert not [w for w in cluster.operator_writes(mark) if "/namespaces/ns1/" in w]
     # Deleting one cluster garbage-collects only its children.
     await cluster.delete(KIND, "ns2", "demo")
+    assert cr(cluster, two) is None  # no finalizer: deletion never waits for the operator
     await eventually(lambda: cluster.children("ns2", uid2) == {})
     assert len(cluster.children("ns1", uid1)) == len(desired(one))
     assert is_ready(cluster, one)
