@@ -37,10 +37,14 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def restart_only_changes(old: ProxyConfig, new: ProxyConfig) -> list[str]:
-    return sorted(
+    changed = [
         name for name in ProxyConfig.model_fields
         if name not in _RELOADABLE and getattr(old, name) != getattr(new, name)
-    )
+    ]
+    # The connection pool is sized once, when the process starts.
+    if old.upstream.max_connections_per_backend != new.upstream.max_connections_per_backend:
+        changed.append("upstream.max_connections_per_backend")
+    return sorted(changed)
 
 
 def apply_config(app: web.Application, new: ProxyConfig) -> None:

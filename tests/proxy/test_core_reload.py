@@ -93,5 +93,9 @@ def test_restart_only_sections_are_reported() -> None:
     base = ProxyConfig()
     changed = base.model_copy(update={
         "workers": 4, "backends": [], "limits": base.limits.model_copy(
-            update={"max_body_bytes": 5})})
+            update={"max_body_bytes": 5}),
+        "upstream": base.upstream.model_copy(update={"read_timeout_seconds": 9.0})})
     assert restart_only_changes(base, changed) == ["limits", "workers"]
+    pool = changed.model_copy(update={"upstream": base.upstream.model_copy(
+        update={"max_connections_per_backend": 7})})
+    assert restart_only_changes(changed, pool) == ["upstream.max_connections_per_backend"]
