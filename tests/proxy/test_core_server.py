@@ -197,6 +197,21 @@ async def test_workers_share_port_and_admin_reports_the_sum(
             assert total == 20
         for sock in idle:
             sock.close()
+        # A crashed worker is replaced; the pod keeps serving meanwhile.
+        os.kill(sorted(pids)[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        async with aiohttp.ClientSession() as http:
+            while True:
+                async with http.get(f"{admin}/stats") as resp:
+                    stats = await resp.json()
+                now_pids = {w["pid"] for w in stats["per_worker"]}
+                if len(now_pids) == 2 and now_pids != pids:
+                    break
+                assert time.monotonic() < deadline, stats
+                await asyncio.sleep(0.2)
+            await _wait_ready(admin, proc)
+            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={}) as r:
+                assert r.status == 200
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
     finally:
