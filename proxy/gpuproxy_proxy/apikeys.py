@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import secrets
 import time
 import uuid
@@ -64,6 +65,14 @@ def hash_key(key: str) -> bytes:
 
 def looks_like_api_key(token: str) -> bool:
     return token.startswith(KEY_PREFIX)
+
+
+_KEY_SHAPE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
+
+
+def well_formed(key: str) -> bool:
+    """Exactly the shape generate_key() produces; anything else is rejected without a query."""
+    return _KEY_SHAPE.fullmatch(key) is not None
 
 
 def _row_to_key(row: asyncpg.Record) -> ApiKey:
@@ -128,6 +137,10 @@ class ApiKeyStore:
         self._positive = _TtlCache(max_cached)
         self._negative = _TtlCache(max_negative_cached)
         self._pending: dict[bytes, asyncio.Future[ApiKey | None]] = {}
+        # Cache misses may hold at most this many pool connections at once, so a flood of
+        # random keys cannot starve metering and the admin API of database connections.
+        miss_slots = 1 if db is None else max(1, db.config.pool_max_size // 2)
+        self._miss_slots = asyncio.Semaphore(miss_slots)
 
     def _pool(self) -> asyncpg.Pool:
         pool = None if self._db is None else self._db.pool
@@ -220,10 +233,8 @@ class ApiKeyStore:
 
     async def _fetch(self, digest: bytes) -> ApiKey | None:
         try:
-            row = await self._pool().fetchrow(
-                f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1",  # noqa: S608
-                digest,
-            )
+            async with self._miss_slots:
+                row = await self._query(digest)
         except (DatabaseUnavailable, *_DB_ERRORS) as exc:
             stale = self._positive.get(digest)
             if stale is not None:
@@ -237,6 +248,12 @@ class ApiKeyStore:
         self._negative.pop(digest)
         self._positive.put(digest, deadline, record)
         return record
+
+    async def _query(self, digest: bytes) -> asyncpg.Record | None:
+        return await self._pool().fetchrow(
+            f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1",  # noqa: S608
+            digest,
+        )
 
     def clear_cache(self) -> None:
         self._positive.clear()

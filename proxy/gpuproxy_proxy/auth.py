@@ -12,7 +12,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gpuproxy_proxy.apikeys import ApiKeyStore, DatabaseUnavailable, looks_like_api_key
+from gpuproxy_proxy.apikeys import (
+    ApiKeyStore,
+    DatabaseUnavailable,
+    looks_like_api_key,
+    well_formed,
+)
 from gpuproxy_proxy.appkeys import CONFIG, SECRETS
 from gpuproxy_proxy.config import AuthConfig, Secrets
 from gpuproxy_proxy.db import DB_POOL, Database
@@ -94,6 +99,8 @@ class Authenticator:
     async def _api_key(self, token: str) -> Principal:
         if not self._has_db:
             raise unauthorized("API keys are not available: this proxy has no database")
+        if not well_formed(token):
+            raise unauthorized("invalid API key")
         try:
             record = await self.keys.lookup(token)
         except DatabaseUnavailable as exc:

@@ -293,6 +293,9 @@ async def test_database_down_at_start_then_up(pgbouncer_server: Any) -> None:
         assert "Retry-After" in resp.headers
         resp = await c.get("/whoami", headers={"X-API-Key": "gpx_" + "B" * 43})
         assert resp.status == 503
+        # A malformed key needs no database to be refused.
+        resp = await c.get("/whoami", headers={"X-API-Key": "gpx_short"})
+        assert resp.status == 401
         pgbouncer_server.start()
         db = c.app[DB_POOL]
         assert db is not None
