@@ -102,7 +102,10 @@ class ScriptBatcher:
                 raise ConnectionError(f"rate-limit script answered {len(results)}/{len(batch)}")
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else ConnectionError("cancelled")
-            for _, _, future in batch:
+            # Calls queued behind a failed one would only wait for the same failure: fail
+            # them now so the caller's fallback answers at once.
+            waiting, self._pending = [*batch, *self._pending], []
+            for _, _, future in waiting:
                 if not future.done():
                     future.set_exception(error)
             if not isinstance(exc, Exception):

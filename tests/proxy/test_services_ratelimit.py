@@ -399,3 +399,39 @@ async def test_rejected_client_is_answered_without_redis(redis_server: Any) -> N
         assert calls == 5
     finally:
         await rl.close()
+
+
+async def test_hung_redis_times_out_into_fallback(redis_server: Any) -> None:
+    # A Redis that accepts but never answers (frozen) must cost one socket timeout, not one
+    # per queued batch: everything queued behind the stuck call falls back together.
+    import os
+    import signal
+
+    rl = RateLimiter(
+        RateLimitConfig(per_ip=1000),
+        RedisConfig(url=redis_server.url, socket_timeout_seconds=0.2),
+        Secrets(),
+    )
+    sent = 0
+    original = rl._batcher._roundtrip
+
+    async def counting(command: bytes) -> object:
+        nonlocal sent
+        sent += 1
+        return await original(command)
+
+    rl._batcher._roundtrip = counting  # type: ignore[method-assign]
+    try:
+        assert (await rl.check(unique_ip(), ANONYMOUS)).source == "redis"
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            results = await asyncio.gather(*(rl.check(unique_ip(), ANONYMOUS) for _ in range(800)))
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+        assert {d.source for d in results} == {"local"}
+        assert all(d.allowed for d in results)
+        # 800 calls make 4 batches; only the (at most two) on the wire were tried.
+        assert sent - 1 <= 2
+        await wait_for(rl.redis_ready)
+    finally:
+        await rl.close()
