@@ -94,12 +94,18 @@ def _same_scalar(want: Any, have: Any) -> bool:
     return False
 
 
+def _is_zero(value: Any) -> bool:
+    # The API server omits empty and zero `omitempty` fields ({}, [], "", 0, false) on output.
+    return value is None or (not isinstance(value, Decimal) and value in ({}, [], "", 0))
+
+
 def contains(have: Any, want: Any) -> bool:
     """Whether `have` holds everything in `want`: dict keys the server added (defaults, status)
-    are ignored, lists must match item by item, scalars by value."""
+    are ignored, a missing key matches an empty/zero wanted value, lists must match item by
+    item, scalars by value."""
     if isinstance(want, Mapping):
         return isinstance(have, Mapping) and all(
-            k in have and contains(have[k], v) for k, v in want.items() if v is not None
+            contains(have[k], v) if k in have else _is_zero(v) for k, v in want.items()
         )
     if isinstance(want, list):
         return (isinstance(have, list) and len(have) == len(want)

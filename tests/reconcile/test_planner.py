@@ -106,6 +106,10 @@ def test_contains_tolerates_canonical_quantities_and_server_defaults() -> None:
     assert not contains({"resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
                          "ports": [{"port": 80}]}, want)
     assert not contains({"a": "1"}, {"a": 1})  # a string is not an int
+    # Fields the API server omits when empty or zero are not drift; non-zero ones are.
+    assert contains({"spec": {}}, {"spec": {"nodeSelector": {}, "tolerations": [],
+                                            "minReadySeconds": 0, "hostNetwork": False}})
+    assert not contains({"spec": {}}, {"spec": {"minReadySeconds": 5}})
 
 
 def test_merge_patch_carries_metadata_and_content_not_status() -> None:
