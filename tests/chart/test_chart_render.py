@@ -524,3 +524,43 @@ def test_helm_package_ships_the_chart_without_ci_files(tmp_path: Path) -> None:
     assert {"Chart.yaml", "values.yaml", "values.schema.json", "README.md",
             "templates/crd.yaml", "templates/NOTES.txt"} <= names
     assert not [n for n in names if n.startswith("ci/")]
+
+
+@pytest.mark.parametrize(
+    ("sets", "image"),
+    [
+        ((), "aiserve/gpuproxy-operator:0.1.0"),
+        (("image.tag=0.2.0-rc1",), "aiserve/gpuproxy-operator:0.2.0-rc1"),
+        ((f"image.digest=sha256:{'a' * 64}", "image.tag=ignored"),
+         f"aiserve/gpuproxy-operator@sha256:{'a' * 64}"),
+    ],
+)
+def test_operator_image_reference(sets: tuple[str, ...], image: str) -> None:
+    (container,) = one(render((), sets), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == image
+
+
+def test_image_tag_defaults_to_the_app_version() -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    (container,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"].endswith(f":{chart['appVersion']}")
+
+
+def test_existing_service_account_must_be_named() -> None:
+    result = render_result((), ("serviceAccount.create=false",))
+    assert result.returncode != 0
+    assert "serviceAccount.name is required" in result.stderr
+    manifests = render((), ("serviceAccount.create=false", "serviceAccount.name=ops-robot"))
+    assert by_kind(manifests, "ServiceAccount") == []
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ops-robot"
+    (binding,) = by_kind(manifests, "ClusterRoleBinding")
+    assert binding["subjects"][0]["name"] == "ops-robot"
+
+
+def test_kubernetes_version_floor() -> None:
+    """CEL validation rules in the CRD need Kubernetes 1.29."""
+    assert render_result((), (), "--kube-version", "1.29.0").returncode == 0
+    too_old = render_result((), (), "--kube-version", "1.28.9")
+    assert too_old.returncode != 0
+    assert "kubeVersion" in too_old.stderr
