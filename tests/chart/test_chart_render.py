@@ -564,3 +564,50 @@ def test_kubernetes_version_floor() -> None:
     too_old = render_result((), (), "--kube-version", "1.28.9")
     assert too_old.returncode != 0
     assert "kubeVersion" in too_old.stderr
+
+
+def _restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """The Pod Security Standard `restricted` profile (Kubernetes 1.30), for one pod spec."""
+    problems = []
+    pod_sc = pod.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            problems.append(flag)
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= allowed_volumes:
+            problems.append(f"volume {volume['name']}: {kinds - allowed_volumes}")
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        sc = container.get("securityContext") or {}
+        name = container["name"]
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation must be false")
+        if "ALL" not in (sc.get("capabilities") or {}).get("drop", []):
+            problems.append(f"{name}: must drop ALL capabilities")
+        if set((sc.get("capabilities") or {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities")
+        if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+            problems.append(f"{name}: runAsNonRoot")
+        if (sc.get("runAsUser", pod_sc.get("runAsUser")) or 1) == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile")
+        if any(p.get("hostPort") for p in container.get("ports", [])):
+            problems.append(f"{name}: hostPort")
+    return problems
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_operator_pod_meets_the_restricted_pod_security_standard(name: str) -> None:
+    pod = one(render(values_files(name)), "Deployment")["spec"]["template"]["spec"]
+    assert _restricted_violations(pod) == []
+    # The check itself notices a relaxed context.
+    relaxed = render(values_files(name), ("securityContext.allowPrivilegeEscalation=true",))
+    assert _restricted_violations(one(relaxed, "Deployment")["spec"]["template"]["spec"]) == [
+        "operator: allowPrivilegeEscalation must be false"
+    ]
