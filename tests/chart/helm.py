@@ -22,11 +22,16 @@ CLUSTER_VALUES = CHART / "ci" / "cluster-values.yaml"
 RELEASE = "gp"
 NAMESPACE = "gpuproxy-system"
 CR_API = "gpuproxy.aiserve.farm/v1alpha1/GpuProxyCluster"
+CRD_SOURCE = REPO_ROOT / "crds" / "gpuproxy.aiserve.farm_gpuproxyclusters.yaml"
 # Default values plus every CI values file: what CI lints and renders.
 VALUE_SETS: dict[str, tuple[Path, ...]] = {
     "default": (),
     **{path.stem: (path,) for path in CI_VALUES},
 }
+
+
+def values_files(name: str) -> tuple[Path, ...]:
+    return VALUE_SETS[name]
 
 
 @dataclass(frozen=True)
