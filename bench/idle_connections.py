@@ -245,12 +245,17 @@ def report(r: dict[str, Any]) -> None:
             ("with idle    ", "gc_pause_with"),
         ):
             row = r[key]
+            gen = (
+                f" (generation {row['window_max_generation']:.0f})" if row["window_max_ms"] else ""
+            )
             print(
-                f"  {label}: max {row['window_max_ms']:.1f} ms, "
+                f"  {label}: max {row['window_max_ms']:.1f} ms{gen}, "
                 f"{row['window_over_50ms']:.0f} over 50 ms"
             )
     before = dict(_metric_pairs(r["gc_metrics_before"]))
     for name, value in _metric_pairs(r["gc_metrics_after"]):
+        if not name.split("{")[0].endswith(("_count", "_sum", "_total")):
+            continue  # buckets and _created lines: in the JSON output
         print(f"  metric {name} = {value:g} (was {before.get(name, float('nan')):g})")
 
 
@@ -269,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-worker", type=int, default=2000, help="idle connections / worker")
     parser.add_argument("--sources", type=int, default=4, help="source addresses 127.0.0.2..")
     parser.add_argument(
-        "--targets", default="nginx,proxy", help="comma list: nginx, proxy, naive (reference)"
+        "--targets",
+        default="nginx,proxy",
+        help="comma list: nginx, proxy; references: naive (aiohttp), backend (raw uvloop Protocol)",
     )
     parser.add_argument("--probe-rate", type=float, default=200.0, help="probe requests/s")
     parser.add_argument("--probe-seconds", type=float, default=10.0)
@@ -285,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_worker * args.workers > 28000 * args.sources:
         parser.error("--sources: each source address gives at most 28k ports; add sources")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(targets) - {"nginx", "proxy", "naive"}
+    unknown = set(targets) - {"nginx", "proxy", "naive", "backend"}
     if unknown:
-        parser.error(f"--targets: unknown {sorted(unknown)}; use nginx, proxy, naive")
+        parser.error(f"--targets: unknown {sorted(unknown)}; use nginx, proxy, naive, backend")
+    if "backend" in targets and args.per_worker * args.workers > 19000:
+        parser.error("--targets backend: one process; keep per-worker x workers <= 19000")
 
     results = []
     with tempfile.TemporaryDirectory(prefix="gpuproxy-idle-") as tmp:
@@ -305,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                     server = servers.start_gpuproxy(
                         kids, work, "proxy-bare", backend.port, args.workers
                     )
-                else:
+                elif target == "naive":
                     server = servers.start_naive(kids, work, backend.port, args.workers)
+                else:
+                    # The bench backend itself: the floor for a bare uvloop Protocol server.
+                    server = backend
                 result = bench_target(server, args)
                 report(result)
                 results.append(result)

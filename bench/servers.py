@@ -54,6 +54,7 @@ def gc_pauses(
         "window_over_50ms": 0.0,
         "gen2_count": 0.0,
         "processes": 0.0,
+        "window_max_generation": -1.0,
     }
     if gc_dir is None:
         return result
@@ -66,9 +67,11 @@ def gc_pauses(
         result["max_ms"] = max(result["max_ms"], *data["max_ms"])
         result["max_gen2_ms"] = max(result["max_gen2_ms"], data["max_ms"][2])
         result["gen2_count"] += data["count"][2]
-        for stamp, _gen, ms in data["events"]:
+        for stamp, gen, ms in data["events"]:
             if since <= stamp <= until:
-                result["window_max_ms"] = max(result["window_max_ms"], ms)
+                if ms > result["window_max_ms"]:
+                    result["window_max_ms"] = ms
+                    result["window_max_generation"] = gen
                 result["window_over_50ms"] += ms > 50
     return result
 
