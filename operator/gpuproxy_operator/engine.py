@@ -184,8 +184,11 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
         inputs = BuildInputs(credentials, _proxy_replicas(cluster, body, children))
         desired = build_all(cluster, inputs)  # everything is built before the first write
     except InvalidSpecError as exc:
+        # The builders also reject input from other objects (the credentials Secret): name it.
+        problems = exc.problems if exc.obj.startswith(KIND) else [
+            (f"{exc.obj} {path}", reason) for path, reason in exc.problems]
         obs = status.Observation(generation, paused=bool((body.get("spec") or {}).get("paused")),
-                                 invalid=exc.problems)
+                                 invalid=problems)
         await _write_status(api, body, obs, logger)
         return Outcome("invalid", str(exc))
 

@@ -131,9 +131,9 @@ def _alerts(obs: Observation) -> Cond:
 def summary_conditions(obs: Observation, components: list[Cond]) -> list[Cond]:
     degraded: list[tuple[str, str]] = []
     if obs.invalid:
-        degraded.append(("InvalidSpec", "the spec is invalid: " + "; ".join(
+        degraded.append(("InvalidSpec", "cannot build the stack: " + "; ".join(
             f"{path or 'spec'}: {reason}" for path, reason in obs.invalid)
-            + "; fix these fields with `kubectl edit gpc`"))
+            + "; fix these fields (`kubectl edit gpc` for spec.*)"))
     if obs.credentials_problem:
         degraded.append(("CredentialsUnavailable", obs.credentials_problem))
     degraded.extend(obs.errors)

@@ -3,6 +3,7 @@ the kopf boundary, name conflicts, and what the handlers turn them into."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 from collections.abc import Callable
@@ -193,3 +194,15 @@ async def test_status_write_rereads_after_a_conflict_and_keeps_the_autoscalers_c
     assert condition(status, "Scaling") == scaling
     assert condition(status, "Ready")["status"] == "False"
     assert status["desiredReplicas"] == 4
+
+
+async def test_unusable_secret_content_names_the_secret_and_builds_nothing(
+        api: MemoryKube) -> None:
+    secret = api.objects[("Secret", "ns1", "db-creds")]
+    secret["data"]["password"] = base64.b64encode(b"two\nlines").decode()
+    outcome = await engine.reconcile_cluster(engine.OperatorState(kube=api), ("ns1", "demo"), log)
+    assert outcome.result == "invalid"
+    message = condition(cr_status(api), "Degraded")["message"]
+    assert "db-creds" in message
+    assert "data.password" in message
+    assert child_writes(api) == []
