@@ -25,6 +25,7 @@ from gpuproxy_proxy.gcwatch import (
     freeze_after_warmup,
     freeze_periodically,
 )
+from gpuproxy_proxy.lean_handler import LeanRequestHandler
 from gpuproxy_proxy.logging import JsonAccessLogger
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
@@ -119,6 +120,9 @@ class CappedServer(web_server.Server):
         self._gauge = metrics.connections_active
         self._rejected = metrics.connections_rejected.labels("connections")
         self._evicted = metrics.connections_rejected.labels("idle_evicted")
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return LeanRequestHandler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: web_protocol.RequestHandler,
                         transport: asyncio.Transport) -> None:

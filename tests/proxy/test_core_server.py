@@ -290,3 +290,27 @@ async def test_client_hangup_cancels_the_upstream_request(
         assert time.monotonic() < deadline, "upstream request was not cancelled"
         await asyncio.sleep(0.01)
     assert worker.runtime.pool.by_name["hang"].in_flight == 0
+
+
+async def test_idle_keepalive_connection_holds_no_request(
+    backends: list[FakeBackend], worker_factory: Any
+) -> None:
+    import gc
+
+    from aiohttp import web
+
+    from gpuproxy_proxy.lean_handler import LEAN_LOOP_ACTIVE
+
+    assert LEAN_LOOP_ACTIVE, "the lean request loop does not cover the installed aiohttp"
+    backends.append(await FakeBackend("a").start())
+    worker, port = await worker_factory(proxy_config(backends))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    await reader.readuntil(b"}}")
+    await asyncio.sleep(0.05)
+    assert worker.runtime.connections_active == 1  # still open, idle, keep-alive
+    gc.collect()
+    alive = [o for o in gc.get_objects()
+             if isinstance(o, web.BaseRequest) and o.app is worker.app]
+    assert alive == []
+    writer.close()
