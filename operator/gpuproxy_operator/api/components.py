@@ -117,8 +117,9 @@ class PgBouncerSpec(Model):
 
     image: str = "edoburu/pgbouncer:v1.24.1-p1"
     """Container image providing the pgbouncer binary."""
-    replicas: Annotated[int, Field(ge=1, le=100)] = 2
-    """PgBouncer pods."""
+    replicas: Annotated[int, Field(ge=1, le=100)] = 1
+    """PgBouncer pods. Each opens up to maxDbConnections to PostgreSQL: with more replicas,
+    lower maxDbConnections so replicas x maxDbConnections stays below max_connections."""
     pool_mode: Literal["session", "transaction", "statement"] = "transaction"
     """Pooling mode; transaction is what 100k clients need."""
     max_client_conn: Annotated[int, Field(ge=1)] = 100_000
