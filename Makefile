@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # and every test subprocess.
 export PATH := $(ROOT)/.tools/bin:$(VENV)/bin:$(PATH)
 
-LINT_PATHS := $(wildcard operator proxy tests)
+LINT_PATHS := $(wildcard operator proxy tests scripts bench)
 DOCKERFILES := $(wildcard Dockerfile.operator Dockerfile.proxy)
 CRD_FILE := crds/gpuproxy.aiserve.farm_gpuproxyclusters.yaml
 EXAMPLE := examples/gpuproxycluster-minimal.yaml
@@ -57,7 +57,9 @@ demo: bootstrap-python
 render: bootstrap-python
 	$(VENV)/bin/gpuproxy-operator render -f $(EXAMPLE)
 
-# Written through a temp file so a failing generator never leaves a truncated CRD behind.
+# Written through a temp file so a failing generator never leaves a truncated CRD behind;
+# then copied into the chart (templates/crd.yaml and values.schema.json).
 crd: bootstrap-python
 	$(VENV)/bin/gpuproxy-operator crd > $(CRD_FILE).tmp
 	mv $(CRD_FILE).tmp $(CRD_FILE)
+	$(PY) scripts/sync-chart-crd.py
