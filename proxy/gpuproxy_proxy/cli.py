@@ -73,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
+    if (args.self_test or args.port or args.admin_port) and not args.demo:
+        print("error: --self-test, --port and --admin-port go with --demo; a config file sets "
+              "listen.port and listen.admin_port", file=sys.stderr)
+        return 2
+    if args.demo and args.workers not in (None, 1):
+        print("note: the demo runs one worker process; --workers is ignored", file=sys.stderr)
     if args.demo:
         from gpuproxy_proxy.demo import run_demo
 
