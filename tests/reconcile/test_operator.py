@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import kmock
 import pytest
 
 from gpuproxy_operator.api.base import KIND
@@ -316,3 +317,17 @@ async def test_replicas_follow_the_autoscaler_or_the_spec(
     await cluster.patch(KIND, "ns1", "demo", {"status": {"desiredReplicas": 5}})
     await eventually(lambda: replicas(cluster) == 5)
     await eventually(lambda: cr(cluster, body)["status"]["replicas"] == 5)  # type: ignore[index]
+
+
+async def test_transient_api_errors_are_retried_until_converged(
+        cluster: Cluster, operator: Operator, api_server: Any) -> None:
+    operator.resync_seconds = 3600.0  # the retry must come from kopf's TemporaryError backoff
+    deployments = api_server[kmock.action.LIST, kmock.resource("apps", "v1", "deployments")]
+    deployments[:4] << 503 << {"kind": "Status", "apiVersion": "v1", "code": 503,
+                               "reason": "ServiceUnavailable", "message": "etcd is slow"}
+    body = cluster_body()
+    await converge(cluster, operator, body)
+    assert operator.state is not None
+    samples = [s for m in operator.state.metrics.api_calls.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels["code"] == "503"]
+    assert samples, "the operator never saw the 503s it should have retried past"
