@@ -211,7 +211,9 @@ class Worker:
         await self.runner.setup()
         await web.SockSite(self.runner, sock, backlog=self.config.listen.backlog).start()
         if admin is not None or status_path is not None:
-            status_app = build_status_app([LocalSource(self.app)], aggregate=admin is not None)
+            status_app = build_status_app([LocalSource(self.app)],
+                                          lambda: self.runtime.draining,
+                                          aggregate=admin is not None)
             self.status_runner = web.AppRunner(status_app, handle_signals=False, access_log=None)
             await self.status_runner.setup()
             if admin is not None:
