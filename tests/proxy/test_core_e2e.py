@@ -1,0 +1,101 @@
+"""End to end with real services: the CLI with two workers, Redis rate limits and metering into
+PostgreSQL through PgBouncer; SIGTERM during streams -> they complete and every usage record is
+in the database (the buffer is flushed on shutdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import yaml
+from tests.proxy.conftest import proxy_config
+from tests.proxy.fakes import FakeBackend, free_port
+
+pytestmark = pytest.mark.services
+
+
+async def _wait_ready(admin: str, proc: asyncio.subprocess.Process) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as http:
+        while True:
+            assert proc.returncode is None, "proxy exited early"
+            try:
+                async with http.get(f"{admin}/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "proxy did not become ready"
+            await asyncio.sleep(0.1)
+
+
+async def test_sigterm_flushes_every_usage_record(
+    tmp_path: Path, backends: list[FakeBackend], redis_server: Any, pgbouncer_server: Any
+) -> None:
+    backends.append(await FakeBackend("gpu", chunks=6, delay=0.2).start())
+    port, admin_port = free_port(), free_port()
+    config = proxy_config(
+        backends,
+        listen={"host": "127.0.0.1", "port": port, "admin_port": admin_port},
+        redis={"url": redis_server.url},
+        rate_limits={"enabled": True, "per_ip": 1000},
+        database={"host": pgbouncer_server.host, "port": pgbouncer_server.port,
+                  "database": pgbouncer_server.database, "sslmode": "disable"},
+        # Nothing is written before shutdown: only the drain's flush can store the records.
+        metering={"enabled": True, "batch_size": 10000, "flush_interval_seconds": 600},
+        limits={"shutdown_grace_seconds": 15},
+    )
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    env = {**os.environ, "GPUPROXY_DB_USER": pgbouncer_server.user,
+           "GPUPROXY_DB_PASSWORD": pgbouncer_server.password}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gpuproxy_proxy.cli", "--config", str(path), "--workers", "2",
+        env=env, stderr=(tmp_path / "proxy.log").open("w"))
+    tag = f"e2e-{uuid.uuid4().hex[:8]}"
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin_port}", proc)
+        async with aiohttp.ClientSession() as http:
+            for i in range(4):
+                rid = {"X-Request-ID": f"{tag}-plain-{i}"}
+                async with http.post(url, json={}, headers=rid) as r:
+                    assert r.status == 200
+                    assert r.headers["X-RateLimit-Limit"] == "1000"
+            streams = [await http.post(url, json={"stream": True},
+                                       headers={"X-Request-ID": f"{tag}-stream-{i}"})
+                       for i in range(6)]
+            for resp in streams:
+                assert (await resp.content.readline()).startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)
+            for resp in streams:
+                assert (await resp.read()).rstrip().endswith(b"data: [DONE]")
+        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    conn = await asyncpg.connect(pgbouncer_server.dsn, statement_cache_size=0)
+    try:
+        rows = await conn.fetch(
+            "SELECT request_id, status, backend, route, prompt_tokens, completion_tokens "
+            "FROM usage_records WHERE request_id LIKE $1", tag + "-%")
+    finally:
+        await conn.close()
+    by_id = {row["request_id"]: row for row in rows}
+    assert len(by_id) == 10
+    for i in range(6):
+        row = by_id[f"{tag}-stream-{i}"]
+        assert (row["status"], row["backend"], row["route"]) == (200, "gpu", "chat_completions")
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (5, 6)
+    assert by_id[f"{tag}-plain-0"]["completion_tokens"] == 3
