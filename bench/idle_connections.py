@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets",
         default="nginx,proxy",
-        help="comma list: nginx, proxy; references: naive (aiohttp), backend (raw uvloop Protocol)",
+        help="comma list: nginx, proxy; references: naive (aiohttp), raw (raw_proxy.py), "
+        "backend (the bench backend itself)",
     )
     parser.add_argument("--probe-rate", type=float, default=200.0, help="probe requests/s")
     parser.add_argument("--probe-seconds", type=float, default=10.0)
@@ -292,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_worker * args.workers > 28000 * args.sources:
         parser.error("--sources: each source address gives at most 28k ports; add sources")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(targets) - {"nginx", "proxy", "naive", "backend"}
+    unknown = set(targets) - {"nginx", "proxy", "naive", "raw", "backend"}
     if unknown:
-        parser.error(f"--targets: unknown {sorted(unknown)}; use nginx, proxy, naive, backend")
+        parser.error(f"--targets: unknown {sorted(unknown)}; use nginx, proxy, naive, raw, backend")
     if "backend" in targets and args.per_worker * args.workers > 19000:
         parser.error("--targets backend: one process; keep per-worker x workers <= 19000")
 
@@ -314,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                     server = servers.start_gpuproxy(
                         kids, work, "proxy-bare", backend.port, args.workers
                     )
+                elif target == "raw":
+                    server = servers.start_raw(kids, work, backend.port, args.workers)
                 elif target == "naive":
                     server = servers.start_naive(kids, work, backend.port, args.workers)
                 else:

@@ -188,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rounds <= 20 or not 1 <= args.duration <= 60:
         parser.error("--rounds must be 1-20 and --duration 1-60 s (bounded benchmark)")
     names = [n.strip() for n in args.sides.split(",") if n.strip()]
-    unknown = set(names) - {"nginx", "proxy-bare", "proxy-auth", "naive"}
+    unknown = set(names) - {"nginx", "proxy-bare", "proxy-auth", "naive", "raw"}
     if unknown:
         parser.error(
-            f"--sides: unknown {sorted(unknown)}; use nginx, proxy-bare, proxy-auth, naive"
+            f"--sides: unknown {sorted(unknown)}; use nginx, proxy-bare, proxy-auth, naive, raw"
         )
 
     with tempfile.TemporaryDirectory(prefix="gpuproxy-bench-") as tmp:
@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 if name == "nginx":
                     srv = servers.start_nginx(kids, work, backend.port, args.workers)
+                    sides.append(Side(name, srv, {}))
+                elif name == "raw":
+                    srv = servers.start_raw(kids, work, backend.port, args.workers)
                     sides.append(Side(name, srv, {}))
                 elif name == "naive":
                     srv = servers.start_naive(kids, work, backend.port, args.workers)
@@ -243,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                 if pauses["processes"]:
                     print(
                         f"{side.name}: longest GC pause during the rounds "
-                        f"{pauses['window_max_ms']:.1f} ms, {pauses['window_over_50ms']:.0f} over "
+                        f"{pauses['window_max_ms']:.1f} ms (generation "
+                        f"{pauses['window_max_generation']:.0f}), "
+                        f"{pauses['window_over_50ms']:.0f} over "
                         f"50 ms (since start: {pauses['gen2_count']:.0f} full collections, "
                         f"longest {pauses['max_gen2_ms']:.1f} ms)"
                     )

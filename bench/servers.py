@@ -215,6 +215,18 @@ def start_naive(kids: Children, work: Path, backend_port: int, workers: int) -> 
     return Server("naive", port, proc.pid, None, gc_dir)
 
 
+def start_raw(kids: Children, work: Path, backend_port: int, workers: int) -> Server:
+    """The protocol-level reference proxy (raw_proxy.py): what the splice design costs."""
+    port = free_port()
+    argv = [PYTHON, str(BENCH_DIR / "raw_proxy.py"), "--port", str(port)]
+    argv += ["--upstream-port", str(backend_port), "--workers", str(workers)]
+    env, gc_dir = gcwatch_env(work, "raw")
+    proc = kids.start("raw", argv, env=env)
+    wait_port(port, 20, proc)
+    time.sleep(1.0)
+    return Server("raw", port, proc.pid, None, gc_dir)
+
+
 def make_jwt(subject: str = "bench-user") -> str:
     import jwt  # pyjwt, from the proxy extra
 

@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.streams_per_core * args.workers > 5000 or args.seconds > 120 or args.rounds > 10:
         parser.error("bounded benchmark: at most 5000 streams, 120 s per run, 10 rounds")
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(names) - {"direct", "nginx", "proxy", "naive"}
+    unknown = set(names) - {"direct", "nginx", "proxy", "naive", "raw"}
     if unknown:
-        parser.error(f"--targets: unknown {sorted(unknown)}; use direct, nginx, proxy, naive")
+        parser.error(f"--targets: unknown {sorted(unknown)}; use direct, nginx, proxy, naive, raw")
 
     with tempfile.TemporaryDirectory(prefix="gpuproxy-sse-") as tmp:
         work = Path(tmp)
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             ports = {"direct": backend.port}
             if "nginx" in names:
                 ports["nginx"] = servers.start_nginx(kids, work, backend.port, args.workers).port
+            if "raw" in names:
+                ports["raw"] = servers.start_raw(kids, work, backend.port, args.workers).port
             if "naive" in names:
                 ports["naive"] = servers.start_naive(kids, work, backend.port, args.workers).port
             if "proxy" in names:
