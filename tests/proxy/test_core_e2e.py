@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import sys
 import time
@@ -99,3 +100,50 @@ async def test_sigterm_flushes_every_usage_record(
         assert (row["status"], row["backend"], row["route"]) == (200, "gpu", "chat_completions")
         assert (row["prompt_tokens"], row["completion_tokens"]) == (5, 6)
     assert by_id[f"{tag}-plain-0"]["completion_tokens"] == 3
+
+
+async def test_rate_limit_is_shared_by_the_workers(
+    tmp_path: Path, backends: list[FakeBackend], redis_server: Any
+) -> None:
+    backends.append(await FakeBackend("gpu").start())
+    port, admin_port = free_port(), free_port()
+    config = proxy_config(
+        backends,
+        listen={"host": "127.0.0.1", "port": port, "admin_port": admin_port},
+        redis={"url": redis_server.url},
+        rate_limits={"enabled": True, "per_ip": 6, "window_seconds": 60},
+    )
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gpuproxy_proxy.cli", "--config", str(path), "--workers", "2",
+        stderr=(tmp_path / "proxy.log").open("w"))
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin_port}", proc)
+        # A source address of our own: other tests' requests do not count against its limit.
+        octets = [secrets.randbelow(250) + 1 for _ in range(3)]
+        source = "127." + ".".join(map(str, octets))
+        statuses = []
+        for _ in range(12):  # a new connection each: the kernel spreads them over both workers
+            connector = aiohttp.TCPConnector(local_addr=(source, 0))
+            async with aiohttp.ClientSession(connector=connector) as http, http.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions", json={},
+                headers={"Connection": "close"},
+            ) as resp:
+                statuses.append(resp.status)
+                if resp.status == 429:
+                    assert int(resp.headers["Retry-After"]) >= 1
+                    assert (await resp.json())["error"]["type"] == "rate_limit_exceeded"
+        assert statuses.count(200) == 6
+        assert statuses.count(429) == 6
+        async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{admin_port}/metrics"
+        ) as resp:
+            text = await resp.text()
+        assert 'gpuproxy_ratelimit_rejections_total{scope="ip"} 6.0' in text
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
