@@ -123,7 +123,7 @@ async def test_usage_tokens_reach_the_meter(backends: list[FakeBackend],
     client = await make_proxy(proxy_config(backends))
     meter = RecordingMeter()
     pipeline = client.app[PIPELINE]
-    pipeline.meter = meter  # type: ignore[assignment]
+    pipeline.meter = meter
     pipeline.metering_on = True
     await (await client.post("/v1/chat/completions", json={"q": 1})).read()
     await (await client.post("/v1/chat/completions", json={"stream": True})).read()

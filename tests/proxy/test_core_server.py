@@ -319,6 +319,6 @@ async def test_idle_keepalive_connection_holds_no_request(
     assert worker.runtime.connections_active == 1  # still open, idle, keep-alive
     gc.collect()
     alive = [o for o in gc.get_objects()
-             if isinstance(o, web.BaseRequest) and o.app is worker.app]
+             if isinstance(o, web.Request) and o.app is worker.app]
     assert alive == []
     writer.close()
