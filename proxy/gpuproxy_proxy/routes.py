@@ -89,6 +89,15 @@ class Pipeline:
             try:
                 principal = await self.auth.authenticate(request)
             except web.HTTPException as exc:
+                # Failed credentials still spend the client IP's quota, so guessing keys is
+                # throttled like any other traffic instead of reaching the database unchecked.
+                if exc.status == 401 and self.rate_limits_on:
+                    decision = await self.limiter.check(self.limiter.client_ip(request), ANONYMOUS)
+                    if not decision.allowed:
+                        rejection = rate_limit_response(decision)
+                        rejection.headers["X-Request-ID"] = request_id
+                        outcome.status = rejection.status
+                        return rejection
                 outcome.status = exc.status
                 exc.headers["X-Request-ID"] = request_id
                 raise

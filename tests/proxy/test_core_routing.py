@@ -79,7 +79,7 @@ async def test_least_connections_avoids_busy_backend(backends: list[FakeBackend]
 async def test_least_response_time_prefers_fast_backend(backends: list[FakeBackend],
                                                         make_proxy: ProxyFactory) -> None:
     await _backend(backends, "fast")
-    await _backend(backends, "slow", mode="slow", delay=0.05)
+    await _backend(backends, "slow", mode="slow", delay=0.2)
     client = await make_proxy(proxy_config(
         backends, load_balancing={"strategy": "least_response_time", "ewma_alpha": 0.5}))
     seen = await _spread(client, 20)
@@ -301,3 +301,19 @@ async def test_metrics_count_requests(backends: list[FakeBackend],
     text = generate_latest(client.app[METRICS].registry).decode()
     assert 'gpuproxy_requests_total{code_class="2xx",route="chat_completions"} 2.0' in text
     assert 'gpuproxy_request_duration_milliseconds_count{route="chat_completions"} 2.0' in text
+
+
+async def test_failed_credentials_spend_the_ip_quota(backends: list[FakeBackend],
+                                                     make_proxy: ProxyFactory) -> None:
+    await _backend(backends, "a")
+    client = await make_proxy(proxy_config(
+        backends, auth={"enabled": True}, rate_limits={"enabled": True, "per_ip": 3}))
+    statuses = []
+    for _ in range(5):
+        resp = await client.post("/v1/chat/completions", json={},
+                                 headers={"Authorization": "Bearer guessed-token"})
+        statuses.append(resp.status)
+        if resp.status == 429:
+            assert (await resp.json())["error"]["type"] == "rate_limit_exceeded"
+            assert int(resp.headers["Retry-After"]) >= 1
+    assert statuses == [401, 401, 401, 429, 429]
