@@ -9,13 +9,16 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-import yaml
-
 from gpuproxy_operator.api.base import KIND
-from gpuproxy_operator.api.cluster import GpuProxyClusterSpec, InvalidSpecError, parse_cluster
+from gpuproxy_operator.api.cluster import GpuProxyClusterSpec, parse_cluster
 from gpuproxy_operator.autoscaling.capacity import MEMORY_SOURCE, Plan, plan
+from gpuproxy_operator.commands.inputs import (
+    EXIT_INVALID,
+    INPUT_ERRORS,
+    read_documents,
+    report_input_error,
+)
 
-EXIT_INVALID = 2
 # Without -f: the API defaults, with autoscaling on (placeholder backend and database).
 DEFAULT_SPEC: dict[str, Any] = {
     "proxy": {"backends": [{"name": "gpu", "url": "http://gpu:8000"}]},
@@ -69,12 +72,7 @@ def render(p: Plan, source: str) -> str:
 
 def load_spec(filename: str) -> tuple[GpuProxyClusterSpec, str]:
     """The first GpuProxyCluster in FILE ('-' for stdin)."""
-    if filename == "-":
-        docs = list(yaml.safe_load_all(sys.stdin))
-    else:
-        with open(filename, encoding="utf-8") as fh:
-            docs = list(yaml.safe_load_all(fh))
-    for doc in docs:
+    for doc in read_documents(filename):
         if isinstance(doc, dict) and doc.get("kind") == KIND:
             doc.setdefault("metadata", {}).setdefault("namespace", "default")
             cluster = parse_cluster(doc)
@@ -100,20 +98,8 @@ def main(args: argparse.Namespace) -> int:
             spec, source = load_spec(args.filename)
         else:
             spec, source = GpuProxyClusterSpec.model_validate(DEFAULT_SPEC), "API defaults"
-    except OSError as exc:
-        print(f"error: cannot read {args.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_INVALID
-    except yaml.YAMLError as exc:
-        print(f"error: {args.filename} is not valid YAML: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except InvalidSpecError as exc:
-        print(f"error: {exc.obj} is invalid:", file=sys.stderr)
-        for path, reason in exc.problems:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return EXIT_INVALID
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    except INPUT_ERRORS as exc:
+        return report_input_error(args.filename, exc)
     connections = args.connections or spec.autoscaling.target_connections
     if connections < 1:
         print("error: --connections must be at least 1", file=sys.stderr)

@@ -12,13 +12,12 @@ from typing import Any, TextIO
 import yaml
 
 from gpuproxy_operator.api.base import KIND
-from gpuproxy_operator.api.cluster import InvalidSpecError, parse_cluster
+from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.commands.inputs import INPUT_ERRORS, read_documents, report_input_error
 
-EXIT_INVALID = 2
 
-
-class RenderError(Exception):
+class RenderError(ValueError):
     """Input that cannot be rendered; the message is for the user."""
 
 
@@ -93,26 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        if args.filename == "-":
-            docs = list(yaml.safe_load_all(sys.stdin))
-        else:
-            with open(args.filename, encoding="utf-8") as fh:
-                docs = list(yaml.safe_load_all(fh))
-        manifests = render_documents(docs)
-    except OSError as exc:
-        print(f"error: cannot read {args.filename}: {exc.strerror}", file=sys.stderr)
-        return EXIT_INVALID
-    except yaml.YAMLError as exc:
-        print(f"error: {args.filename} is not valid YAML: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except InvalidSpecError as exc:
-        print(f"error: {exc.obj} is invalid:", file=sys.stderr)
-        for path, reason in exc.problems:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return EXIT_INVALID
-    except RenderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        manifests = render_documents(read_documents(args.filename))
+    except INPUT_ERRORS as exc:
+        return report_input_error(args.filename, exc)
     try:
         dump_manifests(manifests, sys.stdout)
         sys.stdout.flush()
