@@ -234,6 +234,11 @@ async def _apply(state: OperatorState, body: dict[str, Any], cluster: GpuProxyCl
                 result = await api.create(action.body)
             elif action.verb == "patch":
                 result = await api.patch(action.kind, ns, action.name, action.body)
+            elif action.verb == "replace":
+                # An immutable field changed: a merge patch would get 422 on every pass.
+                await api.delete(action.kind, ns, action.name)
+                children.pop(action.key, None)
+                result = await api.create(action.body)
             else:
                 await api.delete(action.kind, ns, action.name)
                 children.pop(action.key, None)

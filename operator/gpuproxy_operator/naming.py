@@ -11,6 +11,9 @@ Component = Literal["proxy", "pgbouncer", "redis", "node-tuning", "monitoring"]
 PREFIX = GROUP  # our own annotation/label/finalizer prefix
 SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
 CONFIG_HASH_ANNOTATION = f"{PREFIX}/config-hash"
+# On every child reconcile wrote: the content it applied last (without Secret/ConfigMap data),
+# so a key removed from the desired body can be removed (nulled) by the next merge patch.
+LAST_APPLIED_ANNOTATION = f"{PREFIX}/last-applied"
 CLUSTER_LABEL = f"{PREFIX}/cluster"
 MANAGED_BY = "gpuproxy-operator"
 PART_OF = "gpuproxy"

@@ -3,17 +3,19 @@ Creates what is missing, patches only what differs, deletes owned children no lo
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from gpuproxy_operator.naming import SPEC_HASH_ANNOTATION
+from gpuproxy_operator.naming import LAST_APPLIED_ANNOTATION, SPEC_HASH_ANNOTATION
 
 Key = tuple[str, str]  # (kind, name) within the cluster's namespace
-Verb = Literal["create", "patch", "delete"]
-Reason = Literal["Created", "Updated", "Repaired", "Scaled", "Deleted"]
+# "replace" = delete + create: the change touches a field the API server refuses to update.
+Verb = Literal["create", "patch", "delete", "replace"]
+Reason = Literal["Created", "Updated", "Repaired", "Scaled", "Deleted", "Replaced"]
 
 # Top-level fields that are not the desired state of a child.
 _NOT_CONTENT = {"apiVersion", "kind", "metadata", "status"}
@@ -84,9 +86,16 @@ def _quantity(text: str) -> Decimal | None:
         return None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _same_scalar(want: Any, have: Any) -> bool:
     if want == have and type(want) is type(have):
         return True
+    # Go decodes an integral JSON float (1.0) of a custom resource and writes it back as 1.
+    if _number(want) and _number(have):
+        return bool(want == have)
     # The API server canonicalises quantities ("0.5" -> "500m", "1024Mi" -> "1Gi").
     if isinstance(want, str) and isinstance(have, str):
         a, b = _quantity(want), _quantity(have)
@@ -123,19 +132,128 @@ def _content(manifest: Mapping[str, Any], *, without_replicas: bool) -> dict[str
     return body
 
 
-def merge_patch(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch that makes `observed` hold `desired`: our labels, annotations, owner
-    references and every content field; keys of ConfigMap/Secret data we no longer render are
-    removed (null), since the data maps are wholly ours."""
+_DATA_FIELDS = ("data", "binaryData", "stringData")
+
+
+def last_applied(manifest: Mapping[str, Any], *, without_replicas: bool = False) -> str:
+    """What LAST_APPLIED_ANNOTATION records for `manifest`: its content without the data maps
+    (wholly ours, compared key by key anyway; and a Secret's data must not leak into an
+    annotation) and without a replica count the autoscaler owns."""
+    body = _content(manifest, without_replicas=without_replicas)
+    for data_field in _DATA_FIELDS:
+        body.pop(data_field, None)
+    meta = dict(body["metadata"])
+    annotations = dict(meta.get("annotations") or {})
+    annotations.pop(LAST_APPLIED_ANNOTATION, None)
+    meta["annotations"] = annotations
+    body["metadata"] = meta
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def with_last_applied(manifest: Mapping[str, Any], *, without_replicas: bool = False
+                      ) -> dict[str, Any]:
+    """`manifest` carrying LAST_APPLIED_ANNOTATION: the body reconcile creates."""
+    meta = dict(manifest.get("metadata") or {})
+    meta["annotations"] = {**(meta.get("annotations") or {}),
+                           LAST_APPLIED_ANNOTATION: last_applied(
+                               manifest, without_replicas=without_replicas)}
+    return {**manifest, "metadata": meta}
+
+
+def _applied_before(observed: Mapping[str, Any]) -> dict[str, Any]:
+    text = ((observed.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED_ANNOTATION)
+    try:
+        value = json.loads(text) if isinstance(text, str) else {}
+    except ValueError:
+        return {}  # edited by hand into garbage: behave as for a child from before the annotation
+    return value if isinstance(value, dict) else {}
+
+
+def removals(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge-patch nulls that delete map keys `old` had and `new` has not (a dropped
+    nodeSelector entry, annotation, label, ...). Lists need none: a merge patch replaces them."""
+    out: dict[str, Any] = {}
+    for key, value in old.items():
+        if key not in new:
+            out[key] = None
+        elif isinstance(value, Mapping) and isinstance(new[key], Mapping):
+            nested = removals(value, new[key])
+            if nested:
+                out[key] = nested
+    return out
+
+
+def _merge_nulls(patch: dict[str, Any], nulls: Mapping[str, Any]) -> None:
+    for key, value in nulls.items():
+        if value is None:
+            patch.setdefault(key, None)
+        elif isinstance(patch.get(key), dict):
+            _merge_nulls(patch[key], value)
+
+
+def merge_patch(desired: Mapping[str, Any], observed: Mapping[str, Any], *,
+                without_replicas: bool = False) -> dict[str, Any]:
+    """The JSON merge patch that makes `observed` hold `desired`: our labels, annotations,
+    owner references and every content field, plus a null for every map key we applied last
+    time (LAST_APPLIED_ANNOTATION) and no longer want; keys of ConfigMap/Secret data we no
+    longer render are removed too, since the data maps are wholly ours."""
     patch = _content(desired, without_replicas=False)
-    for data_field in ("data", "binaryData", "stringData"):
+    for data_field in _DATA_FIELDS:
         have = observed.get(data_field)
         if isinstance(have, Mapping):
             want = desired.get(data_field) or {}
             removed = {k: None for k in have if k not in want}
             if removed:
                 patch[data_field] = {**want, **removed}
+    before = _applied_before(observed)
+    if before:
+        now = json.loads(last_applied(desired, without_replicas=without_replicas))
+        _merge_nulls(patch, removals(before, now))
+    meta = patch.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), LAST_APPLIED_ANNOTATION:
+                           last_applied(desired, without_replicas=without_replicas)}
     return patch
+
+
+# Spec fields the API server refuses to update (422): changing one needs delete + create.
+# The flag says the server defaults the field when it is absent (absent is then no change).
+_IMMUTABLE: dict[str, dict[str, bool]] = {
+    "Deployment": {"selector": False},
+    "DaemonSet": {"selector": False},
+    # "updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template',
+    # 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and
+    # 'minReadySeconds' are forbidden"
+    "StatefulSet": {"selector": False, "serviceName": False, "volumeClaimTemplates": False,
+                    "podManagementPolicy": True},
+    "Service": {"clusterIP": True},
+}
+
+
+_KEPT_CLAIMS = ("; existing PersistentVolumeClaims are kept as they are (resize or delete "
+                "them yourself if the storage settings changed)")
+
+
+def immutable_changes(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> list[str]:
+    """The immutable fields (paths) on which `observed` differs from `desired`."""
+    rules = _IMMUTABLE.get(str(desired.get("kind")), {})
+    want_spec, have_spec = desired.get("spec") or {}, observed.get("spec") or {}
+    changed = []
+    for name, defaulted in rules.items():
+        want, have = want_spec.get(name), have_spec.get(name)
+        if name == "clusterIP":
+            # Allocated by the server unless we ask for a headless Service ("None").
+            differs = (want == "None") != (have == "None") or (
+                want is not None and not _same_scalar(want, have))
+        elif want is None:
+            differs = not defaulted and not _is_zero(have)
+        elif name == "selector":
+            differs = not (contains(have, want) and contains(want, have))
+        else:
+            # The server adds defaults inside (a claim template's volumeMode, status).
+            differs = have is None or not contains(have, want)
+        if differs:
+            changed.append(f"spec.{name}")
+    return changed
 
 
 def plan(
@@ -158,13 +276,22 @@ def plan(
         kind, name = key
         want_hash = spec_hash(manifest)
         have = observed.get(key)
+        is_scaled = key == replicas_key
         if have is None:
-            actions.append(Action("create", kind, name, manifest,
+            actions.append(Action("create", kind, name,
+                                  with_last_applied(manifest, without_replicas=is_scaled),
                                   "Repaired" if reconciled_before else "Created",
                                   "recreated after it was deleted" if reconciled_before
                                   else "created", want_hash))
             continue
-        is_scaled = key == replicas_key
+        frozen = immutable_changes(manifest, have)
+        if frozen:
+            actions.append(Action(
+                "replace", kind, name, with_last_applied(manifest, without_replicas=is_scaled),
+                "Replaced", f"replaced (deleted and re-created): {', '.join(frozen)} cannot be "
+                "changed in place" + (_KEPT_CLAIMS if "spec.volumeClaimTemplates" in frozen
+                                      else ""), want_hash))
+            continue
         drifted = spec_hash(have) != want_hash or not contains(
             _content(have, without_replicas=is_scaled),
             _content(manifest, without_replicas=is_scaled),
@@ -173,7 +300,7 @@ def plan(
         have_replicas = (have.get("spec") or {}).get("replicas")
         rescale = is_scaled and want_replicas is not None and want_replicas != have_replicas
         if drifted:
-            body = merge_patch(manifest, have)
+            body = merge_patch(manifest, have, without_replicas=is_scaled)
             if is_scaled and not rescale:
                 body.get("spec", {}).pop("replicas", None)
             detail = ("reverted an out-of-band change" if reconciled_before

@@ -331,3 +331,36 @@ async def test_transient_api_errors_are_retried_until_converged(
     samples = [s for m in operator.state.metrics.api_calls.collect() for s in m.samples
                if s.name.endswith("_total") and s.labels["code"] == "503"]
     assert samples, "the operator never saw the 503s it should have retried past"
+
+
+async def test_removed_keys_are_removed_and_immutable_changes_replace_the_child(
+        cluster: Cluster, operator: Operator) -> None:
+    """A merge patch keeps map keys it does not mention, and a real API server refuses (422)
+    a change to a StatefulSet's volumeClaimTemplates: both must still converge."""
+    spec = {"proxy": {**cluster_body()["spec"]["proxy"], "nodeSelector": {"pool": "edge",
+                                                                          "zone": "a"}},
+            "redis": {"persistence": True}}
+    body = cluster_body(**spec)
+    await converge(cluster, operator, body)
+    # kmock assigns no uid: a foreign annotation marks the old object (a patch would keep it).
+    await cluster.patch("StatefulSet", "ns1", "demo-redis",
+                        {"metadata": {"annotations": {"test/old": "yes"}}})
+    assert cluster.get("StatefulSet", "ns1", "demo-redis")["spec"]["volumeClaimTemplates"]
+    mark = cluster.mark()
+    # (a merge patch of the CR, like `kubectl edit` computes it, nulls the removed key)
+    change = {"proxy": {**spec["proxy"], "nodeSelector": {"pool": "edge", "zone": None}},
+              "redis": {"persistence": False}}
+    await cluster.edit_spec("ns1", "demo", change)
+
+    def pod_spec() -> dict[str, Any]:
+        return dict(cluster.get("Deployment", "ns1", "demo-proxy")["spec"]["template"]["spec"])
+
+    await eventually(lambda: pod_spec().get("nodeSelector") == {"pool": "edge"})
+    redis = await eventually(lambda: (s := cluster.find("StatefulSet", "ns1", "demo-redis"))
+                             and "test/old" not in s["metadata"]["annotations"] and s)
+    assert "volumeClaimTemplates" not in redis["spec"]
+    writes = cluster.operator_writes(mark)
+    path = cluster.path("StatefulSet", "ns1", "demo-redis")
+    assert f"DELETE {path}" in writes
+    assert f"PATCH {path}" not in writes
+    await eventually(lambda: any(e["reason"] == "Replaced" for e in cluster.events("ns1")))
