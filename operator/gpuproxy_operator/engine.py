@@ -254,9 +254,15 @@ async def _apply(state: OperatorState, body: dict[str, Any], cluster: GpuProxyCl
             missing[action.kind] = str(exc)
             continue
         except kube.Conflict:
-            owner = await _owner_of(api, action.kind, ns, action.name)
-            if owner == uid:
-                raise  # we created it a moment ago (replayed event): retry soon, it will patch
+            existing = await _existing(api, action.kind, ns, action.name)
+            if existing is None or (existing.get("metadata") or {}).get("deletionTimestamp"):
+                raise  # deleted in between, or still terminating: retry soon
+            if reconcile.is_controlled_by(existing, uid):
+                # Ours, yet not observed: someone removed our cluster label (children are
+                # listed by it), or we created it a moment ago. Patch it into shape, else it
+                # stays "missing" and every pass re-creates it into this 409.
+                await _readopt(state, body, action, existing, children, applied, logger)
+                continue
             message = (f"{action.kind} {ns}/{action.name} already exists and is not owned by "
                        f"this {KIND}; delete or rename it")
             errors.append(("NameConflict", message))
@@ -275,15 +281,26 @@ async def _apply(state: OperatorState, body: dict[str, Any], cluster: GpuProxyCl
     return applied
 
 
-async def _owner_of(api: kube.KubeClient, kind: str, ns: str, name: str) -> str | None:
+async def _readopt(state: OperatorState, body: dict[str, Any], action: reconcile.Action,
+                   existing: dict[str, Any], children: dict[reconcile.Key, dict[str, Any]],
+                   applied: list[str],
+                   logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    ns = (existing.get("metadata") or {}).get("namespace")
+    children[action.key] = await state.kube.patch(
+        action.kind, ns, action.name, reconcile.merge_patch(action.body, existing))
+    state.metrics.child_writes.labels(action.kind, "Repaired").inc()
+    text = f"{action.kind} {action.name} reverted an out-of-band change (labels restored)"
+    applied.append(text)
+    logger.info(text)
+    await kube.post_event(state.kube, body, "Normal", "Repaired", text)
+
+
+async def _existing(api: kube.KubeClient, kind: str, ns: str, name: str
+                    ) -> dict[str, Any] | None:
     try:
-        obj = await api.get(kind, ns, name)
+        return await api.get(kind, ns, name)
     except kube.NotFound:
         return None
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return str(ref.get("uid"))
-    return None
 
 
 STATUS_ATTEMPTS = 3

@@ -11,7 +11,7 @@ import pytest
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
-from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, SPEC_HASH_ANNOTATION
+from gpuproxy_operator.naming import CLUSTER_LABEL, CONFIG_HASH_ANNOTATION, SPEC_HASH_ANNOTATION
 from gpuproxy_operator.reconcile import contains
 from tests.reconcile.conftest import (
     Cluster,
@@ -364,3 +364,21 @@ async def test_removed_keys_are_removed_and_immutable_changes_replace_the_child(
     assert f"DELETE {path}" in writes
     assert f"PATCH {path}" not in writes
     await eventually(lambda: any(e["reason"] == "Replaced" for e in cluster.events("ns1")))
+
+
+async def test_child_whose_cluster_label_was_removed_is_patched_not_recreated_forever(
+        cluster: Cluster, operator: Operator) -> None:
+    """Children are listed by the cluster label: without it a child looks missing, and the
+    create gets 409 AlreadyExists on every pass unless the operator patches it back."""
+    body = cluster_body()
+    await converge(cluster, operator, body)
+    await cluster.patch("ConfigMap", "ns1", "demo-proxy",
+                        {"metadata": {"labels": {CLUSTER_LABEL: None}}})
+
+    def labelled() -> bool:
+        labels = cluster.get("ConfigMap", "ns1", "demo-proxy")["metadata"].get("labels", {})
+        return labels.get(CLUSTER_LABEL) == "demo"
+
+    await eventually(labelled)
+    await eventually(lambda: "labels restored" in " | ".join(
+        e["message"] for e in cluster.events("ns1") if e["reason"] == "Repaired"))
