@@ -8,6 +8,7 @@ import base64
 import binascii
 import datetime
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_a
 from gpuproxy_operator.naming import CLUSTER_LABEL, child_name
 from gpuproxy_operator.operator_metrics import OperatorMetrics
 
+# kube-apiserver's wording for updates it refuses ("field is immutable", "Forbidden: updates
+# to statefulset spec for fields other than ...").
+_FROZEN = re.compile(r"immutable|updates to \w+ spec")
 ClusterKey = tuple[str, str]  # (namespace, name)
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 Result = Literal["converged", "changed", "paused", "invalid", "degraded", "gone"]
@@ -247,6 +251,11 @@ async def _apply(state: OperatorState, body: dict[str, Any], cluster: GpuProxyCl
             state.rejected[(uid, action.kind, action.name)] = action.spec_hash
             fields = "; ".join(f"{f or action.kind}: {m}" for f, m in exc.causes)
             message = f"{action.kind} {action.name} was rejected by the API server: {fields}"
+            if action.verb == "patch" and any(_FROZEN.search(m) for _, m in exc.causes):
+                # A field reconcile does not know to be immutable: say how to get unstuck.
+                message += (f"; it cannot be changed in place: delete it (`kubectl -n {ns} "
+                            f"delete {action.kind.lower()} {action.name}`) and the operator "
+                            "re-creates it from the new spec")
             errors.append(("ChildRejected", message))
             await kube.post_event(api, body, "Warning", "ChildRejected", message)
             continue

@@ -102,7 +102,13 @@ def component_conditions(obs: Observation) -> list[Cond]:
         out.append(Cond("NodeTuningReady", True, "Disabled", "spec.nodeTuning.enabled is false"))
     else:
         nt = _workload(kids.get(("DaemonSet", child_name(name, "node-tuning"))),
-                       "node-tuning DaemonSet", _pods_hint(ns, name, "node-tuning"))
+                       "node-tuning DaemonSet", _pods_hint(ns, name, "node-tuning") + (
+                           # hostNetwork + a privileged init container: the "restricted" and
+                           # "baseline" Pod Security levels refuse the pods, silently for us.
+                           f"; no pods at all usually means Pod Security admission refused them "
+                           f"(see `kubectl -n {ns} get events`): label the namespace "
+                           "pod-security.kubernetes.io/enforce=privileged or set "
+                           "spec.nodeTuning.enabled: false"))
         out.append(Cond("NodeTuningReady", nt.status, nt.reason, nt.message))
     out.append(_alerts(obs))
     return out

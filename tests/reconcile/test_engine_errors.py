@@ -206,3 +206,20 @@ async def test_unusable_secret_content_names_the_secret_and_builds_nothing(
     assert "db-creds" in message
     assert "data.password" in message
     assert child_writes(api) == []
+
+
+async def test_unknown_immutable_field_rejection_says_how_to_get_unstuck(
+        api: MemoryKube) -> None:
+    state = engine.OperatorState(kube=api)
+    await engine.reconcile_cluster(state, ("ns1", "demo"), log)
+    body = api.objects[(KIND, "ns1", "demo")]
+    body["spec"]["proxy"]["loadBalancing"] = {"strategy": "round_robin"}
+    body["metadata"]["generation"] = 2
+    api.failures[("patch", "Deployment", "demo-proxy")] = kube.Invalid(
+        "patch", "Deployment demo-proxy", 422, "invalid",
+        [("spec.selector", "Invalid value: {...}: field is immutable")])
+    outcome = await engine.reconcile_cluster(state, ("ns1", "demo"), log)
+    assert outcome.result == "degraded"
+    message = condition(cr_status(api), "Degraded")["message"]
+    assert "spec.selector: Invalid value: {...}: field is immutable" in message
+    assert "kubectl -n ns1 delete deployment demo-proxy" in message

@@ -50,6 +50,9 @@ def test_not_ready_names_what_is_waited_for_with_a_command() -> None:
     assert ready["status"] == "False"
     assert "ProxyReady: proxy Deployment: 0/2 pods ready" in ready["message"]
     assert "node-tuning DaemonSet: 1/3 nodes ready" in ready["message"]
+    # Pod Security admission refusing the privileged pods is the usual cause on real clusters.
+    assert "pod-security.kubernetes.io/enforce=privileged" in condition(
+        status, "NodeTuningReady")["message"]
     assert "kubectl -n ns1 get pods -l" in condition(status, "RedisReady")["message"]
 
 
