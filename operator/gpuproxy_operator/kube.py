@@ -345,7 +345,8 @@ async def post_event(client: KubeClient, involved: dict[str, Any], type_: str, r
         "involvedObject": ref,
         "type": type_,
         "reason": reason,
-        "message": message[:1024],
+        # The API's note limit is 1024 bytes, not characters; cut on a character boundary.
+        "message": message.encode()[:1024].decode(errors="ignore"),
         "source": {"component": component},
         "reportingComponent": component,
         "reportingInstance": component,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import socket
 from typing import Any
 
@@ -110,3 +112,34 @@ async def test_connection_errors_are_transient() -> None:
             await client.get("Deployment", "ns1", "x")
     finally:
         await client.close()
+
+
+async def test_event_body_passes_kube_apiservers_core_v1_event_validation() -> None:
+    """The rules kube-apiserver applies to a core/v1 Event without eventTime (legacy
+    validation): namespaces agree, timestamps are RFC 3339, names and fields within limits."""
+    posted: list[dict[str, Any]] = []
+
+    class Recorder(kube.KubeClient):
+        async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+            posted.append(manifest)
+            return manifest
+
+    client = Recorder(kopf.ConnectionInfo(server="http://127.0.0.1:1"))
+    involved = {**cluster_body(name="a" * 63), "metadata": {
+        "name": "a" * 63, "namespace": "team-a", "uid": "3f1c", "resourceVersion": "9"}}
+    await kube.post_event(client, involved, "Warning", "ChildRejected", "é" * 2000)
+    [event] = posted
+    assert "eventTime" not in event  # else reportingController/action rules apply as well
+    assert event["metadata"]["namespace"] == event["involvedObject"]["namespace"] == "team-a"
+    assert {"apiVersion", "kind", "name", "namespace", "uid"} <= set(event["involvedObject"])
+    name = event["metadata"]["name"]
+    assert len(name) <= 253
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name)
+    for stamp in ("firstTimestamp", "lastTimestamp"):
+        assert datetime.datetime.fromisoformat(event[stamp]).tzinfo is not None
+        assert event[stamp].endswith("Z")
+    assert event["type"] in ("Normal", "Warning")
+    assert 0 < len(event["reason"]) <= 128
+    # 1024 bytes: the API's note limit (enforced for events.k8s.io and eventTime Events).
+    assert event["message"] == "é" * 512
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", event["reportingComponent"])
