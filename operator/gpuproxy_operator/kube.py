@@ -207,7 +207,10 @@ class KubeClient:
                       body: Any = None, params: dict[str, str] | None = None) -> Any:
         method, content_type = {
             "list": ("GET", None), "get": ("GET", None), "create": ("POST", "application/json"),
-            "patch": ("PATCH", "application/merge-patch+json"), "delete": ("DELETE", None),
+            "patch": ("PATCH", "application/merge-patch+json"),
+            # The DeleteOptions body: without a JSON content type aiohttp labels a str body
+            # text/plain, which kube-apiserver refuses with 415 Unsupported Media Type.
+            "delete": ("DELETE", "application/json"),
         }[verb]
         path = kind.path(namespace, name, sub)
         what = f"{kind.kind} {namespace}/{name}" if name else f"{kind.plural} in {namespace}"

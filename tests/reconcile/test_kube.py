@@ -10,6 +10,7 @@ from typing import Any
 
 import kopf
 import pytest
+from aiohttp import web
 
 from gpuproxy_operator import kube
 from tests.reconcile.conftest import Cluster, cluster_body
@@ -143,3 +144,37 @@ async def test_event_body_passes_kube_apiservers_core_v1_event_validation() -> N
     # 1024 bytes: the API's note limit (enforced for events.k8s.io and eventTime Events).
     assert event["message"] == "é" * 512
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", event["reportingComponent"])
+
+
+async def test_every_body_is_sent_with_a_content_type_kube_apiserver_accepts() -> None:
+    """kube-apiserver negotiates the body's serializer from Content-Type and answers 415 to
+    anything else (aiohttp labels a plain str body text/plain), also for DeleteOptions."""
+    accepted = {"application/json", "application/merge-patch+json", "application/yaml"}
+    seen: list[tuple[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        ctype = request.headers.get("Content-Type", "").split(";")[0]
+        seen.append((request.method, ctype))
+        if body and ctype not in accepted:
+            return web.json_response({"kind": "Status", "code": 415, "reason":
+                                      "UnsupportedMediaType", "message": ctype}, status=415)
+        return web.json_response({"kind": "Status", "status": "Success"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    client = kube.KubeClient(kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}"))
+    try:
+        await client.create(cluster_body())
+        await client.patch("Deployment", "ns1", "demo-proxy", {"spec": {"replicas": 2}})
+        await client.delete("StatefulSet", "ns1", "demo-redis")
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert [m for m, _ in seen] == ["POST", "PATCH", "DELETE"]
+    assert all(c in accepted for _, c in seen), seen
