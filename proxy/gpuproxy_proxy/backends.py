@@ -23,9 +23,8 @@ class BackendState:
     __slots__ = (
         "_healthy_gauge", "_in_flight_gauge", "active_healthy", "check_failures",
         "check_successes", "config", "consecutive_failures", "ejected_until", "ewma_ms",
-        "health_url", "host", "in_flight", "last_check_error", "last_success", "name", "origin",
-        "path_prefix",
-        "port", "probing", "scheme", "weight",
+        "health_url", "host", "host_header", "in_flight", "last_check_error", "last_success",
+        "name", "origin", "path_prefix", "port", "probing", "scheme", "use_ssl", "weight",
     )
 
     def __init__(self, config: BackendConfig, metrics: ProxyMetrics) -> None:
@@ -36,7 +35,9 @@ class BackendState:
         self.origin = url.origin()
         self.scheme = url.scheme
         self.host = url.raw_host or ""
-        self.port = url.port
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.use_ssl = url.scheme == "https"
+        self.host_header = url.raw_authority  # what aiohttp's client sent as Host
         # A backend URL may carry a prefix (http://host/base); client paths are appended to it.
         self.path_prefix = url.raw_path.rstrip("/")
         self.health_url = self.origin.with_path(

@@ -82,11 +82,7 @@ class ProxyMetrics:
         self.usage_records_dropped = Counter(
             "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
         )
-        self.gc_pause_ms = Histogram(
-            "gpuproxy_gc_pause_milliseconds",
-            "Garbage-collector pauses of this process, by generation.", ["generation"],
-            buckets=GC_BUCKETS_MS, registry=r,
-        )
+        # gpuproxy_gc_pause_milliseconds is collected at scrape time by gcwatch.GcMonitor.
         self.connections_rejected = Counter(
             "gpuproxy_connections_rejected", "Connections or requests refused by admission.",
             ["reason"], registry=r,

@@ -27,7 +27,13 @@ from gpuproxy_proxy.metering import USAGE_METER, UsageRecord
 from gpuproxy_proxy.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
 from gpuproxy_proxy.runtime import RUNTIME
-from gpuproxy_proxy.upstream import UPSTREAM_SESSION, Outcome, forward, forward_headers
+from gpuproxy_proxy.upstream import (
+    UPSTREAM_POOLS,
+    UPSTREAM_SESSION,
+    Outcome,
+    forward,
+    forward_headers,
+)
 
 ROUTES = ("chat_completions", "completions", "embeddings", "models", "other")
 _CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -43,6 +49,7 @@ class Pipeline:
         self.app = app
         self.runtime = app[RUNTIME]
         self.session = app[UPSTREAM_SESSION]
+        self.pools = app[UPSTREAM_POOLS]
         self.auth = app[AUTHENTICATOR]
         self.limiter = app[RATE_LIMITER]
         self.meter = app[USAGE_METER]
@@ -124,7 +131,7 @@ class Pipeline:
             bytes_in = len(body)
             if route == "models":
                 return await self.models(request, request_id, outcome, limit_headers)
-            resp = await forward(request, runtime, self.session, body, request_id, outcome,
+            resp = await forward(request, runtime, self.pools, body, request_id, outcome,
                                  limit_headers)
             if runtime.draining and not resp.prepared:
                 resp.force_close()

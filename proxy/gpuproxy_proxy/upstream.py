@@ -1,8 +1,9 @@
-"""Forwarding to a backend: one pooled client session, header hygiene, streaming, retries.
+"""Forwarding to a backend: pooled protocol-level connections, header hygiene, streaming, retries.
 
 Responses are written chunk by chunk as they arrive; only small JSON bodies with a known length
 are read whole (one write, and their `usage` can be parsed). A connection failure before any
-byte was sent is retried once on another backend.
+byte was sent is retried once on another backend. The aiohttp session is kept for the cold
+paths (/v1/models aggregation); health checks have their own.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,10 +24,20 @@ from gpuproxy_proxy.errors import json_error
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.runtime import Runtime
 from gpuproxy_proxy.tokens import SseUsageScanner, Usage, usage_from_json
+from gpuproxy_proxy.upstream_pool import (
+    ResponseHead,
+    UpstreamConnectError,
+    UpstreamConnection,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamPools,
+    UpstreamReadTimeout,
+)
 
 log = logging.getLogger("gpuproxy.upstream")
 
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+UPSTREAM_POOLS = web.AppKey("upstream_pools", UpstreamPools)
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus ones the client library recomputes itself.
 _HOP_BY_HOP = frozenset({
@@ -40,6 +51,8 @@ _RESPONSE_SKIP = frozenset({
 })
 # Small bodies of known length are read whole: one write downstream and cheap usage parsing.
 _BUFFER_LIMIT = 64 * 1024
+# aiohttp's client sent an explicit zero length for these methods; backends may insist on it.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @dataclass(slots=True)
@@ -53,8 +66,13 @@ class Outcome:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the one pooled client session of this process."""
+    """cleanup_ctx: the forward path's connection pools and the cold paths' client session."""
     config = app[CONFIG]
+    pools = UpstreamPools(
+        max_per_backend=config.upstream.max_connections_per_backend,
+        connect_timeout=config.upstream.connect_timeout_seconds,
+        read_timeout=config.upstream.read_timeout_seconds,
+    )
     connector = aiohttp.TCPConnector(
         limit=0,  # the per-backend limit below is the real bound
         limit_per_host=config.upstream.max_connections_per_backend,
@@ -71,20 +89,22 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=2**16,
     )
     app[UPSTREAM_SESSION] = session
+    app[UPSTREAM_POOLS] = pools
     yield
+    await pools.close()
     await session.close()
 
 
-def forward_headers(
+def forward_pairs(
     request: web.Request, request_id: str, strip_credentials: bool
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """The headers sent upstream: client headers minus hop-by-hop ones, plus X-Forwarded-*."""
     src = request.headers
     extra_hop: set[str] = set()
     connection = src.get("Connection")
     if connection:
         extra_hop = {token.strip().lower() for token in connection.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = []
     for key, value in src.items():
         lower = key.lower()
         if lower in _HOP_BY_HOP or lower in extra_hop:
@@ -93,20 +113,40 @@ def forward_headers(
             continue  # the proxy's own credentials are not the backend's business
         if lower in ("x-forwarded-for", "x-request-id", "x-forwarded-proto"):
             continue
-        out.add(key, value)
+        out.append((key, value))
     peer = request.remote or ""
     prior = src.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = src.get("X-Forwarded-Proto") or request.scheme
-    out["X-Request-ID"] = request_id
+    out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+    out.append(("X-Forwarded-Proto", src.get("X-Forwarded-Proto") or request.scheme))
+    out.append(("X-Request-ID", request_id))
     return out
 
 
+def forward_headers(
+    request: web.Request, request_id: str, strip_credentials: bool
+) -> CIMultiDict[str]:
+    """`forward_pairs` as a multidict, for the aiohttp client on the cold paths."""
+    return CIMultiDict(forward_pairs(request, request_id, strip_credentials))
+
+
+def request_bytes(method: str, target: str, host: str, headers: Iterable[tuple[str, str]],
+                  body: bytes) -> bytes:
+    """The whole request as one buffer: one write to the backend."""
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    lines.extend(f"{key}: {value}\r\n" for key, value in headers)
+    if body or method in _BODY_METHODS:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    # Header values came from aiohttp's parser as utf-8 with surrogateescape: same bytes back.
+    head = "".join(lines).encode("utf-8", "surrogateescape")
+    return head + body if body else head
+
+
 def _response_headers(
-    upstream: Mapping[str, str], request_id: str, extra: Mapping[str, str] | None
+    upstream: Iterable[tuple[str, str]], request_id: str, extra: Mapping[str, str] | None
 ) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    for key, value in upstream.items():
+    for key, value in upstream:
         if key.lower() not in _RESPONSE_SKIP:
             out.add(key, value)
     out["X-Request-ID"] = request_id
@@ -118,7 +158,7 @@ def _response_headers(
 async def forward(
     request: web.Request,
     runtime: Runtime,
-    session: aiohttp.ClientSession,
+    pools: UpstreamPools,
     body: bytes,
     request_id: str,
     outcome: Outcome,
@@ -128,6 +168,12 @@ async def forward(
     app = request.app
     metrics = app[METRICS]
     config = runtime.config
+    if pools.generation != runtime.generation:
+        upstream = config.upstream
+        pools.configure(max_per_backend=upstream.max_connections_per_backend,
+                        connect_timeout=upstream.connect_timeout_seconds,
+                        read_timeout=upstream.read_timeout_seconds)
+        pools.generation = runtime.generation
     pool = runtime.pool
     backend = pool.choose()
     if backend is None:
@@ -135,23 +181,25 @@ async def forward(
         return json_error(503, "no_backend_available",
                           "no healthy backend is available; retry later", request_id,
                           extra_headers)
-    headers = forward_headers(request, request_id, app[CONFIG].auth.enabled)
+    headers = forward_pairs(request, request_id, app[CONFIG].auth.enabled)
+    method = request.method
     path_qs = request.rel_url.raw_path_qs
-    data = body or None
     retried = False
     while True:
         outcome.backend = backend.name
         started = time.monotonic()
+        payload = request_bytes(method, backend.path_prefix + path_qs, backend.host_header,
+                                headers, body)
         try:
-            resp = await session.request(
-                request.method, backend.upstream_url(path_qs), headers=headers, data=data,
-                timeout=runtime.timeout, allow_redirects=False,
+            conn, head = await pools.exchange(
+                pools.pool(backend.host, backend.port, backend.use_ssl), payload,
+                method == "HEAD",
             )
             break
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except UpstreamConnectError as exc:
             # Nothing reached the backend: safe to try another one, once.
-            reason = "connect_timeout" if isinstance(exc, TimeoutError) else "connect"
-            _fail(backend, metrics, reason, runtime)
+            timed_out = isinstance(exc, UpstreamConnectTimeout)
+            _fail(backend, metrics, "connect_timeout" if timed_out else "connect", runtime)
             if not retried and config.upstream.retry_on_connect_failure:
                 other = pool.choose(exclude=backend)
                 if other is not None:
@@ -160,7 +208,7 @@ async def forward(
                                        "retry_backend": other.name, "error": str(exc)})
                     backend, retried = other, True
                     continue
-            if isinstance(exc, TimeoutError):
+            if timed_out:
                 outcome.status = 504
                 return json_error(504, "upstream_timeout",
                                   f"connecting to backend {backend.name!r} timed out",
@@ -169,14 +217,14 @@ async def forward(
             return json_error(502, "upstream_unavailable",
                               f"could not connect to backend {backend.name!r}", request_id,
                               extra_headers)
-        except TimeoutError:
+        except UpstreamReadTimeout:
             _fail(backend, metrics, "read_timeout", runtime)
             outcome.status = 504
             return json_error(504, "upstream_timeout",
                               f"backend {backend.name!r} did not answer within "
                               f"{config.upstream.read_timeout_seconds:g}s", request_id,
                               extra_headers)
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             _fail(backend, metrics, "error", runtime)
             log.warning("upstream request failed",
                         extra={"request_id": request_id, "backend": backend.name,
@@ -189,15 +237,15 @@ async def forward(
             backend.abandon()  # cancelled (client hung up) or a bug: keep the counts right
             raise
     try:
-        return await _relay(request, resp, backend, runtime, started, request_id, outcome,
+        return await _relay(request, conn, head, backend, runtime, started, request_id, outcome,
                             extra_headers)
     except asyncio.CancelledError:
         outcome.status = 499  # the client hung up (or the drain deadline passed)
-        resp.close()  # never hand a half-read connection back to the pool
+        conn.abort()  # never hand a half-read connection back; the backend stops generating
         raise
     finally:
         backend.release()
-        resp.release()
+        conn.release()  # back to the pool only when the response was read whole
 
 
 def _fail(backend: BackendState, metrics: ProxyMetrics, reason: str, runtime: Runtime) -> None:
@@ -207,10 +255,11 @@ def _fail(backend: BackendState, metrics: ProxyMetrics, reason: str, runtime: Ru
 
 
 async def _relay(
-    request: web.Request, resp: aiohttp.ClientResponse, backend: BackendState, runtime: Runtime,
-    started: float, request_id: str, outcome: Outcome, extra: Mapping[str, str] | None,
+    request: web.Request, conn: UpstreamConnection, head: ResponseHead, backend: BackendState,
+    runtime: Runtime, started: float, request_id: str, outcome: Outcome,
+    extra: Mapping[str, str] | None,
 ) -> web.StreamResponse:
-    status = resp.status
+    status = head.status
     outcome.status = status
     now = time.monotonic()
     latency_ms = (now - started) * 1000.0
@@ -218,47 +267,51 @@ async def _relay(
         backend.record_failure(now, runtime.config.health_check)
     else:
         backend.record_success(latency_ms, runtime.config.load_balancing.ewma_alpha, now)
-    headers = _response_headers(resp.headers, request_id, extra)
-    length = resp.content_length
-    content_type = resp.headers.get("Content-Type", "")
+    headers = _response_headers(head.headers, request_id, extra)
+    length = head.content_length
+    content_type = head.content_type
     is_sse = content_type.startswith("text/event-stream")
+    reason = head.reason or None
     if length is not None and length <= _BUFFER_LIMIT and not is_sse:
         try:
-            payload = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            payload = await conn.read_all()
+        except UpstreamError as exc:
             return _late_failure(backend, runtime, request_id, outcome, exc, extra)
         outcome.bytes_out = len(payload)
         if "json" in content_type:
             outcome.usage = usage_from_json(payload)
-        return web.Response(status=status, reason=resp.reason, body=payload, headers=headers)
+        return web.Response(status=status, reason=reason, body=payload, headers=headers)
 
-    out = web.StreamResponse(status=status, reason=resp.reason, headers=headers)
+    out = web.StreamResponse(status=status, reason=reason, headers=headers)
     if length is not None:
         out.content_length = length
     await out.prepare(request)
     scanner = SseUsageScanner() if is_sse else None
     sent = 0
     try:
-        async for chunk in resp.content.iter_any():
+        while chunk := await conn.read():
             if scanner is not None:
                 scanner.feed(chunk)
             sent += len(chunk)
+            # Waits while the client's write buffer is high; meanwhile the connection pauses
+            # reading from the backend once its own buffer is full.
             await out.write(chunk)
         await out.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except ConnectionResetError:
         # The client went away: drop the upstream connection so the backend stops generating.
         outcome.status = 499
-        resp.close()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        conn.abort()
+    except UpstreamError as exc:
         # Headers are gone already; cut the client connection so it sees an incomplete body.
-        reason = "stream_timeout" if isinstance(exc, TimeoutError) else "stream_error"
+        timed_out = isinstance(exc, TimeoutError)
+        reason_label = "stream_timeout" if timed_out else "stream_error"
         backend.record_failure(time.monotonic(), runtime.config.health_check)
-        request.app[METRICS].backend_failures.labels(backend.name, reason).inc()
+        request.app[METRICS].backend_failures.labels(backend.name, reason_label).inc()
         log.warning("upstream stream interrupted",
                     extra={"request_id": request_id, "backend": backend.name,
                            "error": repr(exc)})
-        outcome.status = 504 if isinstance(exc, TimeoutError) else 502
-        resp.close()
+        outcome.status = 504 if timed_out else 502
+        conn.abort()
         if request.transport is not None:
             request.transport.abort()
     outcome.bytes_out = sent
