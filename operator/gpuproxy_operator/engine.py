@@ -55,6 +55,10 @@ class OperatorState:
     # until the desired body changes, so an invalid child never loops.
     rejected: dict[tuple[str, str, str], str] = field(default_factory=dict)
     managed: set[str] = field(default_factory=set)
+    # (cluster uid, kind, name) -> (spec hash, fingerprint of the server's answer) when the
+    # server did not keep all of our write (a dropped or webhook-mutated field): not re-sent
+    # while the child stays exactly as answered, so converged still means zero writes.
+    settled: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
 
     def lock(self, key: ClusterKey) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -65,6 +69,8 @@ class OperatorState:
         self.metrics.managed_clusters.set(len(self.managed))
         for rkey in [k for k in self.rejected if k[0] == uid]:
             del self.rejected[rkey]
+        for skey in [k for k in self.settled if k[0] == uid]:
+            del self.settled[skey]
 
 
 @dataclass
@@ -208,7 +214,7 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
         if rejected is not None and rejected == action.spec_hash:
             errors.append(("ChildRejected", f"{action.kind} {action.name} was rejected by the "
                            "API server; fix the spec fields named in the earlier event"))
-        else:
+        elif not _settled(state, uid, action, children.get(action.key)):
             actions.append(action)
 
     applied: list[str] = []
@@ -282,12 +288,45 @@ async def _apply(state: OperatorState, body: dict[str, Any], cluster: GpuProxyCl
         state.rejected.pop((uid, action.kind, action.name), None)
         if result is not None:
             children[action.key] = result
+            await _check_kept(state, body, uid, action, result)
         state.metrics.child_writes.labels(action.kind, action.reason).inc()
         text = f"{action.kind} {action.name} {action.detail}"
         applied.append(text)
         logger.info(text)
         await kube.post_event(api, body, "Normal", action.reason, text)
     return applied
+
+
+def _settled(state: OperatorState, uid: str, action: reconcile.Action,
+             observed: dict[str, Any] | None) -> bool:
+    """A drift patch the server did not keep last time, for an unchanged child: skip it."""
+    entry = state.settled.get((uid, action.kind, action.name))
+    if action.verb != "patch" or observed is None or entry is None:
+        return False
+    want = (action.body.get("spec") or {}).get("replicas")
+    if want is not None and want != (observed.get("spec") or {}).get("replicas"):
+        return False  # a replica change is still to be made
+    return entry == (action.spec_hash, reconcile.fingerprint(observed))
+
+
+async def _check_kept(state: OperatorState, body: dict[str, Any], uid: str,
+                      action: reconcile.Action, result: dict[str, Any]) -> None:
+    key = (uid, action.kind, action.name)
+    if action.desired is None:
+        return
+    lost = reconcile.not_kept(result, action.desired, without_replicas=action.without_replicas)
+    if not lost:
+        state.settled.pop(key, None)
+        return
+    entry = (action.spec_hash, reconcile.fingerprint(result))
+    if state.settled.get(key, ("",))[0] != action.spec_hash:
+        shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+        await kube.post_event(
+            state.kube, body, "Warning", "ChildAltered",
+            f"{action.kind} {action.name}: the API server did not keep {shown} (a disabled "
+            "feature gate or a mutating admission webhook); not re-applied until the spec or "
+            "the object changes")
+    state.settled[key] = entry
 
 
 async def _readopt(state: OperatorState, body: dict[str, Any], action: reconcile.Action,

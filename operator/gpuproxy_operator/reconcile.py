@@ -3,6 +3,7 @@ Creates what is missing, patches only what differs, deletes owned children no lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,9 @@ class Action:
     reason: Reason
     detail: str
     spec_hash: str = ""
+    # The desired manifest behind a create/replace/patch, to check what the server kept.
+    desired: dict[str, Any] | None = None
+    without_replicas: bool = False
 
     @property
     def key(self) -> Key:
@@ -120,6 +124,37 @@ def contains(have: Any, want: Any) -> bool:
         return (isinstance(have, list) and len(have) == len(want)
                 and all(contains(h, w) for h, w in zip(have, want, strict=True)))
     return _same_scalar(want, have)
+
+
+def not_kept(result: Mapping[str, Any], desired: Mapping[str, Any], *,
+             without_replicas: bool = False) -> list[str]:
+    """Paths of `desired` that the server's answer to our write does not hold: dropped (a
+    disabled feature's field) or changed (a mutating admission webhook). Empty when kept."""
+    out: list[str] = []
+
+    def walk(have: Any, want: Any, path: str) -> None:
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            for k, v in want.items():
+                if k in have:
+                    walk(have[k], v, f"{path}.{k}" if path else str(k))
+                elif not _is_zero(v):
+                    out.append(f"{path}.{k}" if path else str(k))
+        elif (isinstance(want, list) and isinstance(have, list) and len(want) == len(have)):
+            for i, (h, w) in enumerate(zip(have, want, strict=True)):
+                walk(h, w, f"{path}[{i}]")
+        elif not contains(have, want):
+            out.append(path)
+
+    walk(_content(result, without_replicas=without_replicas),
+         _content(desired, without_replicas=without_replicas), "")
+    return out
+
+
+def fingerprint(obj: Mapping[str, Any]) -> str:
+    """Identifies the content of a live child (what `_content` compares), to notice that it
+    is still exactly what the server answered to our last write."""
+    text = json.dumps(_content(obj, without_replicas=False), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _content(manifest: Mapping[str, Any], *, without_replicas: bool) -> dict[str, Any]:
@@ -282,7 +317,7 @@ def plan(
                                   with_last_applied(manifest, without_replicas=is_scaled),
                                   "Repaired" if reconciled_before else "Created",
                                   "recreated after it was deleted" if reconciled_before
-                                  else "created", want_hash))
+                                  else "created", want_hash, manifest, is_scaled))
             continue
         frozen = immutable_changes(manifest, have)
         if frozen:
@@ -290,7 +325,7 @@ def plan(
                 "replace", kind, name, with_last_applied(manifest, without_replicas=is_scaled),
                 "Replaced", f"replaced (deleted and re-created): {', '.join(frozen)} cannot be "
                 "changed in place" + (_KEPT_CLAIMS if "spec.volumeClaimTemplates" in frozen
-                                      else ""), want_hash))
+                                      else ""), want_hash, manifest, is_scaled))
             continue
         drifted = spec_hash(have) != want_hash or not contains(
             _content(have, without_replicas=is_scaled),
@@ -307,7 +342,7 @@ def plan(
                       else "updated to the new spec")
             actions.append(Action("patch", kind, name, body,
                                   "Repaired" if reconciled_before else "Updated", detail,
-                                  want_hash))
+                                  want_hash, manifest, is_scaled))
         elif rescale:
             actions.append(Action("patch", kind, name, {"spec": {"replicas": want_replicas}},
                                   "Scaled", f"scaled from {have_replicas} to {want_replicas} "

@@ -223,3 +223,48 @@ async def test_unknown_immutable_field_rejection_says_how_to_get_unstuck(
     message = condition(cr_status(api), "Degraded")["message"]
     assert "spec.selector: Invalid value: {...}: field is immutable" in message
     assert "kubectl -n ns1 delete deployment demo-proxy" in message
+
+
+class DroppingKube(MemoryKube):
+    """An API server on which the pod lifecycle field is not served (a disabled feature gate):
+    it silently drops the field from every write, like kube-apiserver drops disabled fields."""
+
+    @staticmethod
+    def _drop(obj: dict[str, Any]) -> dict[str, Any]:
+        pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for container in pod.get("containers", []):
+            container.pop("lifecycle", None)
+        return obj
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        await super().create(manifest)
+        meta = manifest["metadata"]
+        obj = self._drop(self.objects[(manifest["kind"], meta.get("namespace"), meta["name"])])
+        return copy.deepcopy(obj)
+
+    async def patch(self, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
+                    *, sub: str | None = None) -> dict[str, Any]:
+        await super().patch(kind, namespace, name, patch, sub=sub)
+        return copy.deepcopy(self._drop(self.objects[(kind, namespace, name)]))
+
+
+async def test_a_field_the_server_drops_is_reported_once_and_not_patched_forever() -> None:
+    api = DroppingKube()
+    api.objects[(KIND, "ns1", "demo")] = cluster_body()
+    api.objects[("Secret", "ns1", "db-creds")] = secret_body("ns1")
+    state = engine.OperatorState(kube=api)
+    await engine.reconcile_cluster(state, ("ns1", "demo"), log)
+    first = len(child_writes(api))
+    for _ in range(3):
+        await engine.reconcile_cluster(state, ("ns1", "demo"), log)
+    assert len(child_writes(api)) == first  # converged as far as the server allows: no writes
+    warnings = [o["message"] for (k, _, _), o in api.objects.items()
+                if k == "Event" and o["reason"] == "ChildAltered"]
+    assert len(warnings) == 1
+    assert "Deployment demo-proxy" in warnings[0]
+    assert "spec.template.spec.containers[0].lifecycle" in warnings[0]
+    # An out-of-band edit of that child is still repaired.
+    dep = api.objects[("Deployment", "ns1", "demo-proxy")]
+    dep["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
+    await engine.reconcile_cluster(state, ("ns1", "demo"), log)
+    assert ("patch", "Deployment", "demo-proxy") in api.writes[-3:]

@@ -11,7 +11,14 @@ from typing import Any
 from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
 from gpuproxy_operator.naming import LAST_APPLIED_ANNOTATION
-from gpuproxy_operator.reconcile import Action, contains, immutable_changes, key_of, plan
+from gpuproxy_operator.reconcile import (
+    Action,
+    contains,
+    immutable_changes,
+    key_of,
+    not_kept,
+    plan,
+)
 from tests.reconcile.conftest import cluster_body
 
 PROXY = ("Deployment", "demo-proxy")
@@ -287,3 +294,13 @@ def test_immutable_fields_of_each_kind() -> None:
     assert immutable_changes(client, apiserver_returned(client)) == []  # allocated IP
     assert immutable_changes(headless, apiserver_returned(client)) == ["spec.clusterIP"]
     assert immutable_changes(client, apiserver_returned(headless)) == ["spec.clusterIP"]
+
+
+def test_server_answers_keep_everything_we_wrote() -> None:
+    _, desired = manifests(**production_spec())
+    for m in desired:
+        assert not_kept(apiserver_returned(m), m) == [], key_of(m)
+    dep = next(m for m in desired if key_of(m) == PROXY)
+    dropped = apiserver_returned(dep)
+    del dropped["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
+    assert not_kept(dropped, dep) == ["spec.template.spec.containers[0].lifecycle"]
