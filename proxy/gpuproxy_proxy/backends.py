@@ -21,7 +21,7 @@ class BackendState:
     """Mutable state of one configured backend, shared by every request routed to it."""
 
     __slots__ = (
-        "_healthy_gauge", "_in_flight_gauge", "active_healthy", "check_failures",
+        "_healthy_gauge", "active_healthy", "check_failures",
         "check_successes", "config", "consecutive_failures", "ejected_until", "ewma_ms",
         "health_url", "host", "host_header", "in_flight", "last_check_error", "last_success",
         "name", "origin", "path_prefix", "port", "probing", "scheme", "use_ssl", "weight",
@@ -54,8 +54,12 @@ class BackendState:
         self.last_check_error: str | None = None
         self.last_success = 0.0  # monotonic time of the last good answer to real traffic
         self._healthy_gauge = metrics.backend_healthy.labels(self.name)
-        self._in_flight_gauge = metrics.backend_requests_in_flight.labels(self.name)
+        # Read at scrape time: no locked inc/dec on every request.
+        metrics.backend_requests_in_flight.labels(self.name).set_function(self._in_flight_now)
         self._healthy_gauge.set(1)
+
+    def _in_flight_now(self) -> float:
+        return float(self.in_flight)
 
     def same_target(self, config: BackendConfig) -> bool:
         return config.url == self.config.url and config.health_path == self.config.health_path
@@ -82,13 +86,11 @@ class BackendState:
 
     def acquire(self) -> None:
         self.in_flight += 1
-        self._in_flight_gauge.inc()
         if self.ejected_until:
             self.probing = True
 
     def release(self) -> None:
         self.in_flight -= 1
-        self._in_flight_gauge.dec()
 
     def abandon(self) -> None:
         """Release a request that ended without an answer either way (client hung up)."""

@@ -58,7 +58,8 @@ class Pipeline:
         self.metering_on = config.metering.enabled and config.database is not None
         self.max_in_flight = config.limits.max_in_flight_per_worker
         self.max_body = config.limits.max_body_bytes
-        self.in_flight_gauge = metrics.requests_in_flight
+        # Read at scrape time: no locked inc/dec on every request.
+        metrics.requests_in_flight.set_function(self._in_flight_now)
         self.rejected_in_flight = metrics.connections_rejected.labels("in_flight")
         self.counters = {
             (route, cls): metrics.requests_total.labels(route, cls)
@@ -69,6 +70,9 @@ class Pipeline:
         # Ids unique per process without a syscall per request: random prefix + counter.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
+
+    def _in_flight_now(self) -> float:
+        return float(self.runtime.in_flight)
 
     def request_id(self, request: web.Request) -> str:
         given = request.headers.get("X-Request-ID")
@@ -88,7 +92,6 @@ class Pipeline:
                               "retry shortly", request_id, {"Retry-After": "1"})
         started = time.monotonic()
         runtime.in_flight += 1
-        self.in_flight_gauge.inc()
         outcome = Outcome()
         principal: Principal = ANONYMOUS
         bytes_in = 0
@@ -142,7 +145,6 @@ class Pipeline:
             raise
         finally:
             runtime.in_flight -= 1
-            self.in_flight_gauge.dec()
             self._account(route, request_id, principal, outcome, bytes_in, started)
 
     def _too_large(self, request_id: str, headers: dict[str, str]) -> web.Response:
