@@ -93,6 +93,7 @@ async def test_create_builds_every_child_with_owner_refs_and_becomes_ready(
         return {(e["reason"], e["involvedObject"]["name"]) for e in cluster.events("ns1")}
 
     await eventually(lambda: {("Created", "demo"), ("Ready", "demo")} <= reasons())
+    assert not {r for r, _ in reasons()} & {"ChildAltered", "ChildRejected"}
 
 
 async def test_spec_change_patches_only_affected_children(
@@ -382,3 +383,26 @@ async def test_child_whose_cluster_label_was_removed_is_patched_not_recreated_fo
     await eventually(labelled)
     await eventually(lambda: "labels restored" in " | ".join(
         e["message"] for e in cluster.events("ns1") if e["reason"] == "Repaired"))
+
+
+async def test_cluster_writes_keep_spec_and_status_apart(cluster: Cluster,
+                                                         operator: Operator) -> None:
+    """On a real server /status ignores everything but status and the main resource ignores
+    status: the operator writes status only to /status and never sends spec or status to the
+    main resource (kopf's own annotation patches are metadata only)."""
+    body = cluster_body()
+    await converge(cluster, operator, body)
+    await cluster.edit_spec("ns1", "demo", {"proxy": {**body["spec"]["proxy"], "replicas": 3}})
+    await eventually(lambda: (cr(cluster, body) or {}).get("status", {}).get("replicas") == 3)
+    cr_path = cluster.path(KIND, "ns1", "demo")
+    writes = [r for r in list(cluster.server) if r.method.value in ("PATCH", "PUT", "POST")
+              and r.headers.get("User-Agent", "").startswith(("gpuproxy-operator", "kopf/"))
+              and r.url.path.startswith(cr_path)]
+    status_writes = [r for r in writes if r.url.path == cr_path + "/status"]
+    assert status_writes
+    for r in status_writes:
+        assert set(r.data) <= {"status", "metadata"}, r.data
+        assert set(r.data.get("metadata", {})) <= {"resourceVersion"}
+    for r in writes:
+        if r.url.path == cr_path:
+            assert set(r.data) <= {"metadata"}, r.data
