@@ -106,7 +106,7 @@ class Invalid(KubeError):
 
 
 class Forbidden(KubeError):
-    """401/403: the operator's credentials or RBAC do not allow the call."""
+    """403: the operator's RBAC does not allow the call."""
 
 
 class MissingAPI(KubeError):
@@ -152,7 +152,12 @@ def map_error(verb: str, kind: ResourceKind, name: str | None, status: int, text
         causes = [(str(c.get("field", "")), str(c.get("message", "")))
                   for c in details.get("causes") or []]
         return Invalid(verb, what, status, message, causes or [("", message)])
-    if status in (401, 403):
+    if status == 401:
+        # Expired credentials (a rotated service-account token), not RBAC: kopf re-runs the
+        # login handlers on its own 401s and hands us the new ones; retry meanwhile.
+        return Transient(verb, what, status, f"credentials rejected ({message}); retrying "
+                         "after the operator re-authenticates")
+    if status == 403:
         return Forbidden(verb, what, status, message)
     if status == 429 or status >= 500:
         delay = float(retry_after) if retry_after and retry_after.isdigit() else None

@@ -45,6 +45,10 @@ def test_error_mapping() -> None:
     assert isinstance(transient, kube.Transient)
     assert transient.retry_after == 7.0
     assert isinstance(kube.map_error("get", DEP, "p", 429, "slow down"), kube.Transient)
+    # An expired service-account token is not an RBAC problem: retried, not "check RBAC".
+    expired = kube.map_error("patch", DEP, "p", 401, status(401, "Unauthorized"))
+    assert isinstance(expired, kube.Transient)
+    assert "credentials rejected" in str(expired)
 
 
 async def test_client_calls_and_missing_api_against_kmock(cluster: Cluster, api_server: Any
