@@ -42,6 +42,10 @@ KOPF_NAMESPACE_OBSERVER: set[Grant] = {
     ("", "namespaces", "watch"),
 }
 KOPF_EVENTS: set[Grant] = {("", "events", "create")}  # k8s event posting (settings.posting)
+# Not an API call: children carry ownerReferences with blockOwnerDeletion, which the
+# OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) only allows to someone
+# who may update the owner's finalizers.
+OWNER_FINALIZERS: set[Grant] = {(GROUP, f"{PLURAL}/finalizers", "update")}
 
 
 @dataclass
@@ -241,7 +245,7 @@ def needed(code_calls: set[Grant]) -> tuple[set[Grant], set[Grant]]:
     # (within this test's scenario) it can use on any of them.
     child_verbs = {verb for group, res, verb in code_calls if (group, res) in children}
     namespaced = {(g, r, v) for g, r in children for v in child_verbs}
-    namespaced |= code_calls | kopf_needs() | KOPF_EVENTS
+    namespaced |= code_calls | kopf_needs() | KOPF_EVENTS | OWNER_FINALIZERS
     return namespaced, set(KOPF_CLUSTER_SCOPED)
 
 

@@ -16,6 +16,11 @@ derives the needs from the operator's code and fails when a rule here is missing
 - apiGroups: ["gpuproxy.aiserve.farm"]
   resources: ["gpuproxyclusters/status"]
   verbs: ["patch"]
+# Children's ownerReferences set blockOwnerDeletion; the OwnerReferencesPermissionEnforcement
+# admission plugin (e.g. OpenShift) then requires update on the owner's finalizers.
+- apiGroups: ["gpuproxy.aiserve.farm"]
+  resources: ["gpuproxyclusters/finalizers"]
+  verbs: ["update"]
 # Events about created/repaired children, scaling and errors (`kubectl describe gpc`).
 - apiGroups: [""]
   resources: ["events"]
