@@ -300,6 +300,30 @@ async def test_client_hangup_cancels_the_upstream_request(
     assert worker.runtime.pool.by_name["hang"].in_flight == 0
 
 
+async def test_client_hangup_mid_stream_closes_the_upstream_connection(
+    backends: list[FakeBackend], worker_factory: Any
+) -> None:
+    from gpuproxy_proxy.upstream import UPSTREAM_POOLS
+
+    gate = asyncio.Event()  # never set: the stream would go on until the backend is told
+    stream = await FakeBackend("stream", gate=gate).start()
+    backends.append(stream)
+    worker, port = await worker_factory(proxy_config(backends))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n"
+                 b"\r\n{\"stream\": true}")
+    assert b"data: " in await asyncio.wait_for(reader.readuntil(b"\n\n"), timeout=5)
+    pool = worker.app[UPSTREAM_POOLS].pool("127.0.0.1", stream.port, False)
+    assert pool.total == 1
+    writer.close()  # the client gives up mid-stream
+    deadline = time.monotonic() + 5
+    while pool.total or worker.runtime.in_flight:
+        assert time.monotonic() < deadline, "upstream connection was kept after the hang-up"
+        await asyncio.sleep(0.01)
+    assert not pool.idle  # closed, not handed back to the pool half-read
+    assert not gate.is_set()
+
+
 async def test_idle_keepalive_connection_holds_no_request(
     backends: list[FakeBackend], worker_factory: Any
 ) -> None:
