@@ -132,12 +132,21 @@ async def _credentials(api: kube.KubeClient, cluster: GpuProxyCluster
     return DatabaseCredentials(values["username"], values["password"]), None
 
 
+async def _list_or_error(api: kube.KubeClient, kind: str, ns: str, cluster: str
+                         ) -> list[dict[str, Any]] | Exception:
+    """A list call whose failure is a value: the gathered tasks never end in an exception, which
+    kopf would re-raise at shutdown if a reconcile is cancelled mid-gather."""
+    try:
+        return await api.list(kind, ns, {CLUSTER_LABEL: cluster})
+    except Exception as exc:  # returned to the caller, which re-raises it
+        return exc
+
+
 async def _observe(api: kube.KubeClient, cluster: GpuProxyCluster
                    ) -> tuple[dict[reconcile.Key, dict[str, Any]], dict[str, str]]:
     ns, name, uid = cluster.metadata.namespace, cluster.metadata.name, cluster.metadata.uid
     kinds = list(kube.CHILD_KINDS)
-    results = await asyncio.gather(
-        *(api.list(k, ns, {CLUSTER_LABEL: name}) for k in kinds), return_exceptions=True)
+    results = await asyncio.gather(*(_list_or_error(api, k, ns, name) for k in kinds))
     children: dict[reconcile.Key, dict[str, Any]] = {}
     missing: dict[str, str] = {}
     for kind, result in zip(kinds, results, strict=True):
