@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -57,3 +58,14 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
     yield factory
     for client in clients:
         await client.close()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that run the CLI in-process: its root log handler writes to this test's captured
+    stderr, which is closed afterwards, so later tests' log records would fail to print."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

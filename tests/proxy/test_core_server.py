@@ -238,6 +238,7 @@ async def test_demo_self_test_exits_zero() -> None:
     assert b"stream=true" in out
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_invalid_config_names_the_field(tmp_path: Path) -> None:
     from gpuproxy_proxy.cli import main
 
@@ -268,6 +269,7 @@ def test_gc_monitor_times_collections() -> None:
     assert 'gpuproxy_gc_pause_milliseconds_count{generation="2"} 1.0' in text
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_busy_port_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from gpuproxy_proxy.cli import main
 
