@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import aiohttp
 from aiohttp import web
 
 Mode = Literal["ok", "fail", "hang", "slow", "close"]
@@ -126,3 +128,19 @@ class FakeBackend:
 
 async def start_backends(*names: str, **kwargs: Any) -> list[FakeBackend]:
     return [await FakeBackend(name, **kwargs).start() for name in names]
+
+
+async def wait_ready(admin: str, proc: asyncio.subprocess.Process, timeout: float = 30) -> None:
+    """Wait until a proxy subprocess answers 200 on its admin `/ready`."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            assert proc.returncode is None, "proxy exited early"
+            try:
+                async with http.get(f"{admin}/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "proxy did not become ready"
+            await asyncio.sleep(0.1)

@@ -9,7 +9,6 @@ import os
 import secrets
 import signal
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,24 +18,9 @@ import asyncpg
 import pytest
 import yaml
 from tests.proxy.conftest import proxy_config
-from tests.proxy.fakes import FakeBackend, free_port
+from tests.proxy.fakes import FakeBackend, free_port, wait_ready
 
 pytestmark = pytest.mark.services
-
-
-async def _wait_ready(admin: str, proc: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as http:
-        while True:
-            assert proc.returncode is None, "proxy exited early"
-            try:
-                async with http.get(f"{admin}/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "proxy did not become ready"
-            await asyncio.sleep(0.1)
 
 
 async def test_sigterm_flushes_every_usage_record(
@@ -65,7 +49,7 @@ async def test_sigterm_flushes_every_usage_record(
     tag = f"e2e-{uuid.uuid4().hex[:8]}"
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
-        await _wait_ready(f"http://127.0.0.1:{admin_port}", proc)
+        await wait_ready(f"http://127.0.0.1:{admin_port}", proc)
         async with aiohttp.ClientSession() as http:
             for i in range(4):
                 rid = {"X-Request-ID": f"{tag}-plain-{i}"}
@@ -119,7 +103,7 @@ async def test_rate_limit_is_shared_by_the_workers(
         sys.executable, "-m", "gpuproxy_proxy.cli", "--config", str(path), "--workers", "2",
         stderr=(tmp_path / "proxy.log").open("w"))
     try:
-        await _wait_ready(f"http://127.0.0.1:{admin_port}", proc)
+        await wait_ready(f"http://127.0.0.1:{admin_port}", proc)
         # A source address of our own: other tests' requests do not count against its limit.
         octets = [secrets.randbelow(250) + 1 for _ in range(3)]
         source = "127." + ".".join(map(str, octets))

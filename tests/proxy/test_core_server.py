@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import yaml
 from tests.proxy.conftest import proxy_config
-from tests.proxy.fakes import FakeBackend, free_port
+from tests.proxy.fakes import FakeBackend, free_port, wait_ready
 
 from gpuproxy_proxy.server import Worker, reuseport_socket
 
@@ -91,21 +91,6 @@ async def test_connection_cap_refuses_when_nothing_is_idle(
 
 # --- the real CLI as a subprocess --------------------------------------------------------
 
-async def _wait_ready(admin: str, proc: asyncio.subprocess.Process, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while True:
-            assert proc.returncode is None, "proxy exited early"
-            try:
-                async with http.get(f"{admin}/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "proxy did not become ready"
-            await asyncio.sleep(0.1)
-
-
 async def _start_cli(tmp_path: Path, backends: list[FakeBackend], workers: int,
                      **overrides: Any) -> tuple[asyncio.subprocess.Process, int, int]:
     port, admin_port = free_port(), free_port()
@@ -117,7 +102,7 @@ async def _start_cli(tmp_path: Path, backends: list[FakeBackend], workers: int,
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gpuproxy_proxy.cli", "--config", str(path),
         "--workers", str(workers), env=env, stderr=asyncio.subprocess.PIPE)
-    await _wait_ready(f"http://127.0.0.1:{admin_port}", proc)
+    await wait_ready(f"http://127.0.0.1:{admin_port}", proc)
     return proc, port, admin_port
 
 
@@ -217,7 +202,7 @@ async def test_workers_share_port_and_admin_reports_the_sum(
                     break
                 assert time.monotonic() < deadline, stats
                 await asyncio.sleep(0.2)
-            await _wait_ready(admin, proc)
+            await wait_ready(admin, proc)
             async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={}) as r:
                 assert r.status == 200
         proc.send_signal(signal.SIGTERM)
