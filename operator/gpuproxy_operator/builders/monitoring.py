@@ -87,6 +87,17 @@ def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
     ]
 
 
+def _metadata(cluster: GpuProxyCluster, extra_labels: dict[str, str]) -> dict[str, Any]:
+    """Both monitoring objects share a name; the user's labels let Prometheus select them."""
+    return metadata(
+        cluster,
+        child_name(cluster.metadata.name, "monitoring"),
+        "monitoring",
+        cluster.spec.proxy.image,
+        extra_labels=dict(extra_labels),
+    )
+
+
 def build_prometheus_rule(cluster: GpuProxyCluster) -> Manifest | None:
     spec = cluster.spec.monitoring.prometheus_rule
     if not spec.enabled:
@@ -94,13 +105,7 @@ def build_prometheus_rule(cluster: GpuProxyCluster) -> Manifest | None:
     return with_spec_hash({
         "apiVersion": MONITORING_API,
         "kind": "PrometheusRule",
-        "metadata": metadata(
-            cluster,
-            child_name(cluster.metadata.name, "monitoring"),
-            "monitoring",
-            cluster.spec.proxy.image,
-            extra_labels=dict(spec.labels),
-        ),
+        "metadata": _metadata(cluster, spec.labels),
         "spec": {"groups": [{"name": "gpuproxy_alerts", "rules": alert_rules(cluster)}]},
     })
 
@@ -112,13 +117,7 @@ def build_service_monitor(cluster: GpuProxyCluster) -> Manifest | None:
     return with_spec_hash({
         "apiVersion": MONITORING_API,
         "kind": "ServiceMonitor",
-        "metadata": metadata(
-            cluster,
-            child_name(cluster.metadata.name, "monitoring"),
-            "monitoring",
-            cluster.spec.proxy.image,
-            extra_labels=dict(spec.labels),
-        ),
+        "metadata": _metadata(cluster, spec.labels),
         "spec": {
             "selector": {"matchLabels": {**selector(cluster, "proxy"), METRICS_LABEL: "true"}},
             "namespaceSelector": {"matchNames": [cluster.metadata.namespace]},
