@@ -20,6 +20,10 @@ Strategy = Literal[
     "least_response_time",
     "equal_weighted",
 ]
+# What happens while Redis is unreachable: an in-process limiter ("local"),
+# let everything through ("open"), or reject with 503 ("closed").
+RedisFailureMode = Literal["local", "open", "closed"]
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
 class _Frozen(BaseModel):
@@ -77,9 +81,7 @@ class RateLimitConfig(_Frozen):
     per_user: Annotated[int, Field(ge=1)] = 10000
     per_api_key: Annotated[int, Field(ge=1)] = 100000
     window_seconds: Annotated[int, Field(ge=1)] = 60
-    # What happens while Redis is unreachable: an in-process limiter ("local"),
-    # let everything through ("open"), or reject with 503 ("closed").
-    on_redis_failure: Literal["local", "open", "closed"] = "local"
+    on_redis_failure: RedisFailureMode = "local"
     trusted_proxies: list[str] = Field(default_factory=list)
 
     @field_validator("trusted_proxies")
@@ -99,9 +101,7 @@ class DatabaseConfig(_Frozen):
     host: str
     port: Annotated[int, Field(ge=1, le=65535)] = 6432
     database: str = "gpuproxy"
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = (
-        "prefer"
-    )
+    sslmode: SslMode = "prefer"
     pool_min_size: Annotated[int, Field(ge=0)] = 1
     pool_max_size: Annotated[int, Field(ge=1)] = 10
 

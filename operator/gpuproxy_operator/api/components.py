@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from gpuproxy_operator.api.base import Model, Name, Resources, SecretKeyRef, Toleration
+from gpuproxy_proxy.config import SslMode
 
 
 class ScalingPolicy(Model):
@@ -106,9 +107,7 @@ class DatabaseSpec(Model):
     """Database name."""
     credentials_secret: Name
     """Secret with keys `username` and `password` of the login role."""
-    ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = (
-        "prefer"
-    )
+    ssl_mode: SslMode = "prefer"
     """TLS mode from PgBouncer to PostgreSQL."""
 
 

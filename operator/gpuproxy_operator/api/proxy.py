@@ -15,13 +15,8 @@ from gpuproxy_operator.api.base import (
     Toleration,
 )
 
-Strategy = Literal[
-    "round_robin",
-    "weighted_round_robin",
-    "least_connections",
-    "least_response_time",
-    "equal_weighted",
-]
+# The proxy's own config types: the operator can only offer what the proxy understands.
+from gpuproxy_proxy.config import RedisFailureMode, Strategy
 
 DEFAULT_PROXY_IMAGE = "aiserve/gpuproxy-proxy:0.1.0"
 
@@ -115,7 +110,7 @@ class RateLimits(Model):
     """Requests per window per API key."""
     window_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
     """Window length."""
-    on_redis_failure: Literal["local", "open", "closed"] = "local"
+    on_redis_failure: RedisFailureMode = "local"
     """While Redis is unreachable: an in-process limiter (local), allow all (open) or reject
     with 503 (closed)."""
     trusted_proxies: list[str] = Field(default_factory=list)
