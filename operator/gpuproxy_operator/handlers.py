@@ -37,7 +37,9 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         prefix=PREFIX, key="last-handled-configuration")
     settings.persistence.consistency_timeout = state.consistency_timeout
     settings.watching.inactivity_timeout = state.inactivity_timeout
-    settings.watching.server_timeout = max(1.0, state.inactivity_timeout - 30)
+    # kopf sends this verbatim as the watch's `timeoutSeconds` query parameter, which the API
+    # server parses as an integer: "270.0" gets HTTP 400 and kopf gives up on every watch.
+    settings.watching.server_timeout = server_timeout_seconds(state.inactivity_timeout)
     # kopf's own Events only for problems; our reconcile posts the meaningful ones.
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "gpuproxy-operator"
@@ -47,6 +49,12 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     for kind in kube.CHILD_KINDS:
         res = kube.REGISTRY[kind]
         settings.watching.label_selectors[res.api_version, res.plural] = CLUSTER_LABEL
+
+
+def server_timeout_seconds(inactivity_timeout: float) -> int:
+    """The server-side watch timeout: an integer, well inside kopf's inactivity timeout so
+    the API server ends a quiet watch before kopf would consider it stuck."""
+    return max(1, int(inactivity_timeout) - 30)
 
 
 @kopf.on.login()

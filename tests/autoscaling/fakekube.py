@@ -3,9 +3,12 @@ controller whose pods are the first `replicas` of a fixed list of addresses."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from gpuproxy_operator import kube
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,21 @@ class FakeKube:
         self.replica_writes.append(replicas)
         self.replicas = replicas
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    async def get_cluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append("get_cluster")
+        return copy.deepcopy(self.body)
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any],
+                           resource_version: str | None) -> None:
+        """Like the API server: a stale resourceVersion is a 409; a write bumps it."""
         self.calls.append("patch_status")
+        meta = self.body.setdefault("metadata", {})
+        if resource_version is not None and resource_version != meta.get("resourceVersion"):
+            raise kube.Conflict("patch", f"GpuProxyCluster {namespace}/{name}", 409,
+                                "the object has been modified")
         self.status_writes.append(status)
         merge(self.status, status)
+        meta["resourceVersion"] = str(int(meta.get("resourceVersion") or 0) + 1)
 
     async def post_event(self, body: dict[str, Any], type_: str, reason: str,
                          message: str) -> None:

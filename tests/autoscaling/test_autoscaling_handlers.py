@@ -116,3 +116,23 @@ async def test_ready_pods_that_cannot_be_read_are_a_warning_once() -> None:
     assert "demo-proxy-0: /stats unreadable" in cond["message"]
     assert [(t, r) for t, r, _ in kube.events] == [("Warning", "MetricsUnavailable")]
     assert kube.replica_writes == []
+
+
+async def test_a_stale_body_never_overwrites_newer_conditions() -> None:
+    """The step's status patch replaces `conditions`: it is sent with the body's
+    resourceVersion, and on a 409 rebuilt from a fresh read, so reconcile's newer Degraded
+    (written after the watch event the loop holds) survives."""
+    stale = body()
+    stale["metadata"]["resourceVersion"] = "5"
+    stale["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    newer = copy.deepcopy(stale)
+    newer["metadata"]["resourceVersion"] = "6"
+    newer["status"]["conditions"] = [
+        {"type": "Degraded", "status": "True", "reason": "ChildRejected", "message": "x"}]
+    kube = FakeKube(newer, pod_ips=[], deployment_exists=False)
+    async with aiohttp.ClientSession() as session:
+        await ClusterScaler(kube, session).step(stale)
+    assert kube.calls.count("patch_status") == 2  # the first was refused (409)
+    assert "get_cluster" in kube.calls
+    kinds = {c["type"]: c["reason"] for c in kube.status["conditions"]}
+    assert kinds == {"Degraded": "ChildRejected", "Scaling": "DeploymentMissing"}

@@ -173,7 +173,8 @@ async def _exercise_operator() -> set[Grant]:
     await scaling.list_proxy_pods(NS, "prod")
     await scaling.list_autoscalers(NS)
     await scaling.set_replicas(NS, proxy, 4)
-    await scaling.patch_status(NS, "prod", {"desiredReplicas": 4})
+    assert await scaling.get_cluster(NS, "prod") is not None
+    await scaling.patch_status(NS, "prod", {"desiredReplicas": 4}, None)
     await scaling.post_event(body, "Normal", "Scaled", "test")
 
     # The periodic resync lists the clusters of each watched namespace.

@@ -191,7 +191,7 @@ class Operator:
             state, clusterwide=not namespaces, stop_flag=stop, ready_flag=ready)),
             name="operator", daemon=True)
         self._thread.start()
-        assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
+        assert await asyncio.to_thread(ready.wait, 60), "the operator did not start"
         return state
 
     async def stop(self) -> None:
@@ -212,7 +212,7 @@ class Operator:
         return total
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
+async def eventually(check: Callable[[], Any], timeout: float = 60.0) -> Any:
     """Poll until `check()` is truthy (returning it) or fail with its last value."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

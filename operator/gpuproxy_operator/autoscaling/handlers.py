@@ -17,7 +17,13 @@ import kopf
 
 from gpuproxy_operator.api.base import GROUP, PLURAL, VERSION
 from gpuproxy_operator.autoscaling.kube_adapter import KubeScaling
-from gpuproxy_operator.autoscaling.loop import ClusterScaler, ScalingKube, plain, run_loop
+from gpuproxy_operator.autoscaling.loop import (
+    ClusterScaler,
+    ScalingKube,
+    plain,
+    run_loop,
+    write_status,
+)
 from gpuproxy_operator.autoscaling.report import CONDITION, Outcome, scaling_condition
 
 TASK_PREFIX = "gpuproxy-autoscaler:"
@@ -72,9 +78,9 @@ async def _report_inactive(kube: ScalingKube, body: dict[str, Any], reason: str)
         return  # never autoscaled (keep quiet: no writes), or already reported
     outcome = Outcome(False, reason, INACTIVE_MESSAGES[reason])
     generation = (body.get("metadata") or {}).get("generation")
-    meta = body["metadata"]
-    await kube.patch_status(meta["namespace"], meta["name"], {
-        "conditions": scaling_condition(outcome, conditions, generation, time.time())})
+    now = time.time()
+    await write_status(kube, body, lambda current: {"conditions": scaling_condition(
+        outcome, list(current.get("conditions") or []), generation, now)})
 
 
 async def track(event: Mapping[str, Any], body: Mapping[str, Any], memo: Any, kube: ScalingKube,

@@ -41,8 +41,16 @@ class KubeScaling:
     async def set_replicas(self, namespace: str, deployment: str, replicas: int) -> None:
         await kube.patch_deployment_replicas(self.client, namespace, deployment, replicas)
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await kube.patch_cluster_status(self.client, namespace, name, status)
+    async def get_cluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.client.get(kube.CLUSTER.kind, namespace, name)
+        except kube.NotFound:
+            return None
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any],
+                           resource_version: str | None) -> None:
+        await kube.patch_cluster_status(self.client, namespace, name, status,
+                                        resource_version=resource_version)
 
     async def post_event(self, body: dict[str, Any], type_: str, reason: str,
                          message: str) -> None:

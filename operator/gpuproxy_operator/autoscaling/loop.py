@@ -24,6 +24,7 @@ from gpuproxy_operator.autoscaling.report import (
 )
 from gpuproxy_operator.autoscaling.scrape import DEFAULT_TIMEOUT, Pod, scrape
 from gpuproxy_operator.autoscaling.state import ScalerState
+from gpuproxy_operator.kube import Conflict
 from gpuproxy_operator.naming import child_name
 
 STATE_FIELD = "autoscalerState"
@@ -36,9 +37,36 @@ class ScalingKube(Protocol):
     async def list_proxy_pods(self, namespace: str, cluster: str) -> Sequence[Pod]: ...
     async def list_autoscalers(self, namespace: str) -> list[dict[str, Any]]: ...
     async def set_replicas(self, namespace: str, deployment: str, replicas: int) -> None: ...
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    async def get_cluster(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any],
+                           resource_version: str | None) -> None:
+        """Raises kube.Conflict when `resource_version` is no longer the object's."""
     async def post_event(self, body: dict[str, Any], type_: str, reason: str,
                          message: str) -> None: ...
+
+
+STATUS_ATTEMPTS = 3
+
+
+async def write_status(kube: ScalingKube, body: dict[str, Any],
+                       build: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Patch the cluster's status with `build(current status)`, guarded by the body's
+    resourceVersion: the patch replaces `conditions` as a whole, so a stale body must never
+    overwrite a newer Ready/Degraded from reconcile. On a conflict, re-read and rebuild."""
+    for attempt in range(STATUS_ATTEMPTS):
+        meta = body.get("metadata") or {}
+        ns, name = meta["namespace"], meta["name"]
+        try:
+            await kube.patch_status(ns, name, build(body.get("status") or {}),
+                                    meta.get("resourceVersion"))
+            return
+        except Conflict:
+            if attempt == STATUS_ATTEMPTS - 1:
+                raise
+        fresh = await kube.get_cluster(ns, name)
+        if fresh is None:
+            return  # deleted meanwhile: nothing to report on
+        body = plain(fresh)
 
 
 def plain(obj: Any) -> Any:
@@ -117,8 +145,8 @@ class ClusterScaler:
         new_state = decision.state if decision is not None else self.state
         # Status first: reconcile sizes the Deployment from status.desiredReplicas, so it must
         # never see the new replicas with the old desiredReplicas (it would undo the scale).
-        await self.kube.patch_status(ns, name, status_patch(
-            outcome, status, meta.generation, now, new_state.last_scale_time,
+        await write_status(self.kube, body, lambda current: status_patch(
+            outcome, current, meta.generation, now, new_state.last_scale_time,
             new_state.to_json()))
         if decision is not None and decision.changed:
             await self.kube.set_replicas(ns, deployment_name, decision.desired_replicas)
