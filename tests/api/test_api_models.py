@@ -31,12 +31,14 @@ def test_defaults_are_the_guides_numbers() -> None:
     assert (rl.per_ip, rl.per_user, rl.per_api_key, rl.window_seconds) == (1000, 10000, 100000, 60)
     assert spec.autoscaling.target_connections == 1_000_000
     pgb = spec.pgbouncer
+    # Pool sizes: the guide's 500 minus PostgreSQL's reserved slots and the reserve pool.
     assert (pgb.pool_mode, pgb.max_client_conn, pgb.default_pool_size) == (
-        "transaction", 100_000, 500,
+        "transaction", 100_000, 430,
     )
     assert (pgb.reserve_pool_size, pgb.reserve_pool_timeout_seconds) == (50, 5)
     assert (pgb.server_lifetime_seconds, pgb.server_idle_timeout_seconds) == (1800, 300)
-    assert (pgb.max_db_connections, pgb.max_user_connections) == (500, 500)
+    assert (pgb.max_db_connections, pgb.max_user_connections) == (480, 480)
+    assert pgb.default_pool_size + pgb.reserve_pool_size <= pgb.max_db_connections
     redis = spec.redis
     assert (redis.maxmemory, redis.maxmemory_policy, redis.tcp_backlog) == (
         "16gb", "allkeys-lru", 65535,
@@ -70,7 +72,7 @@ def test_quantities_accept_ints_and_strings() -> None:
         ({"proxy": {"backends": [{"name": "Bad_Name", "url": "http://a"}]}},
          "spec.proxy.backends[0].name", "should match pattern"),
         ({"proxy": {"backends": [{"name": "a", "url": "ftp://a"}]}},
-         "spec.proxy.backends[0].url", "URL scheme should be 'http' or 'https'"),
+         "spec.proxy.backends[0].url", "must be an http:// or https:// URL"),
         ({"proxy": {"backends": [{"name": "a", "url": "http://a"}], "wrkers": 2}},
          "spec.proxy.wrkers", "Extra inputs are not permitted"),
     ],

@@ -11,6 +11,7 @@ import yaml
 from crd_schema import ROOT, load_crd, validator
 
 from gpuproxy_operator.api.cluster import parse_cluster
+from gpuproxy_operator.autoscaling.policy import per_replica_target, replica_bounds
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
@@ -44,10 +45,15 @@ def test_production_example_matches_the_guide() -> None:
     path = ROOT / "examples" / "gpuproxycluster-production-100k.yaml"
     doc = next(d for d in _docs(path) if d["kind"] == "GpuProxyCluster")
     spec = parse_cluster(doc).spec
-    assert spec.proxy.connections_per_replica == 100_000
-    assert spec.autoscaling.max_replicas * spec.proxy.connections_per_replica == 1_000_000
+    cpr = spec.proxy.connections_per_replica
+    assert cpr == 100_000
+    # 1M connections fit at the autoscaler's target (100k x 80% per replica).
+    _, upper = replica_bounds(spec.autoscaling, cpr)
+    assert upper * per_replica_target(spec.autoscaling, cpr) >= 1_000_000
     assert spec.pgbouncer.pool_mode == "transaction"
-    assert (spec.pgbouncer.max_client_conn, spec.pgbouncer.default_pool_size) == (100_000, 500)
+    assert spec.pgbouncer.max_client_conn == 100_000
+    # The guide's PostgreSQL has max_connections 500, 3 of them reserved for superusers.
+    assert spec.pgbouncer.replicas * spec.pgbouncer.max_db_connections <= 500 - 3
     assert spec.redis.maxmemory == "16gb"
     assert spec.redis.tcp_backlog == 65535
     assert spec.node_tuning.enabled

@@ -1,17 +1,14 @@
 """Validators the chart tests apply to rendered manifests: CRD schemas as strict JSON Schema,
-the keywords an apiserver accepts in a CRD, CEL rules with structural defaulting, and the
-restricted Pod Security Standard."""
+the keywords an apiserver accepts in a CRD, and the restricted Pod Security Standard (CEL rules
+and defaulting: tests/api/apiserver.py)."""
 
 from __future__ import annotations
 
-import copy
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import celpy  # type: ignore[import-untyped,unused-ignore]
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
-from celpy.adapter import json_to_cel  # type: ignore[import-untyped,unused-ignore]
 from tests.chart.helm import load_yaml, sync_module
 from tests.tools import REPO_ROOT
 
@@ -67,43 +64,6 @@ def crd_schema_problems(node: dict[str, Any], path: str = "") -> list[str]:
         if isinstance(node.get(key), dict):
             problems += crd_schema_problems(node[key], f"{path}[{key}]")
     return problems
-
-
-def defaulted(schema: dict[str, Any], value: Any) -> Any:
-    """Structural defaulting as the apiserver does it before validation: missing properties
-    with a default get it, recursively (through lists and maps too)."""
-    if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        out = {k: defaulted(props.get(k) or schema.get("additionalProperties") or {}, v)
-               for k, v in value.items()}
-        for name, sub in props.items():
-            if name not in out and "default" in sub:
-                out[name] = defaulted(sub, copy.deepcopy(sub["default"]))
-        return out
-    if isinstance(value, list):
-        return [defaulted(schema.get("items") or {}, v) for v in value]
-    return value
-
-
-def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
-    """Every x-kubernetes-validations rule of the schema evaluated at its node."""
-    out = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        env = celpy.Environment()
-        program = env.program(env.compile(rule["rule"]))
-        if not bool(program.evaluate({"self": json_to_cel(value)})):
-            out.append(f"{path or '(root)'}: {rule['message']}")
-    if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        extra = schema.get("additionalProperties")
-        for key, child in value.items():
-            sub = props.get(key) or (extra if isinstance(extra, dict) else None)
-            if sub:
-                out += cel_violations(sub, child, f"{path}.{key}")
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(value):
-            out += cel_violations(schema["items"], item, f"{path}[{index}]")
-    return out
 
 
 def restricted_violations(pod: dict[str, Any]) -> list[str]:

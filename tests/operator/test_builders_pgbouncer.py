@@ -16,11 +16,12 @@ from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.builders.pgbouncer import userlist
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
 
-# The guide's [pgbouncer] section ("CRITICAL for 100k connections" and below).
+# The guide's [pgbouncer] section ("CRITICAL for 100k connections" and below), except the pool
+# sizes, which leave PostgreSQL's 3 reserved slots free (430 + reserve 50 = 480 < 500 - 3).
 GUIDE_POOL_SETTINGS = {
     "pool_mode": "transaction",
     "max_client_conn": "100000",
-    "default_pool_size": "500",
+    "default_pool_size": "430",
     "reserve_pool_size": "50",
     "reserve_pool_timeout": "5",
     "server_lifetime": "1800",
@@ -28,8 +29,8 @@ GUIDE_POOL_SETTINGS = {
     "server_connect_timeout": "15",
     "query_timeout": "0",
     "query_wait_timeout": "120",
-    "max_db_connections": "500",
-    "max_user_connections": "500",
+    "max_db_connections": "480",
+    "max_user_connections": "480",
     "log_connections": "0",
     "log_disconnections": "0",
     "log_pooler_errors": "1",

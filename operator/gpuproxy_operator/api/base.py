@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from gpuproxy_operator.api.rules import CrossFieldRule, apply_rules
 
 GROUP = "gpuproxy.aiserve.farm"
 VERSION = "v1alpha1"
@@ -27,11 +38,20 @@ class Model(BaseModel):
         use_attribute_docstrings=True,
     )
 
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = ()
+    """Rules over several fields; each also becomes a CEL rule in the CRD (see rules.py)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _cross_field(cls, data: Any, handler: ValidatorFunctionWrapHandler,
+                     info: ValidationInfo) -> Any:
+        return apply_rules(cls, data, handler, strict=info.mode == "json")
+
 
 def _quantity_to_str(value: Any) -> Any:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
+    # The CRD types quantities as int-or-string, as the API server does for `cpu: 2`; a
+    # float such as 0.5 is neither, and the API server refuses it, so it is refused here too.
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return value
 

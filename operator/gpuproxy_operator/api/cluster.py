@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
@@ -148,12 +149,28 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _without_nulls(value: Any) -> Any:
+    """Drop null fields, as the API server prunes nulls of non-nullable fields before
+    defaulting (`autoscaling: null` means the defaults, not an error)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def parse_cluster(body: dict[str, Any]) -> GpuProxyCluster:
-    """Parse a GpuProxyCluster body, raising InvalidSpecError with field paths on bad input."""
+    """Parse a GpuProxyCluster body, raising InvalidSpecError with field paths on bad input.
+
+    Parsed as strict JSON, the way the API server types it: "3" is not an integer, "true" not
+    a boolean and 0.5 not a quantity there, so they are not here either (render and the API
+    server refuse the same specs)."""
     meta = body.get("metadata") or {}
     label = f"{KIND} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
     try:
-        return GpuProxyCluster.model_validate(body)
+        # default=str: YAML timestamps and the like reach the API server as JSON strings.
+        text = json.dumps(_without_nulls(body), default=str)
+        return GpuProxyCluster.model_validate_json(text, strict=True)
     except ValidationError as exc:
         problems = [
             (_path(tuple(e["loc"])), e["msg"].removeprefix("Value error, "))

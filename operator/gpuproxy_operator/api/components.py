@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from gpuproxy_operator.api.base import Model, Name, Resources, SecretKeyRef, Toleration
+from gpuproxy_operator.api.rules import CrossFieldRule
 from gpuproxy_proxy.config import SslMode
 
 
@@ -32,11 +33,15 @@ class ScalingRules(Model):
     policies: Annotated[list[ScalingPolicy], Field(max_length=10)]
     """Allowed rate of change."""
 
-    @model_validator(mode="after")
-    def _policies_unless_disabled(self) -> ScalingRules:
-        if self.select_policy != "Disabled" and not self.policies:
-            raise ValueError("policies must not be empty unless selectPolicy is Disabled")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: v["select_policy"] == "Disabled" or len(v["policies"]) > 0,
+            message="policies must not be empty unless selectPolicy is Disabled",
+            cel="self.selectPolicy == 'Disabled' || size(self.policies) > 0",
+            reads=("selectPolicy", "policies"),
+            field_path=".policies",
+        ),
+    )
 
 
 def _default_scale_up() -> ScalingRules:
@@ -74,8 +79,8 @@ class AutoscalingSpec(Model):
     """Let the operator own proxy replicas, from live connection counts."""
     min_replicas: Annotated[int, Field(ge=1, le=1000)] = 2
     """Lower bound."""
-    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 10
-    """Upper bound (guide: 10 x 100k = 1M)."""
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 13
+    """Upper bound: the guide's 1M connections at 100k per replica with 20% headroom."""
     target_connections: Annotated[int, Field(ge=1)] = 1_000_000
     """Total connections the platform is sized for; replicas are not scaled beyond what it needs."""
     headroom_percent: Annotated[int, Field(ge=0, le=90)] = 20
@@ -87,11 +92,15 @@ class AutoscalingSpec(Model):
     behavior: ScalingBehavior = Field(default_factory=ScalingBehavior)
     """Rate policies and stabilization windows."""
 
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("minReplicas must be less than or equal to maxReplicas")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: v["min_replicas"] <= v["max_replicas"],
+            message="minReplicas must be less than or equal to maxReplicas",
+            cel="self.minReplicas <= self.maxReplicas",
+            reads=("minReplicas", "maxReplicas"),
+            field_path=".minReplicas",
+        ),
+    )
 
 
 class DatabaseSpec(Model):
@@ -123,8 +132,10 @@ class PgBouncerSpec(Model):
     """Pooling mode; transaction is what 100k clients need."""
     max_client_conn: Annotated[int, Field(ge=1)] = 100_000
     """Client connections one PgBouncer accepts."""
-    default_pool_size: Annotated[int, Field(ge=1)] = 500
-    """Server connections per user/database pair."""
+    default_pool_size: Annotated[int, Field(ge=1)] = 430
+    """Server connections per user/database pair. The guide's 500 would fill PostgreSQL's
+    max_connections of 500 and leave no room for its reserved slots or the reserve pool:
+    430 + reservePoolSize 50 = maxDbConnections 480."""
     reserve_pool_size: Annotated[int, Field(ge=0)] = 50
     """Extra server connections when clients wait too long."""
     reserve_pool_timeout_seconds: Annotated[int, Field(ge=0)] = 5
@@ -139,9 +150,10 @@ class PgBouncerSpec(Model):
     """Cancel queries running longer (0 = off)."""
     query_wait_timeout_seconds: Annotated[int, Field(ge=0)] = 120
     """Clients waiting longer for a server connection get an error."""
-    max_db_connections: Annotated[int, Field(ge=0)] = 500
-    """Server connections per database per PgBouncer pod (0 = unlimited)."""
-    max_user_connections: Annotated[int, Field(ge=0)] = 500
+    max_db_connections: Annotated[int, Field(ge=0)] = 480
+    """Server connections per database per PgBouncer pod (0 = unlimited); replicas x this
+    must stay below PostgreSQL's max_connections (guide: 500) minus its reserved slots."""
+    max_user_connections: Annotated[int, Field(ge=0)] = 480
     """Server connections per user per PgBouncer pod (0 = unlimited)."""
     resources: Resources = Field(
         default_factory=lambda: Resources(
@@ -150,11 +162,16 @@ class PgBouncerSpec(Model):
     )
     """Container resources (guide: 4 CPU / 4Gi requested, 8 / 8Gi limits)."""
 
-    @model_validator(mode="after")
-    def _pool_fits(self) -> PgBouncerSpec:
-        if self.max_db_connections and self.default_pool_size > self.max_db_connections:
-            raise ValueError("defaultPoolSize must not exceed maxDbConnections")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: (v["max_db_connections"] == 0
+                             or v["default_pool_size"] <= v["max_db_connections"]),
+            message="defaultPoolSize must not exceed maxDbConnections",
+            cel="self.maxDbConnections == 0 || self.defaultPoolSize <= self.maxDbConnections",
+            reads=("maxDbConnections", "defaultPoolSize"),
+            field_path=".defaultPoolSize",
+        ),
+    )
 
 
 class RedisSpec(Model):
@@ -196,11 +213,15 @@ class RedisSpec(Model):
     )
     """Container resources of the bundled Redis (guide: 4 CPU / 16Gi, 8 / 18Gi)."""
 
-    @model_validator(mode="after")
-    def _external_needs_url(self) -> RedisSpec:
-        if self.mode == "external" and not self.url:
-            raise ValueError("url is required when mode is external")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: v["mode"] != "external" or bool(v["url"]),
+            message="url is required when mode is external",
+            cel="self.mode != 'external' || has(self.url)",
+            reads=("mode",),
+            field_path=".url",
+        ),
+    )
 
 
 GUIDE_SYSCTLS: dict[str, str] = {
@@ -227,7 +248,10 @@ GUIDE_SYSCTLS: dict[str, str] = {
     "net.ipv4.tcp_congestion_control": "bbr",
 }
 
-SYSCTL_KEY = r"^[a-z0-9_]+(\.[a-z0-9_-]+)+$"
+# `[.]` rather than an escaped dot, so the same text is valid inside a CEL string literal.
+SYSCTL_KEY = r"^[a-z0-9_]+([.][a-z0-9_-]+)+$"
+# Bounds what a CEL rule iterates, so the API server's cost estimate stays small.
+MAX_SYSCTLS = 64
 SYSCTL_VALUE = r"^[A-Za-z0-9_ .:-]+$"
 
 
@@ -244,7 +268,15 @@ class NodeTuningSpec(Model):
     """Tolerations, e.g. for dedicated proxy nodes."""
     sysctls: dict[
         Annotated[str, Field(pattern=SYSCTL_KEY)], Annotated[str, Field(pattern=SYSCTL_VALUE)]
-    ] = Field(default_factory=lambda: dict(GUIDE_SYSCTLS))
+    ] = Field(
+        default_factory=lambda: dict(GUIDE_SYSCTLS),
+        max_length=MAX_SYSCTLS,
+        # A CRD cannot constrain map keys with a pattern (no patternProperties): a CEL rule.
+        json_schema_extra={"x-kubernetes-validations": [{
+            "rule": f"self.all(k, k.matches('{SYSCTL_KEY}'))",
+            "message": "sysctls keys must be kernel parameter names such as net.core.somaxconn",
+        }]},
+    )
     """Kernel settings (default: the guide's 99-gpuproxy-100k.conf)."""
 
 

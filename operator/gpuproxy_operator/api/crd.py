@@ -19,7 +19,11 @@ from gpuproxy_operator.api.cluster import (
     GpuProxyClusterSpec,
     GpuProxyClusterStatus,
 )
-from gpuproxy_operator.api.validation_rules import RULES
+from gpuproxy_operator.api.rules import rules_of
+
+
+def _cel_rules(model: type[BaseModel]) -> list[dict[str, str]]:
+    return [entry for rule in rules_of(model) if (entry := rule.to_crd()) is not None]
 
 
 def _models_by_name(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -58,7 +62,7 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[BaseMode
         node = target
         model = models.get(name)
         if model is not None:
-            rules = RULES.get(model, [])
+            rules = _cel_rules(model)
     any_of = node.get("anyOf")
     if any_of is not None:
         non_null = [s for s in any_of if s.get("type") != "null"]
@@ -130,9 +134,9 @@ def build_schema(model: type[BaseModel]) -> dict[str, Any]:
     models = _models_by_name(model)
     schema: dict[str, Any] = _structural(raw, defs, models)
     _factory_defaults(model, schema.get("properties", {}))
-    own_rules = RULES.get(model)
+    own_rules = _cel_rules(model)
     if own_rules:
-        schema["x-kubernetes-validations"] = copy.deepcopy(own_rules)
+        schema["x-kubernetes-validations"] = own_rules
     _mark_lists(schema)
     return schema
 
@@ -227,7 +231,14 @@ def build_crd() -> dict[str, Any]:
                                     "message": f"metadata.name must be at most "
                                     f"{MAX_NAME_LENGTH} characters (child object names "
                                     "append suffixes to it)",
-                                }
+                                },
+                                {
+                                    # The API server allows dots in names; child Services
+                                    # and labels need a DNS label, as the models require.
+                                    "rule": "!self.metadata.name.contains('.')",
+                                    "message": "metadata.name must be a DNS label (no dots): "
+                                    "child Service names are built from it",
+                                },
                             ],
                         }
                     },

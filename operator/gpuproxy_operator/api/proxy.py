@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, HttpUrl, model_validator
+from pydantic import BeforeValidator, Field, HttpUrl
 
 from gpuproxy_operator.api.base import (
     FreeForm,
@@ -14,6 +15,7 @@ from gpuproxy_operator.api.base import (
     SecretKeyRef,
     Toleration,
 )
+from gpuproxy_operator.api.rules import CrossFieldRule
 
 # The proxy's own config types: the operator can only offer what the proxy understands.
 from gpuproxy_proxy.config import RedisFailureMode, Strategy
@@ -21,12 +23,31 @@ from gpuproxy_proxy.config import RedisFailureMode, Strategy
 DEFAULT_PROXY_IMAGE = "aiserve/gpuproxy-proxy:0.1.0"
 
 
+# http(s), a host, no `user:pass@` (it would end up in the Host header, and secrets do not
+# belong in a CR): the CRD carries the same pattern, so the API server refuses what we do.
+BACKEND_URL_PATTERN = r"^https?://[^\s/?#@]+([/?#]\S*)?$"
+
+
+def _check_backend_url(value: Any) -> Any:
+    if isinstance(value, str) and not re.match(BACKEND_URL_PATTERN, value):
+        raise ValueError("must be an http:// or https:// URL with a host and no credentials, "
+                         "e.g. http://vllm-0.gpu.svc:8000")
+    return value
+
+
+BackendUrl = Annotated[
+    HttpUrl,
+    BeforeValidator(_check_backend_url),
+    Field(json_schema_extra={"pattern": BACKEND_URL_PATTERN}),
+]
+
+
 class Backend(Model):
     """One GPU inference backend (an OpenAI-compatible HTTP server)."""
 
     name: Name
     """Unique name, used in metrics and usage records."""
-    url: HttpUrl
+    url: BackendUrl
     """Base URL, e.g. http://vllm-0.gpu.svc:8000."""
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
     """Relative share of traffic with loadBalancing.strategy weighted_round_robin."""
@@ -56,11 +77,15 @@ class HealthCheck(Model):
     ejection_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
     """How long an ejected backend waits before a half-open retry."""
 
-    @model_validator(mode="after")
-    def _timeout_below_interval(self) -> HealthCheck:
-        if self.timeout_seconds >= self.interval_seconds:
-            raise ValueError("timeoutSeconds must be less than intervalSeconds")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: v["timeout_seconds"] < v["interval_seconds"],
+            message="timeoutSeconds must be less than intervalSeconds",
+            cel="self.timeoutSeconds < self.intervalSeconds",
+            reads=("timeoutSeconds", "intervalSeconds"),
+            field_path=".timeoutSeconds",
+        ),
+    )
 
 
 class Upstream(Model):
@@ -90,11 +115,15 @@ class Auth(Model):
     api_key_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 30
     """How long a looked-up API key is cached in each proxy process (revocation delay)."""
 
-    @model_validator(mode="after")
-    def _claims_need_secret(self) -> Auth:
-        if (self.jwt_issuer or self.jwt_audience) and self.jwt_secret_ref is None:
-            raise ValueError("jwtIssuer and jwtAudience need jwtSecretRef (the HS256 secret)")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: (not (v["jwt_issuer"] or v["jwt_audience"])
+                             or v["jwt_secret_ref"] is not None),
+            message="jwtIssuer and jwtAudience need jwtSecretRef (the HS256 secret)",
+            cel="!(has(self.jwtIssuer) || has(self.jwtAudience)) || has(self.jwtSecretRef)",
+            field_path=".jwtSecretRef",
+        ),
+    )
 
 
 class RateLimits(Model):
@@ -199,19 +228,30 @@ class ProxySpec(Model):
     pod_annotations: dict[str, str] = Field(default_factory=dict)
     """Extra pod annotations."""
 
-    @model_validator(mode="after")
-    def _cross_field(self) -> ProxySpec:
-        names = [b.name for b in self.backends]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"backends: names must be unique; repeated: {', '.join(repeated)}")
-        if self.load_balancing.strategy != "weighted_round_robin" and any(
-            b.weight != 1 for b in self.backends
-        ):
-            raise ValueError(
-                "backends[].weight other than 1 only takes effect with "
-                "loadBalancing.strategy weighted_round_robin"
-            )
-        if self.port == self.admin_port:
-            raise ValueError("port and adminPort must differ")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            # The API server enforces this through the list-map key `name` (Duplicate value).
+            check=lambda v: len({b.name for b in v["backends"]}) == len(v["backends"]),
+            message="backends: names must be unique",
+            detail=lambda v: "repeated: " + ", ".join(sorted(
+                {b.name for b in v["backends"] if [c.name for c in v["backends"]].count(b.name) > 1}
+            )),
+        ),
+        CrossFieldRule(
+            check=lambda v: (v["load_balancing"].strategy == "weighted_round_robin"
+                             or all(b.weight == 1 for b in v["backends"])),
+            message="backends[].weight other than 1 only takes effect with "
+            "loadBalancing.strategy weighted_round_robin",
+            cel="self.loadBalancing.strategy == 'weighted_round_robin'"
+            " || self.backends.all(b, !has(b.weight) || b.weight == 1)",
+            reads=("loadBalancing.strategy", "backends"),
+            field_path=".backends",
+        ),
+        CrossFieldRule(
+            check=lambda v: v["port"] != v["admin_port"],
+            message="port and adminPort must differ",
+            cel="self.port != self.adminPort",
+            reads=("port", "adminPort"),
+            field_path=".adminPort",
+        ),
+    )
