@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from gpuproxy_proxy.apikeys import DatabaseUnavailable
+from gpuproxy_proxy.appkeys import CONFIG
 from gpuproxy_proxy.auth import AUTHENTICATOR, bearer_token
-from gpuproxy_proxy.http_errors import forbidden, json_error, unauthorized, unavailable
+from gpuproxy_proxy.errors import body_too_large
+from gpuproxy_proxy.http_errors import (
+    forbidden,
+    json_error,
+    unauthorized,
+    unavailable,
+    with_request_id,
+)
+from gpuproxy_proxy.requestid import request_id_for
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _MAX_FIELD_LEN = 200
 _MAX_LIST = 10_000
@@ -97,7 +109,25 @@ async def revoke_key(request: web.Request) -> web.Response:
     return web.json_response(key.public())
 
 
+def _with_request_id(handler: Handler) -> Handler:
+    """Every answer of `handler` carries the request's id, errors in their JSON body too."""
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        request_id = request_id_for(request)
+        try:
+            resp = await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            # aiohttp's own 413 (client_max_size is limits.max_body_bytes) names no field.
+            return body_too_large(request.app[CONFIG].limits.max_body_bytes, request_id)
+        except web.HTTPException as exc:
+            with_request_id(exc, request_id)
+            raise
+        resp.headers["X-Request-ID"] = request_id
+        return resp
+
+    return wrapped
+
+
 def add_admin_routes(app: web.Application) -> None:
-    app.router.add_post("/admin/keys", create_key)
-    app.router.add_get("/admin/keys", list_keys)
-    app.router.add_delete("/admin/keys/{key_id}", revoke_key)
+    app.router.add_post("/admin/keys", _with_request_id(create_key))
+    app.router.add_get("/admin/keys", _with_request_id(list_keys))
+    app.router.add_delete("/admin/keys/{key_id}", _with_request_id(revoke_key))

@@ -12,23 +12,22 @@ from gpuproxy_proxy.auth import auth_ctx
 from gpuproxy_proxy.backends import build_pool
 from gpuproxy_proxy.config import ProxyConfig, Secrets
 from gpuproxy_proxy.db import db_ctx
-from gpuproxy_proxy.errors import error_body
+from gpuproxy_proxy.errors import json_error
 from gpuproxy_proxy.health import health_ctx
 from gpuproxy_proxy.metering import metering_ctx
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.ratelimit import ratelimit_ctx
 from gpuproxy_proxy.reload import CONFIG_PATH, reload_ctx
+from gpuproxy_proxy.requestid import request_id_for
 from gpuproxy_proxy.routes import add_proxy_routes, pipeline_ctx
 from gpuproxy_proxy.runtime import RUNTIME, Runtime, client_timeout
 from gpuproxy_proxy.upstream import upstream_ctx
 
 
 async def _not_found(request: web.Request) -> web.Response:
-    return web.Response(
-        status=404, content_type="application/json",
-        body=error_body("not_found", f"no route for {request.method} {request.path}; "
-                        "the proxy serves /v1/* (OpenAI-compatible) and /admin/keys", ""),
-    )
+    return json_error(404, "not_found", f"no route for {request.method} {request.path}; the "
+                      "proxy serves /v1/* (OpenAI-compatible) and /admin/keys",
+                      request_id_for(request))
 
 
 def build_app(

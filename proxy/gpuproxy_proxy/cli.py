@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,19 +32,36 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high]; argparse names the flag when it is not."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpuproxy-proxy",
         description="OpenAI-compatible GPU inference proxy (aiohttp).",
     )
     p.add_argument("--config", type=Path, help="YAML config file (the operator's ConfigMap)")
-    p.add_argument("--workers", type=int, help="worker processes (overrides `workers`)")
+    p.add_argument("--workers", type=_bounded_int(1, 256),
+                   help="worker processes (overrides `workers`)")
     p.add_argument("--demo", action="store_true",
                    help="run with built-in simulated GPU backends; nothing else needed")
     p.add_argument("--self-test", action="store_true",
                    help="with --demo: send a few requests, print the results and exit")
-    p.add_argument("--port", type=int, help="with --demo: client port (default 8080)")
-    p.add_argument("--admin-port", type=int, help="with --demo: admin port (default 9090)")
+    p.add_argument("--port", type=_bounded_int(1, 65535),
+                   help="with --demo: client port (default 8080)")
+    p.add_argument("--admin-port", type=_bounded_int(1, 65535),
+                   help="with --demo: admin port (default 9090)")
     # Internal: how the supervisor starts its workers.
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--status-socket", type=Path, help=argparse.SUPPRESS)
@@ -92,9 +109,6 @@ def _main(argv: Sequence[str] | None) -> int:
         print(describe_config_error(args.config, exc), file=sys.stderr)
         return 2
     if args.workers is not None:
-        if args.workers < 1:
-            print("error: --workers must be at least 1", file=sys.stderr)
-            return 2
         config = config.model_copy(update={"workers": args.workers})
     setup_logging(config.logging, args.worker_index)
     limit = raise_nofile_limit()

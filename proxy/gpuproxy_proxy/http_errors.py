@@ -1,4 +1,5 @@
-"""JSON error responses shared by auth, rate limiting and the admin API: `{"error": {...}}`."""
+"""JSON error exceptions (raise them) for auth, the admin API and routing: `{"error": {...}}`.
+They are raised where the request id is not known; `with_request_id` adds it before sending."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from gpuproxy_proxy.errors import error_body, kind_for_status
+
 _JSON = "application/json"
-
-
-def error_body(error_type: str, message: str) -> str:
-    return json.dumps({"error": {"type": error_type, "message": message}})
 
 
 def json_error(
@@ -22,8 +21,22 @@ def json_error(
 ) -> web.HTTPException:
     """An aiohttp HTTPException (raise it) whose body is the project's JSON error shape."""
     return exc_class(
-        text=error_body(error_type, message), content_type=_JSON, headers=headers
+        text=error_body(error_type, message, "").decode(), content_type=_JSON, headers=headers
     )
+
+
+def with_request_id(exc: web.HTTPException, request_id: str) -> web.HTTPException:
+    """`exc` with the request's id in its body and `X-Request-ID` header; aiohttp's own
+    plain-text exceptions (e.g. a 413 from reading the body) get the JSON shape too."""
+    if exc.content_type == _JSON and exc.text:
+        error = json.loads(exc.text)["error"]
+        kind, message = error["type"], error["message"]
+    else:
+        kind, message = kind_for_status(exc.status), exc.text or exc.reason
+    exc.content_type = _JSON
+    exc.text = error_body(kind, message, request_id).decode()
+    exc.headers["X-Request-ID"] = request_id
+    return exc
 
 
 def unauthorized(message: str, error: str = "invalid_token") -> web.HTTPException:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
 from gpuproxy_proxy.clientaddr import IPNetwork, client_ip, ip_scope_key, parse_networks
 from gpuproxy_proxy.config import RateLimitConfig, RedisConfig, Secrets
-from gpuproxy_proxy.http_errors import error_body
+from gpuproxy_proxy.errors import json_error
 from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.principal import Principal
 from gpuproxy_proxy.ratelimit_batch import ScriptBatcher
@@ -65,22 +65,19 @@ def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
     return headers
 
 
-def rate_limit_response(decision: RateLimitDecision) -> web.Response:
+def rate_limit_response(decision: RateLimitDecision, request_id: str) -> web.Response:
     """The rejection: 429 naming the scope, or 503 when failing closed without Redis."""
     if decision.status == 503:
-        body = error_body(
-            "service_unavailable", "rate limiting is unavailable (Redis unreachable); retry shortly"
+        return json_error(
+            503, "service_unavailable",
+            "rate limiting is unavailable (Redis unreachable); retry shortly", request_id,
+            {"Retry-After": str(decision.retry_after_seconds)},
         )
-        headers = {"Retry-After": str(decision.retry_after_seconds)}
-    else:
-        body = error_body(
-            "rate_limit_exceeded",
-            f"rate limit exceeded for scope '{decision.scope}': {decision.limit} requests per "
-            f"window; retry after {decision.retry_after_seconds} s",
-        )
-        headers = rate_limit_headers(decision)
-    return web.Response(
-        status=decision.status, text=body, content_type="application/json", headers=headers
+    return json_error(
+        decision.status, "rate_limit_exceeded",
+        f"rate limit exceeded for scope '{decision.scope}': {decision.limit} requests per "
+        f"window; retry after {decision.retry_after_seconds} s", request_id,
+        rate_limit_headers(decision),
     )
 
 

@@ -7,10 +7,7 @@ only reads attributes it resolved once (no AppKey lookups, cached metric childre
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,10 +19,12 @@ from aiohttp import web
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth import AUTHENTICATOR
 from gpuproxy_proxy.backends import BackendState
-from gpuproxy_proxy.errors import json_error
+from gpuproxy_proxy.errors import body_too_large, json_error
+from gpuproxy_proxy.http_errors import with_request_id
 from gpuproxy_proxy.metering import USAGE_METER, UsageRecord
 from gpuproxy_proxy.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
+from gpuproxy_proxy.requestid import request_id_for
 from gpuproxy_proxy.runtime import RUNTIME
 from gpuproxy_proxy.upstream import (
     UPSTREAM_POOLS,
@@ -37,7 +36,6 @@ from gpuproxy_proxy.upstream import (
 
 ROUTES = ("chat_completions", "completions", "embeddings", "models", "other")
 _CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class Pipeline:
@@ -67,22 +65,13 @@ class Pipeline:
         }
         self.failed = {route: metrics.requests_failed.labels(route) for route in ROUTES}
         self.durations = {route: metrics.request_duration_ms.labels(route) for route in ROUTES}
-        # Ids unique per process without a syscall per request: random prefix + counter.
-        self._id_prefix = os.urandom(4).hex()
-        self._ids = itertools.count(1)
 
     def _in_flight_now(self) -> float:
         return float(self.runtime.in_flight)
 
-    def request_id(self, request: web.Request) -> str:
-        given = request.headers.get("X-Request-ID")
-        if given is not None and _CLIENT_REQUEST_ID.fullmatch(given):
-            return given
-        return f"{self._id_prefix}{next(self._ids):08x}"
-
     async def handle(self, request: web.Request, route: str) -> web.StreamResponse:
         runtime = self.runtime
-        request_id = self.request_id(request)
+        request_id = request_id_for(request)
         if runtime.in_flight >= self.max_in_flight:
             # Fast refusal: queueing more work would only make every request slow.
             self.rejected_in_flight.inc()
@@ -104,33 +93,29 @@ class Pipeline:
                 if exc.status == 401 and self.rate_limits_on:
                     decision = await self.limiter.check(self.limiter.client_ip(request), ANONYMOUS)
                     if not decision.allowed:
-                        rejection = rate_limit_response(decision)
-                        rejection.headers["X-Request-ID"] = request_id
-                        outcome.status = rejection.status
-                        return rejection
+                        outcome.status = decision.status
+                        return rate_limit_response(decision, request_id)
                 outcome.status = exc.status
-                exc.headers["X-Request-ID"] = request_id
+                with_request_id(exc, request_id)
                 raise
             limit_headers: dict[str, str] = {}
             if self.rate_limits_on:
                 decision = await self.limiter.check(self.limiter.client_ip(request), principal)
                 limit_headers = rate_limit_headers(decision)
                 if not decision.allowed:
-                    rejection = rate_limit_response(decision)
-                    rejection.headers["X-Request-ID"] = request_id
-                    outcome.status = rejection.status
-                    return rejection
+                    outcome.status = decision.status
+                    return rate_limit_response(decision, request_id)
             length = request.content_length
             if length is not None and length > self.max_body:
                 outcome.status = 413
-                return self._too_large(request_id, limit_headers)
+                return body_too_large(self.max_body, request_id, limit_headers)
             body = b""
             if request.body_exists:
                 try:
                     body = await request.read()
                 except web.HTTPRequestEntityTooLarge:
                     outcome.status = 413
-                    return self._too_large(request_id, limit_headers)
+                    return body_too_large(self.max_body, request_id, limit_headers)
             bytes_in = len(body)
             if route == "models":
                 return await self.models(request, request_id, outcome, limit_headers)
@@ -146,13 +131,6 @@ class Pipeline:
         finally:
             runtime.in_flight -= 1
             self._account(route, request_id, principal, outcome, bytes_in, started)
-
-    def _too_large(self, request_id: str, headers: dict[str, str]) -> web.Response:
-        resp = json_error(413, "request_too_large",
-                          f"request body exceeds limits.max_body_bytes ({self.max_body} bytes)",
-                          request_id, headers)
-        resp.force_close()  # the rest of the body is not read
-        return resp
 
     def _account(self, route: str, request_id: str, principal: Principal, outcome: Outcome,
                  bytes_in: int, started: float) -> None:

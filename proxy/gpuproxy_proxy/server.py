@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web, web_protocol, web_server
+from aiohttp.web_request import BaseRequest
 
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import ProxyConfig, Secrets
+from gpuproxy_proxy.errors import error_body, json_error, kind_for_status
 from gpuproxy_proxy.gcwatch import (
     FullCollectionsOff,
     GcMonitor,
@@ -28,16 +30,15 @@ from gpuproxy_proxy.gcwatch import (
 from gpuproxy_proxy.lean_handler import LeanRequestHandler
 from gpuproxy_proxy.logging import JsonAccessLogger
 from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.requestid import new_request_id, request_id_for
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
 from gpuproxy_proxy.status import GC_MONITOR, LocalSource, build_status_app
 
 log = logging.getLogger("gpuproxy.server")
 
-_REJECT_BODY = (b'{"error": {"type": "overloaded", "message": "the proxy is at its connection '
-                b'limit; retry shortly", "request_id": ""}}')
-_REJECT = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-           b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
-           + str(len(_REJECT_BODY)).encode() + b"\r\n\r\n" + _REJECT_BODY)
+_REJECT_MESSAGE = "the proxy is at its connection limit; retry shortly"
+_REJECT_HEAD = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Retry-After: 1\r\nConnection: close\r\n")
 # Eviction looks at the oldest connections only, so a burst over the cap costs O(1) each.
 _EVICT_SCAN = 256
 _EVICT_BATCH = 4
@@ -82,6 +83,14 @@ def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def _reject_response() -> bytes:
+    # No request has been read yet, so the id is a new one.
+    request_id = new_request_id()
+    body = error_body("overloaded", _REJECT_MESSAGE, request_id)
+    return (_REJECT_HEAD + b"X-Request-ID: " + request_id.encode() + b"\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
 class _Rejected(asyncio.Protocol):
     """Answers 503 at once, then a lingering close: what the client already sent is read and
     dropped (closing with unread data would send a RST that can destroy the 503 in flight)."""
@@ -90,7 +99,7 @@ class _Rejected(asyncio.Protocol):
         self._handler = handler
         self._transport = transport
         transport.set_protocol(self)
-        transport.write(_REJECT)
+        transport.write(_reject_response())
         transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
 
@@ -103,6 +112,24 @@ class _Rejected(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
         self._handler.connection_lost(exc)  # aiohttp's bookkeeping and our counters
+
+
+class ClientRequestHandler(LeanRequestHandler):
+    """The client port's connection handler: what aiohttp answers by itself (a malformed
+    request, an unhandled exception) gets the JSON error shape and a request id too."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's own: logs, and raises if a response has already begun.
+        super().handle_error(request, status, exc, message)
+        if status == 500 or not message:
+            message = "the proxy failed to handle this request (logged)"
+        # The parser's messages span lines (the bad bytes with a caret under them).
+        resp = json_error(status, kind_for_status(status), " ".join(message.split()),
+                          request_id_for(request))
+        resp.force_close()
+        return resp
 
 
 class CappedServer(web_server.Server):
@@ -122,7 +149,7 @@ class CappedServer(web_server.Server):
         self._evicted = metrics.connections_rejected.labels("idle_evicted")
 
     def __call__(self) -> web_protocol.RequestHandler:
-        return LeanRequestHandler(self, loop=self._loop, **self._kwargs)
+        return ClientRequestHandler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: web_protocol.RequestHandler,
                         transport: asyncio.Transport) -> None:

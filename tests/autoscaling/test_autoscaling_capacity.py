@@ -10,10 +10,18 @@ import pytest
 import yaml
 
 from gpuproxy_operator.api.cluster import GpuProxyClusterSpec
-from gpuproxy_operator.autoscaling.capacity import plan, quantity_bytes, redis_bytes
+from gpuproxy_operator.autoscaling.capacity import (
+    KERNEL_KIB_PER_SOCKET,
+    MEMORY_SOURCE,
+    USER_KIB_PER_CONNECTION,
+    plan,
+    quantity_bytes,
+    redis_bytes,
+)
 from gpuproxy_operator.cli import main as cli
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 
 
 def spec(**overrides: Any) -> GpuProxyClusterSpec:
@@ -34,8 +42,8 @@ def test_a_million_with_room_to_spare_has_no_warnings() -> None:
     # 2 sockets per connection over 4 workers + 1024 upstream pool + 1024 base, per worker.
     assert p.fds_per_worker == 200_000 // 4 + 1024 + 1024
     assert p.fds_per_replica == 4 * p.fds_per_worker
-    # 100k x (10 KiB user + 2 x 4 KiB kernel) ~ 1.7 GiB, well under the 20Gi limit.
-    assert p.memory_per_replica_bytes == 100_000 * 18 * 1024
+    # 100k x (6.33 KiB user + 2 x 4 KiB kernel) ~ 1.4 GiB, well under the 20Gi limit.
+    assert p.memory_per_replica_bytes == int(100_000 * (6.33 + 8) * 1024)
     assert p.memory_limit_bytes == 20 * 1024**3
     assert p.pgbouncer_server_connections == 480
     assert p.warnings == []
@@ -82,7 +90,9 @@ def test_sysctls_missing_from_node_tuning() -> None:
                                       "net.netfilter.nf_conntrack_max"}
     off = plan(spec(autoscaling={"maxReplicas": 13}, nodeTuning={"enabled": False}), 1_000_000)
     assert "net.core.somaxconn" in off.sysctls_missing
-    assert any("spec.nodeTuning.enabled is false" in w for w in off.warnings)
+    # Off is a documented choice (nodes tuned through their image): listed, not a warning.
+    assert not off.node_tuning
+    assert off.warnings == []
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -98,12 +108,12 @@ def test_quantity_bytes() -> None:
 
 
 def test_plan_command_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(["plan", "--connections", "1000000"]) == 0
+    assert cli(["plan", "--connections", "800000"]) == 0
     out = capsys.readouterr().out
-    assert "Capacity plan for 1,000,000 concurrent connections (API defaults)" in out
+    assert "Capacity plan for 800,000 concurrent connections (API defaults)" in out
     assert "replicas                 10" in out
     assert "max_connections 500" in out
-    assert cli(["plan", "--connections", "1000000", "--strict"]) == 1  # defaults warn
+    assert cli(["plan", "--connections", "50000000", "--strict"]) == 1  # beyond maxReplicas
     capsys.readouterr()
     assert cli(["plan", "--connections", "200000", "-o", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -126,3 +136,52 @@ def test_plan_command_reads_a_cluster_file(tmp_path: Path,
     assert cli(["plan", "-f", str(bad)]) == 2
     assert "minReplicas must be less than or equal to maxReplicas" in capsys.readouterr().err
     assert cli(["plan", "-f", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "many"])
+def test_plan_connections_must_be_a_positive_integer(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0 used to fall back silently to targetConnections (1,000,000).
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["plan", "--connections", value])
+    assert exit_info.value.code == 2
+    assert "argument --connections:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_plan_strict_passes_on_every_example(path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli(["plan", "--strict", "-f", str(path)])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_autoscaling_off_plans_for_its_replicas_by_default(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    # targetConnections is an autoscaling setting: with autoscaling off nothing uses it.
+    assert cli(["plan", "-o", "json", "-f", str(EXAMPLES / "gpuproxycluster-minimal.yaml")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["connections"] == 2 * 20_000
+
+
+def test_plan_strict_passes_on_the_api_defaults(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The defaults pass their own checks: without -f (autoscaling on) and for a cluster that
+    sets only what has no default."""
+    assert cli(["plan", "--strict"]) == 0, capsys.readouterr().out
+    minimal = tmp_path / "defaults.yaml"
+    minimal.write_text(yaml.safe_dump({
+        "apiVersion": "gpuproxy.aiserve.farm/v1alpha1", "kind": "GpuProxyCluster",
+        "metadata": {"name": "defaults"},
+        "spec": {"proxy": {"backends": [{"name": "gpu", "url": "http://gpu:8000"}]},
+                 "database": {"host": "pg", "credentialsSecret": "db"}},
+    }))
+    assert cli(["plan", "--strict", "-f", str(minimal)]) == 0, capsys.readouterr().out
+
+
+def test_memory_per_connection_is_the_benchmarks_figure() -> None:
+    bench = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
+    assert f"**{USER_KIB_PER_CONNECTION:g} KiB per idle connection**" in bench
+    assert MEMORY_SOURCE.startswith(f"{USER_KIB_PER_CONNECTION:g} KiB user space")
+    assert f"{KERNEL_KIB_PER_SOCKET:g} KiB kernel" in MEMORY_SOURCE

@@ -17,15 +17,19 @@ ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 def proxy_config(fakes: list[FakeBackend], **overrides: Any) -> ProxyConfig:
-    """A config for tests: no auth, no Redis, no database, fast health checks."""
+    """A config for tests: no auth, no Redis, no database, fast health checks.
+
+    Checks run often, but their timeouts are generous: on a loaded machine a fake backend may
+    answer late, and that must not eject it or cut a parked stream. Tests about a timeout set
+    their own small one."""
     data: dict[str, Any] = {
         "backends": [{"name": b.name, "url": b.url} for b in fakes],
         "auth": {"enabled": False},
         "rate_limits": {"enabled": False},
         "metering": {"enabled": False},
-        "health_check": {"interval_seconds": 0.2, "timeout_seconds": 0.5,
+        "health_check": {"interval_seconds": 0.2, "timeout_seconds": 5.0,
                          "unhealthy_threshold": 2, "ejection_seconds": 0.5},
-        "upstream": {"connect_timeout_seconds": 1.0, "read_timeout_seconds": 2.0},
+        "upstream": {"connect_timeout_seconds": 10.0, "read_timeout_seconds": 30.0},
         "load_balancing": {"strategy": "round_robin"},
     }
     for key, value in overrides.items():
@@ -48,8 +52,9 @@ async def backends() -> AsyncIterator[list[FakeBackend]]:
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
     clients: list[TestClient[Any, Any]] = []
 
-    async def factory(config: ProxyConfig, **kwargs: Any) -> TestClient[Any, Any]:
-        app = build_app(config, Secrets(), **kwargs)
+    async def factory(config: ProxyConfig, secrets: Secrets | None = None,
+                      **kwargs: Any) -> TestClient[Any, Any]:
+        app = build_app(config, secrets or Secrets(), **kwargs)
         client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)

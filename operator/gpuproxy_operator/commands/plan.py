@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from typing import Any
 
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import GpuProxyClusterSpec, parse_cluster
 from gpuproxy_operator.autoscaling.capacity import MEMORY_SOURCE, Plan, plan
-from gpuproxy_operator.commands.inputs import (
-    EXIT_INVALID,
-    INPUT_ERRORS,
-    read_documents,
-    report_input_error,
-)
+from gpuproxy_operator.commands.arguments import positive_int
+from gpuproxy_operator.commands.inputs import INPUT_ERRORS, read_documents, report_input_error
 
 # Without -f: the API defaults, with autoscaling on (placeholder backend and database).
 DEFAULT_SPEC: dict[str, Any] = {
@@ -56,8 +51,10 @@ def render(p: Plan, source: str) -> str:
         f"  rate-limit memory        ~{_gib(p.redis_bytes)} worst case (6 counter keys x ~120 B "
         f"per distinct client) vs maxmemory {_gib(p.redis_maxmemory_bytes)}",
         "",
-        "Node sysctls needed" + (" (all present in spec.nodeTuning.sysctls)"
-                                 if not p.sysctls_missing else " but not set by spec.nodeTuning"),
+        "Node sysctls needed" + (
+            " (all present in spec.nodeTuning.sysctls)" if not p.sysctls_missing
+            else " but not set by spec.nodeTuning" if p.node_tuning
+            else " (spec.nodeTuning.enabled is false: set them on the nodes yourself)"),
     ]
     lines += [f"  {k} = {v}" for k, v in sorted(p.sysctls_missing.items())]
     lines.append("")
@@ -80,10 +77,20 @@ def load_spec(filename: str) -> tuple[GpuProxyClusterSpec, str]:
     raise ValueError(f"no {KIND} found in {filename}")
 
 
+def default_connections(spec: GpuProxyClusterSpec) -> int:
+    """What the spec is sized for: the autoscaling target, or, with autoscaling off (where the
+    operator ignores targetConnections), what the fixed replicas hold."""
+    if spec.autoscaling.enabled:
+        return spec.autoscaling.target_connections
+    fixed = spec.proxy.replicas * spec.proxy.connections_per_replica
+    return fixed or spec.autoscaling.target_connections
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connections", type=int, default=None,
-                        help="concurrent client connections to plan for "
-                        "(default: spec.autoscaling.targetConnections)")
+    parser.add_argument("--connections", type=positive_int, default=None,
+                        help="concurrent client connections to plan for (default: "
+                        "spec.autoscaling.targetConnections; with autoscaling off, "
+                        "spec.proxy.replicas x connectionsPerReplica)")
     parser.add_argument("-f", "--filename",
                         help="YAML file with a GpuProxyCluster (default: the API defaults with "
                         "autoscaling on); - for stdin")
@@ -100,10 +107,7 @@ def main(args: argparse.Namespace) -> int:
             spec, source = GpuProxyClusterSpec.model_validate(DEFAULT_SPEC), "API defaults"
     except INPUT_ERRORS as exc:
         return report_input_error(args.filename, exc)
-    connections = args.connections or spec.autoscaling.target_connections
-    if connections < 1:
-        print("error: --connections must be at least 1", file=sys.stderr)
-        return EXIT_INVALID
+    connections = default_connections(spec) if args.connections is None else args.connections
     result = plan(spec, connections)
     if args.output == "json":
         print(json.dumps(asdict(result), indent=2))

@@ -7,10 +7,12 @@ import argparse
 import logging
 import os
 
+from gpuproxy_operator.commands.arguments import port_or_zero, positive_float
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+
+def _env(name: str, default: str) -> str:
+    # A string default goes through the flag's type, so an environment value is checked too.
+    return os.environ.get(name) or default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope.add_argument("-A", "--all-namespaces", action="store_true",
                        help="watch every namespace (the default)")
     parser.add_argument(
-        "--metrics-port", type=int,
-        default=int(os.environ.get("GPUPROXY_METRICS_PORT", "8080")),
+        "--metrics-port", type=port_or_zero, default=_env("GPUPROXY_METRICS_PORT", "8080"),
         help="port of the operator's /metrics; 0 turns it off (env GPUPROXY_METRICS_PORT)")
     parser.add_argument(
         "--metrics-addr", default=os.environ.get("GPUPROXY_METRICS_ADDR", "0.0.0.0"),
@@ -32,11 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--liveness", default=os.environ.get("GPUPROXY_LIVENESS", "http://0.0.0.0:8081/healthz"),
         help="kopf liveness endpoint URL; empty turns it off (env GPUPROXY_LIVENESS)")
     parser.add_argument(
-        "--resync-seconds", type=float, default=_env_float("GPUPROXY_RESYNC_SECONDS", 60.0),
+        "--resync-seconds", type=positive_float, default=_env("GPUPROXY_RESYNC_SECONDS", "60"),
         help="re-reconcile every cluster this often (env GPUPROXY_RESYNC_SECONDS)")
     parser.add_argument(
-        "--watch-inactivity-timeout", type=float,
-        default=_env_float("GPUPROXY_WATCH_INACTIVITY_TIMEOUT", 300.0),
+        "--watch-inactivity-timeout", type=positive_float,
+        default=_env("GPUPROXY_WATCH_INACTIVITY_TIMEOUT", "300"),
         help="restart a watch that has been silent this long (env "
         "GPUPROXY_WATCH_INACTIVITY_TIMEOUT)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
