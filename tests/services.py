@@ -140,7 +140,7 @@ class ManagedServer:
         env.update(HOME=str(self.workdir), LC_ALL="C", LANG="C")
         return env
 
-    def run_tool(self, argv: list[str], *, timeout: float = 60.0) -> None:
+    def run_tool(self, argv: list[str], *, timeout: float = 120.0) -> None:
         """Run a helper command (initdb, psql) as the server account; fail with its output."""
         user, group, extra_groups = self._account()
         result = subprocess.run(
@@ -166,8 +166,12 @@ class ManagedServer:
             return None, None, None
         return self.run_as.uid, self.run_as.gid, []
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the server (no-op if running) and wait until it accepts connections."""
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server (no-op if running) and wait until it accepts connections.
+
+        The deadline is generous on purpose: on a loaded 2-core CI machine a PostgreSQL start
+        (after an outage test) can take many seconds; a healthy start returns as soon as ready.
+        """
         if self.running:
             return
         if _can_connect(self.host, self.port):
@@ -215,7 +219,7 @@ class ManagedServer:
     def stop(self) -> None:
         """Stop the server we started (no-op if stopped); afterwards its port refuses."""
         self.terminate()
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + 30.0
         while _can_connect(self.host, self.port):
             if time.monotonic() > deadline:
                 raise ServiceError(f"{self.name}: {self.host}:{self.port} still accepts after stop")

@@ -27,7 +27,8 @@ async def _redis_roundtrip(server: RedisServer) -> None:
 
 
 async def _pg_whoami(dsn: str) -> tuple[str, str]:
-    conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
+    # Generous: after a restart PgBouncer holds the login until PostgreSQL takes it.
+    conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=60)
     try:
         row = await conn.fetchrow("SELECT current_user::text AS u, current_database()::text AS d")
         assert row is not None
@@ -78,7 +79,7 @@ async def test_postgres_rejects_wrong_password(postgres_server: PostgresServer) 
             user=postgres_server.user,
             password=postgres_server.password + "x",
             database=postgres_server.database,
-            timeout=10,
+            timeout=60,
         )
 
 

@@ -21,6 +21,9 @@ from gpuproxy_operator.autoscaling.loop import ClusterScaler
 pytestmark = pytest.mark.slow
 
 T0 = 1_800_000_000.0
+# Real proxies on a possibly loaded machine: a slow /stats must not count as "unreadable" (the
+# pod that is meant to be unreadable is stopped, so it is refused at once).
+SCRAPE_TIMEOUT = 10
 
 
 def cluster_body(admin_port: int) -> dict[str, Any]:
@@ -70,7 +73,7 @@ async def test_scales_up_on_real_connections_and_down_after_the_window(
 ) -> None:
     kube = FakeKube(cluster_body(proxy_pods[0].admin_port), POD_IPS, replicas=1)
     clock = Clock()
-    scaler = ClusterScaler(kube, session, clock=clock, scrape_timeout=2)
+    scaler = ClusterScaler(kube, session, clock=clock, scrape_timeout=SCRAPE_TIMEOUT)
 
     # Idle: stays at minReplicas.
     spread(proxy_pods, [0, 0, 0, 0])
@@ -114,7 +117,7 @@ async def test_scales_up_on_real_connections_and_down_after_the_window(
 
     # An operator restart (a new scaler, state from status) keeps the window.
     restarted_body = copy.deepcopy(kube.body)
-    scaler = ClusterScaler(kube, session, clock=clock, scrape_timeout=2)
+    scaler = ClusterScaler(kube, session, clock=clock, scrape_timeout=SCRAPE_TIMEOUT)
     clock.now += 15
     await scaler.step(restarted_body)
     assert kube.replicas == 3
@@ -147,7 +150,7 @@ async def test_an_hpa_on_the_deployment_is_reported_not_fought(
                                                      "kind": "Deployment",
                                                      "name": "demo-proxy"}}}]
     spread(proxy_pods, [300, 300])
-    scaler = ClusterScaler(kube, session, clock=Clock(), scrape_timeout=2)
+    scaler = ClusterScaler(kube, session, clock=Clock(), scrape_timeout=SCRAPE_TIMEOUT)
     for _ in range(2):
         await scaler.step(kube.body)
     spread(proxy_pods, [0, 0])

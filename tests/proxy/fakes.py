@@ -130,8 +130,9 @@ async def start_backends(*names: str, **kwargs: Any) -> list[FakeBackend]:
     return [await FakeBackend(name, **kwargs).start() for name in names]
 
 
-async def wait_ready(admin: str, proc: asyncio.subprocess.Process, timeout: float = 30) -> None:
-    """Wait until a proxy subprocess answers 200 on its admin `/ready`."""
+async def wait_ready(admin: str, proc: asyncio.subprocess.Process, timeout: float = 90) -> None:
+    """Wait until a proxy subprocess answers 200 on its admin `/ready` (workers, and their
+    database and Redis, can take a while to come up on a loaded machine)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while True:

@@ -31,13 +31,14 @@ async def test_sigterm_flushes_every_usage_record(
     config = proxy_config(
         backends,
         listen={"host": "127.0.0.1", "port": port, "admin_port": admin_port},
-        redis={"url": redis_server.url},
+        # Not the 0.25 s product default: a slow answer on a loaded machine would fall back.
+        redis={"url": redis_server.url, "socket_timeout_seconds": 10},
         rate_limits={"enabled": True, "per_ip": 1000},
         database={"host": pgbouncer_server.host, "port": pgbouncer_server.port,
                   "database": pgbouncer_server.database, "sslmode": "disable"},
         # Nothing is written before shutdown: only the drain's flush can store the records.
         metering={"enabled": True, "batch_size": 10000, "flush_interval_seconds": 600},
-        limits={"shutdown_grace_seconds": 15},
+        limits={"shutdown_grace_seconds": 60},
     )
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
@@ -64,7 +65,7 @@ async def test_sigterm_flushes_every_usage_record(
             proc.send_signal(signal.SIGTERM)
             for resp in streams:
                 assert (await resp.read()).rstrip().endswith(b"data: [DONE]")
-        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+        assert await asyncio.wait_for(proc.wait(), timeout=120) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -94,8 +95,10 @@ async def test_rate_limit_is_shared_by_the_workers(
     config = proxy_config(
         backends,
         listen={"host": "127.0.0.1", "port": port, "admin_port": admin_port},
-        redis={"url": redis_server.url},
-        rate_limits={"enabled": True, "per_ip": 6, "window_seconds": 60},
+        # A slow Redis answer must not fall back to per-worker counting, and an hour-long window
+        # cannot roll over (and forgive requests) while a slow run is under way.
+        redis={"url": redis_server.url, "socket_timeout_seconds": 10},
+        rate_limits={"enabled": True, "per_ip": 6, "window_seconds": 3600},
     )
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
@@ -126,7 +129,7 @@ async def test_rate_limit_is_shared_by_the_workers(
             text = await resp.text()
         assert 'gpuproxy_ratelimit_rejections_total{scope="ip"} 6.0' in text
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), timeout=15) == 0
+        assert await asyncio.wait_for(proc.wait(), timeout=60) == 0
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -16,7 +16,7 @@ from gpuproxy_proxy.metrics import ProxyMetrics
 from gpuproxy_proxy.runtime import RUNTIME
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -60,8 +60,10 @@ async def test_failing_backend_is_ejected_then_recovers(backends: list[FakeBacke
     bad = await FakeBackend("bad", mode="fail").start()
     good = await FakeBackend("good").start()
     backends += [bad, good]
+    # The ejection must outlast the checks made while ejected (10 in-process requests), also on
+    # a loaded machine: 3 s, not a fraction of a second.
     client = await make_proxy(proxy_config(
-        backends, health_check={"unhealthy_threshold": 2, "ejection_seconds": 0.4,
+        backends, health_check={"unhealthy_threshold": 2, "ejection_seconds": 3.0,
                                 "interval_seconds": 30}))
     for _ in range(4):  # round robin: bad fails twice and is ejected
         await (await client.post("/v1/chat/completions", json={})).read()

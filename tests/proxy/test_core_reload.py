@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from tests.proxy.conftest import ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend
@@ -32,7 +34,7 @@ def write_configmap_style(root: Path, config: ProxyConfig, version: int) -> Path
     return link
 
 
-async def wait_generation(client: Any, generation: int, timeout: float = 5.0) -> None:
+async def wait_generation(client: Any, generation: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while client.app[RUNTIME].generation < generation:
         assert time.monotonic() < deadline, "config was not reloaded"
@@ -69,7 +71,9 @@ async def test_reload_swaps_backends_without_dropping_streams(
 
 
 async def test_invalid_config_is_ignored(tmp_path: Path, backends: list[FakeBackend],
-                                         make_proxy: ProxyFactory) -> None:
+                                         make_proxy: ProxyFactory,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="gpuproxy_proxy.reload")
     a = await FakeBackend("a").start()
     backends.append(a)
     config = proxy_config([a], reload={"interval_seconds": 0.05})
@@ -77,7 +81,11 @@ async def test_invalid_config_is_ignored(tmp_path: Path, backends: list[FakeBack
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     client = await make_proxy(config, config_path=path)
     path.write_text("backends: [{name: 'Not Valid', url: 'nope'}]\n", encoding="utf-8")
-    await asyncio.sleep(0.3)
+    # Wait until the watcher has read (and refused) the file, instead of a fixed sleep.
+    deadline = time.monotonic() + 30
+    while not any("ignoring invalid config" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the invalid file was never read"
+        await asyncio.sleep(0.02)
     assert client.app[RUNTIME].generation == 1
     assert (await client.post("/v1/chat/completions", json={})).status == 200
     # A valid file afterwards is applied again.

@@ -65,7 +65,9 @@ async def _answer(writer: asyncio.StreamWriter, data: bytes) -> bool:
 
 @pytest.fixture
 async def pools() -> AsyncIterator[UpstreamPools]:
-    p = UpstreamPools(max_per_backend=8, connect_timeout=1.0, read_timeout=0.3)
+    # Generous: a loaded machine must not turn a slow answer into a read timeout. The test of
+    # the read timeout makes its own pools with a short one.
+    p = UpstreamPools(max_per_backend=8, connect_timeout=10.0, read_timeout=30.0)
     yield p
     await p.close()
 
@@ -228,17 +230,19 @@ async def test_garbage_response_is_a_protocol_error(
         await _get(pools, server)
 
 
-async def test_silent_backend_hits_the_read_timeout(
-    pools: UpstreamPools, servers: list[RawServer]
-) -> None:
+async def test_silent_backend_hits_the_read_timeout(servers: list[RawServer]) -> None:
     async def reply(_: bytes, reader: asyncio.StreamReader, __: asyncio.StreamWriter) -> bool:
         await reader.read()  # never answers; returns when the client gives up
         return False
 
     server = await _server(servers, reply)
-    with pytest.raises(UpstreamReadTimeout):
-        await _get(pools, server)
-    await server.closed.wait()  # the timed-out connection was closed, not pooled
+    pools = UpstreamPools(max_per_backend=8, connect_timeout=10.0, read_timeout=0.3)
+    try:
+        with pytest.raises(UpstreamReadTimeout):
+            await _get(pools, server)
+        await server.closed.wait()  # the timed-out connection was closed, not pooled
+    finally:
+        await pools.close()
 
 
 async def test_refused_connection_is_a_connect_error(pools: UpstreamPools,
@@ -265,10 +269,11 @@ async def test_slow_reader_pauses_the_backend_and_gets_every_byte(
     pool = pools.pool("127.0.0.1", server.port, False)
     conn, head = await pools.exchange(pool, REQUEST, False)
     assert head.content_length == size
-    for _ in range(200):  # let the backend fill our buffer while nobody reads
-        await asyncio.sleep(0)
-        if conn._paused:
-            break
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not conn._paused:  # let the backend fill our buffer while nobody reads
+        assert loop.time() < deadline, "reading from the backend was never paused"
+        await asyncio.sleep(0.001)
     assert conn._paused
     assert conn._buffered < 2 * HIGH_WATER  # bounded: not the whole body
     received = bytearray()
@@ -285,7 +290,7 @@ async def test_pool_bound_makes_requests_wait_for_a_connection(servers: list[Raw
         return await _answer(w, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     server = await _server(servers, reply)
-    pools = UpstreamPools(max_per_backend=1, connect_timeout=1.0, read_timeout=1.0)
+    pools = UpstreamPools(max_per_backend=1, connect_timeout=10.0, read_timeout=30.0)
     try:
         pool = pools.pool("127.0.0.1", server.port, False)
         first, _ = await pools.exchange(pool, REQUEST, False)

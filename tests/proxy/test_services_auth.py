@@ -6,7 +6,7 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -299,15 +299,16 @@ async def test_database_down_at_start_then_up(pgbouncer_server: Any) -> None:
         pgbouncer_server.start()
         db = c.app[DB_POOL]
         assert db is not None
-        assert await db.wait_connected(15)
+        assert await db.wait_connected(60)  # retry backoff (up to 10 s) + a loaded machine
         assert await database_ready(c.app)
         resp = await c.post("/admin/keys", json={"user_id": "x"}, headers=admin_headers())
         assert resp.status == 201
 
 
 def token(**claims: Any) -> str:
+    # Minted when the test runs, valid for an hour: a slow run cannot outlive the token.
     now = int(time.time())
-    payload = {"sub": "alice", "exp": now + 60, "iss": "issuer", "aud": "gpuproxy"} | claims
+    payload = {"sub": "alice", "exp": now + 3600, "iss": "issuer", "aud": "gpuproxy"} | claims
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, JWT_SECRET,
                       algorithm="HS256")
 
@@ -320,35 +321,39 @@ def test_jwt_valid_returns_subject() -> None:
     assert verifier().verify(token()) == "alice"
 
 
+# Claims are functions of the current time, called inside the test: a timestamp computed at
+# collection time goes stale when the test runs minutes later (a slow, loaded CI machine).
 @pytest.mark.parametrize(
     ("claims", "message"),
     [
-        ({"exp": int(time.time()) - 120}, "expired"),
-        ({"nbf": int(time.time()) + 120}, "not valid yet"),
-        ({"iss": "someone-else"}, "issuer"),
-        ({"aud": "other"}, "audience"),
-        ({"exp": None}, "'exp'"),
-        ({"sub": None}, "'sub'"),
+        (lambda now: {"exp": now - 120}, "expired"),
+        (lambda now: {"nbf": now + 3600}, "not valid yet"),
+        (lambda now: {"iss": "someone-else"}, "issuer"),
+        (lambda now: {"aud": "other"}, "audience"),
+        (lambda now: {"exp": None}, "'exp'"),
+        (lambda now: {"sub": None}, "'sub'"),
     ],
 )
-def test_jwt_rejections(claims: dict[str, Any], message: str) -> None:
+def test_jwt_rejections(claims: Callable[[int], dict[str, Any]], message: str) -> None:
     with pytest.raises(InvalidToken, match=message):
-        verifier().verify(token(**claims))
+        verifier().verify(token(**claims(int(time.time()))))
 
 
 def test_jwt_bad_signature_and_algorithm() -> None:
-    forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "iss": "issuer",
+    forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600, "iss": "issuer",
                          "aud": "gpuproxy"}, "another-secret-of-enough-length-x", algorithm="HS256")
     with pytest.raises(InvalidToken, match="signature"):
         verifier().verify(forged)
-    none_alg = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
+    none_alg = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, None,
+                          algorithm="none")
     with pytest.raises(InvalidToken):
         verifier().verify(none_alg)
 
 
 def test_jwt_leeway_accepts_recently_expired() -> None:
     recently = token(exp=int(time.time()) - 5)
-    assert verifier(leeway=30).verify(recently) == "alice"
+    # A leeway far above the 5 s: the check still passes if the machine stalls in between.
+    assert verifier(leeway=600).verify(recently) == "alice"
     with pytest.raises(InvalidToken):
         verifier(leeway=0).verify(recently)
 

@@ -62,7 +62,7 @@ async def stored(dsn: str, tag: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def wait_for(predicate: Any, seconds: float = 30.0) -> None:
+async def wait_for(predicate: Any, seconds: float = 60.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while not predicate():
@@ -92,6 +92,10 @@ async def test_records_written_in_batches(database: Database, pgbouncer_server: 
     assert metrics.registry.get_sample_value("gpuproxy_usage_records_written_total") == 25
 
 
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
+
+
 async def test_postgres_outage_keeps_and_retries(
     database: Database, postgres_server: Any, pgbouncer_server: Any
 ) -> None:
@@ -108,12 +112,14 @@ async def test_postgres_outage_keeps_and_retries(
         postgres_server.stop()
         for rec in first[5:]:
             meter.record(rec)
-        await asyncio.sleep(1.5)  # several flush attempts fail meanwhile
+        # A write is attempted during the outage (PgBouncer holds it): wait for that, not a
+        # fixed time; nothing can be written while PostgreSQL is down.
+        await wait_for(lambda: meter._in_flight > 0)
         assert meter.written == 5
         assert meter.buffered == 25
         assert meter.dropped == 0
         postgres_server.start()
-        await wait_for(lambda: meter.written == 30, seconds=60)
+        await wait_for(lambda: meter.written == 30, seconds=120)
     finally:
         postgres_server.start()
         await meter.close()
@@ -234,11 +240,12 @@ async def test_pgbouncer_restart_keeps_and_retries(
         pgbouncer_server.stop()  # every pooled client connection breaks
         for rec in batch:
             meter.record(rec)
-        await asyncio.sleep(2.0)  # refused connections: several attempts fail meanwhile
+        # Wait until a write has failed (refused connections), not a fixed time.
+        await wait_for(lambda: logged(caplog, "cannot be written"))
         assert meter.written == 0
         assert meter.buffered == 12
         pgbouncer_server.start()
-        await wait_for(lambda: meter.written == 12, seconds=60)
+        await wait_for(lambda: meter.written == 12, seconds=120)
     finally:
         pgbouncer_server.start()
         await meter.close()
@@ -280,14 +287,12 @@ async def test_long_postgres_outage_times_out_and_recovers(
         postgres_server.stop()
         for rec in batch:
             meter.record(rec)
-        await wait_for(
-            lambda: any("cannot be written" in r.getMessage() for r in caplog.records),
-            seconds=40,
-        )
+        # The first failure needs the 10 s write timeout (PgBouncer holds the query first).
+        await wait_for(lambda: logged(caplog, "cannot be written"), seconds=120)
         assert meter.written == 0
         assert meter.buffered == 8
         postgres_server.start()
-        await wait_for(lambda: meter.written == 8, seconds=60)
+        await wait_for(lambda: meter.written == 8, seconds=120)
     finally:
         postgres_server.start()
         await meter.close()
