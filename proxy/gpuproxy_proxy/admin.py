@@ -21,6 +21,7 @@ from gpuproxy_proxy.http_errors import (
     with_request_id,
 )
 from gpuproxy_proxy.requestid import request_id_for
+from gpuproxy_proxy.runtime import RUNTIME
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ def _with_request_id(handler: Handler) -> Handler:
             resp = await handler(request)
         except web.HTTPRequestEntityTooLarge:
             # aiohttp's own 413 (client_max_size is limits.max_body_bytes) names no field.
-            return body_too_large(request.app[CONFIG].limits.max_body_bytes, request_id)
+            runtime = request.app.get(RUNTIME)  # the limit in force, after any reload
+            config = request.app[CONFIG] if runtime is None else runtime.config
+            return body_too_large(config.limits.max_body_bytes, request_id)
         except web.HTTPException as exc:
             with_request_id(exc, request_id)
             raise

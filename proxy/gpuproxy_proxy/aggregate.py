@@ -10,8 +10,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-# Per-process views of the same fact: the pod value is the best one, not the sum.
+# Per-process views of the same fact: the pod value is the best one, not the sum...
 _MAX_FAMILIES = frozenset({"gpuproxy_backend_healthy"})
+# ...or the worst one: a dependency one worker cannot reach is a problem of the pod.
+_MIN_FAMILIES = frozenset({"gpuproxy_dependency_up"})
 
 
 class _Static(Collector):
@@ -33,6 +35,7 @@ def merge_metrics(texts: Iterable[str]) -> bytes:
                 values[fam.name] = {}
             series = values[fam.name]
             use_max = fam.name in _MAX_FAMILIES
+            use_min = fam.name in _MIN_FAMILIES
             for sample in fam.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 old = series.get(key)
@@ -42,6 +45,8 @@ def merge_metrics(texts: Iterable[str]) -> bytes:
                     series[key] = min(old, sample.value)
                 elif use_max:
                     series[key] = max(old, sample.value)
+                elif use_min:
+                    series[key] = min(old, sample.value)
                 else:
                     series[key] = old + sample.value
     merged = []
@@ -79,6 +84,10 @@ def merge_stats(workers: Sequence[dict[str, Any]], draining: bool = False) -> di
     for entry in backends.values():
         # Worst state any worker sees, so an operator notices a partial outage.
         entry["state"] = max(entry["states"], key=lambda s: _STATE_RANK.get(s, 4))
+    dependencies: dict[str, bool] = {}
+    for stats in workers:
+        for name, up in (stats.get("dependencies") or {}).items():
+            dependencies[name] = dependencies.get(name, True) and bool(up)
     return {
         "connections_active": sum(int(w.get("connections_active", 0)) for w in workers),
         "requests_in_flight": sum(int(w.get("requests_in_flight", 0)) for w in workers),
@@ -88,11 +97,13 @@ def merge_stats(workers: Sequence[dict[str, Any]], draining: bool = False) -> di
         "config_generation": max((int(w.get("config_generation", 0)) for w in workers),
                                  default=0),
         "backends": backends,
+        "dependencies": dependencies,
         "gc_max_pause_ms": max((float((w.get("gc") or {}).get("max_pause_ms", 0.0))
                                 for w in workers), default=0.0),
         "per_worker": [
             {key: w.get(key) for key in ("pid", "worker", "connections_active",
-                                         "requests_in_flight", "draining", "gc")}
+                                         "requests_in_flight", "draining", "config_generation",
+                                         "dependencies", "gc")}
             for w in workers
         ],
     }

@@ -233,6 +233,11 @@ class ApiKeyStore:
 
     async def _fetch(self, digest: bytes) -> ApiKey | None:
         try:
+            db = self._db
+            if db is not None and db.pool is not None and not db.up:
+                # The last health check failed: answer 503 now rather than park the request
+                # for a command timeout (PgBouncer queues queries while PostgreSQL is away).
+                raise DatabaseUnavailable("the API key database failed its last health check")
             async with self._miss_slots:
                 row = await self._query(digest)
         except (DatabaseUnavailable, *_DB_ERRORS) as exc:
@@ -254,6 +259,10 @@ class ApiKeyStore:
             f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1",  # noqa: S608
             digest,
         )
+
+    def set_cache_seconds(self, seconds: float) -> None:
+        """A config reload: applies to entries cached from now on."""
+        self._ttl = seconds
 
     def clear_cache(self) -> None:
         self._positive.clear()

@@ -12,6 +12,7 @@ from gpuproxy_proxy.auth import auth_ctx
 from gpuproxy_proxy.backends import build_pool
 from gpuproxy_proxy.config import ProxyConfig, Secrets
 from gpuproxy_proxy.db import db_ctx
+from gpuproxy_proxy.dependencies import dependencies_ctx
 from gpuproxy_proxy.errors import json_error
 from gpuproxy_proxy.health import health_ctx
 from gpuproxy_proxy.metering import metering_ctx
@@ -21,6 +22,7 @@ from gpuproxy_proxy.reload import CONFIG_PATH, reload_ctx
 from gpuproxy_proxy.requestid import request_id_for
 from gpuproxy_proxy.routes import add_proxy_routes, pipeline_ctx
 from gpuproxy_proxy.runtime import RUNTIME, Runtime, client_timeout
+from gpuproxy_proxy.secretfiles import secrets_ctx
 from gpuproxy_proxy.upstream import upstream_ctx
 
 
@@ -49,7 +51,7 @@ def build_app(
     # Order is the contract: services first, then the pipeline that resolves them once.
     app.cleanup_ctx.extend([
         db_ctx, auth_ctx, ratelimit_ctx, metering_ctx,
-        upstream_ctx, health_ctx, reload_ctx, pipeline_ctx,
+        upstream_ctx, health_ctx, pipeline_ctx, dependencies_ctx, reload_ctx, secrets_ctx,
     ])
     add_proxy_routes(app)
     add_admin_routes(app)

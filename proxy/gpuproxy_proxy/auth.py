@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -22,7 +23,7 @@ from gpuproxy_proxy.appkeys import CONFIG, SECRETS
 from gpuproxy_proxy.config import AuthConfig, Secrets
 from gpuproxy_proxy.db import DB_POOL, Database
 from gpuproxy_proxy.http_errors import forbidden, unauthorized, unavailable
-from gpuproxy_proxy.jwt_auth import InvalidToken, JwtVerifier, looks_like_jwt
+from gpuproxy_proxy.jwt_auth import BadSignature, InvalidToken, JwtVerifier, looks_like_jwt
 from gpuproxy_proxy.principal import ADMIN, ANONYMOUS, Principal
 
 log = logging.getLogger(__name__)
@@ -44,21 +45,71 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 class Authenticator:
+    """Checks credentials. Settings and secrets change live (config reload, rotated secret
+    files): a new JWT secret takes over at once, and tokens signed with the previous one stay
+    valid for `auth.jwt_rotation_overlap_seconds`."""
+
     def __init__(self, config: AuthConfig, secrets: Secrets, db: Database | None) -> None:
+        self.config = config
         self.enabled = config.enabled
         self.keys = ApiKeyStore(db, config.api_key_cache_seconds)
         self._has_db = db is not None
         self._admin_token = secrets.admin_token.encode() if secrets.admin_token else None
-        self._jwt = (
-            JwtVerifier(
-                secrets.jwt_secret,
-                issuer=config.jwt_issuer,
-                audience=config.jwt_audience,
-                leeway_seconds=config.jwt_leeway_seconds,
-            )
-            if secrets.jwt_secret
-            else None
-        )
+        self._jwt = self._verifier(secrets.jwt_secret)
+        self._previous_jwt: JwtVerifier | None = None
+
+    def _verifier(self, secret: str | None) -> JwtVerifier | None:
+        c = self.config
+        if not secret:
+            return None
+        return JwtVerifier(secret, issuer=c.jwt_issuer, audience=c.jwt_audience,
+                           leeway_seconds=c.jwt_leeway_seconds)
+
+    def reconfigure(self, config: AuthConfig) -> None:
+        """A config reload; verifiers are rebuilt only when their claims settings changed."""
+        old, self.config = self.config, config
+        self.enabled = config.enabled
+        self.keys.set_cache_seconds(config.api_key_cache_seconds)
+        claims = ("jwt_issuer", "jwt_audience", "jwt_leeway_seconds")
+        if any(getattr(old, f) != getattr(config, f) for f in claims):
+            self._jwt = self._verifier(self._jwt.secret if self._jwt else None)
+            previous = self._previous_jwt
+            if previous is not None and previous.not_after is not None:
+                self._previous_jwt = self._verifier(previous.secret)
+                assert self._previous_jwt is not None
+                self._previous_jwt.retire(previous.not_after)
+
+    def rotate_jwt_secret(self, secret: str | None) -> None:
+        """The JWT secret changed: sign-ins with the new one work at once; the old one keeps
+        working for the overlap (not at all when the overlap is 0)."""
+        current = self._jwt
+        if (current.secret if current else None) == secret:
+            return
+        overlap = self.config.jwt_rotation_overlap_seconds
+        if current is not None and overlap > 0:
+            current.retire(time.time() + overlap)
+            self._previous_jwt = current
+        else:
+            self._previous_jwt = None
+        self._jwt = self._verifier(secret)
+        log.warning("the JWT secret changed; tokens signed with the previous one are accepted "
+                    "for %g more seconds", overlap if current is not None else 0)
+
+    def set_admin_token(self, token: str | None) -> None:
+        self._admin_token = token.encode() if token else None
+
+    def _verify_jwt(self, token: str) -> str:
+        current, previous = self._jwt, self._previous_jwt
+        if current is None and previous is None:
+            raise unauthorized("JWT authentication is not configured on this proxy")
+        try:
+            if current is None:
+                raise BadSignature("the JWT signature is invalid")
+            return current.verify(token)
+        except BadSignature:
+            if previous is None or not previous.usable():
+                raise
+            return previous.verify(token)
 
     @property
     def admin_enabled(self) -> bool:
@@ -88,10 +139,8 @@ class Authenticator:
         if looks_like_api_key(token):
             return await self._api_key(token)
         if looks_like_jwt(token):
-            if self._jwt is None:
-                raise unauthorized("JWT authentication is not configured on this proxy")
             try:
-                return Principal(kind="jwt", user_id=self._jwt.verify(token))
+                return Principal(kind="jwt", user_id=self._verify_jwt(token))
             except InvalidToken as exc:
                 raise unauthorized(str(exc)) from exc
         raise unauthorized("the credential is neither a valid API key nor a JWT")

@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from gpuproxy_proxy.config import ProxyConfig, Secrets, load_config
+from gpuproxy_proxy.config import ProxyConfig, load_config
 from gpuproxy_proxy.logging import setup_logging
+from gpuproxy_proxy.secretfiles import read_secrets
 from gpuproxy_proxy.server import ListenError, raise_nofile_limit, serve_single, serve_worker
 
 T = TypeVar("T")
@@ -66,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--status-socket", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--heartbeat-fd", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -112,12 +114,12 @@ def _main(argv: Sequence[str] | None) -> int:
         config = config.model_copy(update={"workers": args.workers})
     setup_logging(config.logging, args.worker_index)
     limit = raise_nofile_limit()
-    secrets = Secrets.from_env()
+    secrets = read_secrets(config.secret_files)
     if args.worker_index is not None:
         assert args.status_socket is not None
         assert args.parent_pid is not None
         run(serve_worker(config, secrets, args.config, args.worker_index, args.status_socket,
-                         args.parent_pid))
+                         args.parent_pid, args.heartbeat_fd))
         return 0
     log.info("open files limit %d", limit)
     if config.workers == 1:

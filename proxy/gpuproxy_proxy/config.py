@@ -1,6 +1,7 @@
 """The proxy's configuration: one frozen model, read from the YAML file the operator renders.
 
-Secrets never live in the file; they come from the environment (see `Secrets`).
+Secrets never live in the file; they come from the files `secret_files` names (re-read when
+they change, see secretfiles.py) or else from the environment (see `Secrets`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
@@ -57,6 +58,9 @@ class UpstreamConfig(_Frozen):
     read_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_connections_per_backend: Annotated[int, Field(ge=1)] = 1024
     retry_on_connect_failure: bool = True
+    # Longest a request (a stream included) may take end to end; 0 = no limit. The pod's
+    # termination grace period is sized from it, so a drain never cuts a stream short.
+    max_request_seconds: Annotated[float, Field(ge=0)] = 0.0
 
 
 class HealthCheckConfig(_Frozen):
@@ -73,6 +77,8 @@ class AuthConfig(_Frozen):
     jwt_audience: str | None = None
     jwt_leeway_seconds: Annotated[int, Field(ge=0)] = 30
     api_key_cache_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # After the JWT secret changes, tokens signed with the previous one stay valid this long.
+    jwt_rotation_overlap_seconds: Annotated[float, Field(ge=0)] = 3600.0
 
 
 class RateLimitConfig(_Frozen):
@@ -122,6 +128,12 @@ class LimitsConfig(_Frozen):
     # After SIGTERM, keep accepting (answering with Connection: close) while /ready says 503,
     # so endpoints stop routing here before the listener closes. Part of the grace period.
     drain_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
+    # After the drain delay, idle keep-alive connections are closed spread over this long
+    # (not all at once, so clients do not reconnect in one burst).
+    idle_close_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # A worker that has not reported for this long is considered hung: the supervisor
+    # restarts it and /health fails meanwhile.
+    worker_heartbeat_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     # Long-lived objects (idle connections) are moved out of the collector's reach this often,
     # and automatic full collections are off meanwhile, so many open connections never turn
     # into long GC pauses; 0 keeps CPython's default collector (after one freeze at start).
@@ -142,8 +154,20 @@ class LoggingConfig(_Frozen):
     access_log: bool = False
 
 
+class SecretFilesConfig(_Frozen):
+    """Files holding the secrets (mounted Kubernetes Secret keys), re-read when they change
+    so a rotation needs no restart; a secret without a file comes from its environment
+    variable (see `Secrets`)."""
+
+    jwt_secret: str | None = None
+    admin_token: str | None = None
+    db_user: str | None = None
+    db_password: str | None = None
+    redis_password: str | None = None
+
+
 class ProxyConfig(_Frozen):
-    """Everything one proxy pod needs, except secrets."""
+    """Everything one proxy pod needs, except secrets (those are files or env vars)."""
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
     workers: Annotated[int, Field(ge=1, le=256)] = 1
@@ -159,6 +183,7 @@ class ProxyConfig(_Frozen):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
+    secret_files: SecretFilesConfig = Field(default_factory=SecretFilesConfig)
 
     @model_validator(mode="after")
     def _unique_backends(self) -> ProxyConfig:
@@ -197,6 +222,31 @@ SECRET_ENV_VARS = (
     "GPUPROXY_DB_PASSWORD",
     "GPUPROXY_REDIS_PASSWORD",
 )
+
+
+# Sections a running proxy applies from a changed config file without a restart (reload.py);
+# a change anywhere else needs new processes, so only that part goes into the pod-template
+# hash the operator computes (restart_key). Not reloadable: listen and workers (sockets and
+# processes), redis and database (connections; their credentials do rotate live, see
+# secretfiles.py) and secret_files (the mounts themselves).
+RELOADABLE_SECTIONS = frozenset({
+    "backends", "load_balancing", "upstream", "health_check", "auth", "rate_limits", "limits",
+    "metering", "logging", "reload",
+})
+# Fields inside reloadable sections that are still fixed at start: the access logger is bound
+# to each connection when it opens, and a watcher that was off never sees the file again.
+RESTART_ONLY_FIELDS = (("logging", "access_log"), ("reload", "enabled"))
+
+
+def restart_key(config: ProxyConfig) -> dict[str, Any]:
+    """The part of `config` a running proxy cannot apply without a restart."""
+    data = config.model_dump(mode="json")
+    if not config.reload.enabled:
+        return data  # nothing watches the file: every change needs new processes
+    key = {name: value for name, value in data.items() if name not in RELOADABLE_SECTIONS}
+    for section, field in RESTART_ONLY_FIELDS:
+        key[f"{section}.{field}"] = data[section][field]
+    return key
 
 
 def parse_config(text: str) -> ProxyConfig:

@@ -13,6 +13,10 @@ class InvalidToken(Exception):
     """The token is malformed, expired, not yet valid, or not for us; the message says which."""
 
 
+class BadSignature(InvalidToken):
+    """Not signed with this verifier's secret (it may be signed with a rotated-out one)."""
+
+
 def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
@@ -37,14 +41,29 @@ class JwtVerifier:
         self._audience = audience
         self._leeway = leeway_seconds
         self._max_cached = max_cached
+        # Wall-clock end of this secret's validity once it has been rotated out; None = current.
+        self.not_after: float | None = None
         self._cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._options: jwt.types.Options = {
             "require": ["exp", "sub"] + (["iss"] if issuer else []) + (["aud"] if audience else []),
             "verify_aud": audience is not None,
         }
 
+    @property
+    def secret(self) -> str:
+        return self._secret
+
+    def retire(self, until: float) -> None:
+        """The secret was rotated: accept its tokens only until `until` (wall clock)."""
+        self.not_after = until
+
+    def usable(self) -> bool:
+        return self.not_after is None or time.time() < self.not_after
+
     def verify(self, token: str) -> str:
         """The token's `sub`; raises InvalidToken."""
+        if not self.usable():
+            raise BadSignature("the JWT is signed with a secret that has been rotated out")
         hit = self._cache.get(token)
         if hit is not None:
             if hit[0] > time.time():
@@ -71,7 +90,7 @@ class JwtVerifier:
         except jwt.MissingRequiredClaimError as exc:
             raise InvalidToken(f"the JWT lacks the required claim {exc.claim!r}") from exc
         except jwt.InvalidSignatureError as exc:
-            raise InvalidToken("the JWT signature is invalid") from exc
+            raise BadSignature("the JWT signature is invalid") from exc
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(f"the JWT is invalid: {exc}") from exc
         subject = claims.get("sub")

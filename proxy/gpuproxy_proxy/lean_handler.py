@@ -30,7 +30,6 @@ class LeanRequestHandler(web_protocol.RequestHandler):
         loop = self._loop
         manager = self._manager
         assert manager is not None
-        keepalive_timeout = self._keepalive_timeout
         resp: Any = None
         assert self._request_factory is not None
         assert self._request_handler is not None
@@ -112,7 +111,8 @@ class LeanRequestHandler(web_protocol.RequestHandler):
             del request, message, payload, writer, coro, request_handler
 
             if self._keepalive and not self._close and not self._force_close:
-                close_time = loop.time() + keepalive_timeout
+                # Read per request, not once per connection: a config reload changes it.
+                close_time = loop.time() + self._keepalive_timeout
                 self._next_keepalive_close_time = close_time
                 if self._keepalive_handle is None:
                     self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)

@@ -43,17 +43,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _ProcessHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The process's one log handler; remembers the worker index for a new formatter."""
+
+    def __init__(self, worker: int | None) -> None:
+        super().__init__(sys.stderr)
+        self.worker = worker
+
+    def use(self, config: LoggingConfig) -> None:
+        if config.json_format:
+            self.setFormatter(JsonFormatter(self.worker))
+        else:
+            self.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+
+
 def setup_logging(config: LoggingConfig, worker: int | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.json_format:
-        handler.setFormatter(JsonFormatter(worker))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler = _ProcessHandler(worker)
+    handler.use(config)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
     # aiohttp logs every unhandled client disconnect at ERROR; they are routine for a proxy.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+
+
+def reconfigure_logging(config: LoggingConfig) -> None:
+    """A config reload: level and format apply to the next line (the access log does not:
+    it is bound to each connection, so it is restart-only)."""
+    root = logging.getLogger()
+    root.setLevel(config.level)
+    for handler in root.handlers:
+        if isinstance(handler, _ProcessHandler):
+            handler.use(config)
 
 
 class JsonAccessLogger(AbstractAccessLogger):

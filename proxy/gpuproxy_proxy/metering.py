@@ -144,6 +144,14 @@ class UsageMeter:
         if self._metrics is not None:
             self._metrics.usage_records_buffered.set(self.buffered)
 
+    def reconfigure(self, config: MeteringConfig) -> None:
+        """A config reload: batch size, interval and bound apply from the next batch; turning
+        metering off stops recording, and what is buffered is still written."""
+        self.config = config
+        self._enabled = config.enabled and self._db is not None
+        self.start()
+        self._wake.set()
+
     def start(self) -> None:
         if self._enabled and self._task is None:
             self._task = asyncio.create_task(self._run(), name="usage-meter")
@@ -247,7 +255,7 @@ class UsageMeter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if not self._enabled or not self._buffer:
+        if self._db is None or not self._buffer:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + flush_seconds

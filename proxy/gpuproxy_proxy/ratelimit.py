@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # The batcher keeps at most two script calls on the wire, plus the outage probe.
 _REDIS_MAX_CONNECTIONS = 8
 _PROBE_INTERVAL_SECONDS = 1.0
+# A replaced client is closed this much later, so the calls already sent on it complete.
+_RETIRE_DELAY_SECONDS = 2.0
 _MAX_DENIED = 100_000
 _FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -82,6 +84,9 @@ def rate_limit_response(decision: RateLimitDecision, request_id: str) -> web.Res
 
 
 class RateLimiter:
+    """Limits, window, trusted proxies and failure mode change live (`reconfigure`); a new
+    Redis password (rotated secret file) swaps in a freshly connected client."""
+
     def __init__(
         self,
         config: RateLimitConfig,
@@ -90,41 +95,84 @@ class RateLimiter:
         metrics: ProxyMetrics | None = None,
     ) -> None:
         self.config = config
-        self.trusted: tuple[IPNetwork, ...] = parse_networks(tuple(config.trusted_proxies))
+        self._metrics = metrics
         # Label children bound once: .labels() is a locked dict lookup per call otherwise.
         self._rejections = {
             scope: metrics.ratelimit_rejections.labels(scope)
             for scope in ("ip", "user", "api_key")
         } if metrics is not None else {}
-        self._fallbacks = (
-            metrics.ratelimit_fallback.labels(config.on_redis_failure)
-            if metrics is not None else None
-        )
-        self._window_ms = config.window_seconds * 1000
-        self._local = LocalWindowLimiter(config.window_seconds)
+        self._redis_config = redis_config
         self._redis: aioredis.Redis | None = None
-        self._timeout = 0.0
+        self._timeout = 0.0 if redis_config is None else redis_config.socket_timeout_seconds
         self._down = False
         self._probe: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.redis_password_changes = 0
         # Scope key -> (monotonic time until which it is over its limit, end of its window,
         # its rejection).
         # A client told to retry after N seconds is answered locally until then, so a flood
         # from one client costs this process a dict lookup instead of a Redis call.
         self._denied: dict[str, tuple[float, float, RateLimitDecision]] = {}
+        self._apply(config)
         if redis_config is not None:
-            self._timeout = redis_config.socket_timeout_seconds
-            pool = aioredis.BlockingConnectionPool.from_url(
-                redis_config.url,
-                max_connections=_REDIS_MAX_CONNECTIONS,
-                timeout=self._timeout,
-                password=secrets.redis_password,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                # Fail fast: the fallback limiter, not a retry loop, handles an outage.
-                retry=Retry(NoBackoff(), 0),
-            )
-            self._redis = aioredis.Redis(connection_pool=pool)
-            self._batcher = ScriptBatcher(self._redis, config.window_seconds, self._timeout)
+            self._redis, self._batcher = self._connect(secrets.redis_password)
+
+    def _apply(self, config: RateLimitConfig) -> None:
+        self.config = config
+        self.trusted: tuple[IPNetwork, ...] = parse_networks(tuple(config.trusted_proxies))
+        self._fallbacks = (
+            self._metrics.ratelimit_fallback.labels(config.on_redis_failure)
+            if self._metrics is not None else None
+        )
+        self._window_ms = config.window_seconds * 1000
+        self._local = LocalWindowLimiter(config.window_seconds)
+
+    def _connect(self, password: str | None) -> tuple[aioredis.Redis, ScriptBatcher]:
+        assert self._redis_config is not None
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._redis_config.url,
+            max_connections=_REDIS_MAX_CONNECTIONS,
+            timeout=self._timeout,
+            password=password,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            # Fail fast: the fallback limiter, not a retry loop, handles an outage.
+            retry=Retry(NoBackoff(), 0),
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        return client, ScriptBatcher(client, self.config.window_seconds, self._timeout)
+
+    def reconfigure(self, config: RateLimitConfig) -> None:
+        """A config reload. Changed limits or window start the in-process counters afresh and
+        forget cached rejections (they were decided under the old limits)."""
+        old = self.config
+        if old == config:
+            return
+        self._apply(config)
+        self._denied.clear()
+        if self._redis is not None and old.window_seconds != config.window_seconds:
+            self._batcher.window_seconds = config.window_seconds
+
+    def set_redis_password(self, password: str | None) -> None:
+        """A rotated password: new connections log in with it; the old client finishes what it
+        has on the wire and is closed a little later."""
+        if self._redis is None:
+            return
+        old = (self._redis, self._batcher)
+        self._redis, self._batcher = self._connect(password)
+        task = asyncio.create_task(self._retire(*old), name="redis-retire-client")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        self.redis_password_changes += 1
+        log.warning("Redis password changed; reconnecting with the new one")
+
+    async def _retire(self, client: aioredis.Redis, batcher: ScriptBatcher) -> None:
+        await asyncio.sleep(_RETIRE_DELAY_SECONDS)
+        await _close_client(client, batcher)
+
+    @property
+    def uses_redis(self) -> bool:
+        return self._redis is not None
 
     def client_ip(self, request: web.Request) -> str:
         return client_ip(request, self.trusted)
@@ -242,10 +290,17 @@ class RateLimiter:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._redis is not None:
-            await self._batcher.close()
-            await self._redis.aclose()
-            await self._redis.connection_pool.disconnect()
+            await _close_client(self._redis, self._batcher)
+
+
+async def _close_client(client: aioredis.Redis, batcher: ScriptBatcher) -> None:
+    await batcher.close()
+    await client.aclose()
+    await client.connection_pool.disconnect()
 
 
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)

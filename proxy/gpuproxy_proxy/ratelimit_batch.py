@@ -54,7 +54,7 @@ class ScriptBatcher:
         self, client: aioredis.Redis, window_seconds: int, timeout_seconds: float
     ) -> None:
         self._client = client
-        self._window = window_seconds
+        self.window_seconds = window_seconds  # a config reload may change it
         self._timeout = timeout_seconds
         self._sha = hashlib.sha1(SLIDING_WINDOW_LUA.encode(), usedforsecurity=False)
         self._sha_hex = self._sha.hexdigest().encode()
@@ -116,7 +116,7 @@ class ScriptBatcher:
                 future.set_result((elapsed, result))
 
     async def _execute(self, batch: list[Call]) -> tuple[int, list[list[int]]]:
-        command = pack_batch(self._sha_hex, self._window, batch)
+        command = pack_batch(self._sha_hex, self.window_seconds, batch)
         try:
             reply = await self._roundtrip(command)
         except NoScriptError:

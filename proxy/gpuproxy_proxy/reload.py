@@ -1,8 +1,6 @@
-"""Config file reload without restart: backends, strategy, upstream and health-check settings.
-
-Other sections (listen, auth, limits, Redis, database...) need a restart; a change there is
-logged. An invalid new file is logged and ignored; the last good config stays in force.
-"""
+"""Config file reload without restart: config.RELOADABLE_SECTIONS apply to the running process;
+a change elsewhere (or in RESTART_ONLY_FIELDS) is logged and keeps its running value until a
+restart. An invalid new file is logged and ignored; the last good config stays in force."""
 
 from __future__ import annotations
 
@@ -16,58 +14,91 @@ from pathlib import Path
 from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
+from gpuproxy_proxy.auth import AUTHENTICATOR
 from gpuproxy_proxy.backends import build_pool
-from gpuproxy_proxy.config import ProxyConfig, load_config
+from gpuproxy_proxy.config import (
+    RELOADABLE_SECTIONS,
+    RESTART_ONLY_FIELDS,
+    ProxyConfig,
+    load_config,
+    restart_key,
+)
 from gpuproxy_proxy.health import HEALTH_CHECKER
+from gpuproxy_proxy.metering import USAGE_METER
+from gpuproxy_proxy.ratelimit import RATE_LIMITER
+from gpuproxy_proxy.routes import PIPELINE
 from gpuproxy_proxy.runtime import RUNTIME
 
 log = logging.getLogger("gpuproxy.reload")
 
 CONFIG_PATH = web.AppKey("config_path", Path)
 
-_RELOADABLE = frozenset({"backends", "load_balancing", "upstream", "health_check", "reload"})
 
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced; None when it cannot be read now."""
     try:
-        st = os.stat(path)  # follows the ConfigMap's ..data symlink
+        st = os.stat(path)  # follows the ConfigMap's (or Secret's) ..data symlink
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def restart_only_changes(old: ProxyConfig, new: ProxyConfig) -> list[str]:
-    changed = [
-        name for name in ProxyConfig.model_fields
-        if name not in _RELOADABLE and getattr(old, name) != getattr(new, name)
-    ]
-    # The connection pool is sized once, when the process starts.
-    if old.upstream.max_connections_per_backend != new.upstream.max_connections_per_backend:
-        changed.append("upstream.max_connections_per_backend")
-    return sorted(changed)
+    before, after = restart_key(old), restart_key(new)
+    return sorted(name for name in before if before[name] != after.get(name))
 
 
-def apply_config(app: web.Application, new: ProxyConfig) -> None:
-    """Swap in a new backend pool and settings; in-flight requests keep their backend."""
+def effective_config(running: ProxyConfig, new: ProxyConfig) -> ProxyConfig:
+    """`new`'s reloadable parts on top of `running`: what this process can actually apply."""
+    update = {name: getattr(new, name) for name in RELOADABLE_SECTIONS}
+    for section, field in RESTART_ONLY_FIELDS:
+        update[section] = update[section].model_copy(
+            update={field: getattr(getattr(running, section), field)})
+    return running.model_copy(update=update)
+
+
+def apply_config(app: web.Application, new: ProxyConfig,
+                 previous_file: ProxyConfig | None = None) -> None:
+    """Swap in a new backend pool and settings; in-flight requests keep their backend.
+
+    Restart-only changes are reported against the file's previous version when given (the
+    running config may differ from the file by command-line overrides such as --workers)."""
     runtime = app[RUNTIME]
-    ignored = restart_only_changes(runtime.config, new)
+    ignored = restart_only_changes(previous_file or runtime.config, new)
     if ignored:
-        log.warning("config sections changed that apply only after a restart: %s",
-                    ", ".join(ignored))
-    pool = build_pool(new.backends, new.load_balancing, app[METRICS], previous=runtime.pool)
-    runtime.apply(new, pool)
+        log.warning("config changed where only a restart applies it (keeping the running "
+                    "values): %s", ", ".join(ignored))
+    config = effective_config(runtime.config, new)
+    if config == runtime.config:
+        return
+    pool = build_pool(config.backends, config.load_balancing, app[METRICS], previous=runtime.pool)
+    runtime.apply(config, pool)  # also the server's limits and the logging (Worker)
     checker = app.get(HEALTH_CHECKER)
     if checker is not None:
         checker.sync(pool)
+    if (auth := app.get(AUTHENTICATOR)) is not None:
+        auth.reconfigure(config.auth)
+    if (limiter := app.get(RATE_LIMITER)) is not None:
+        limiter.reconfigure(config.rate_limits)
+    if (meter := app.get(USAGE_METER)) is not None:
+        meter.reconfigure(config.metering)
+    if (pipeline := app.get(PIPELINE)) is not None:
+        pipeline.reconfigure(config)
+    # aiohttp reads the body limit from the app for each new request (private, no setter).
+    app._client_max_size = config.limits.max_body_bytes
     log.info("config reloaded: %d backends, strategy %s (generation %d)",
-             len(new.backends), new.load_balancing.strategy, runtime.generation)
+             len(config.backends), config.load_balancing.strategy, runtime.generation)
 
 
 async def _watch(app: web.Application, path: Path) -> None:
-    seen = _signature(path)
+    seen = file_signature(path)
+    try:
+        previous = load_config(path)
+    except (OSError, ValueError):
+        previous = app[CONFIG]
     while True:
         await asyncio.sleep(app[RUNTIME].config.reload.interval_seconds)
-        current = _signature(path)
+        current = file_signature(path)
         if current is None or current == seen:
             continue
         seen = current
@@ -77,8 +108,8 @@ async def _watch(app: web.Application, path: Path) -> None:
             log.error("ignoring invalid config file %s (keeping the running config): %s",
                       path, exc)
             continue
-        if new != app[RUNTIME].config:
-            apply_config(app, new)
+        apply_config(app, new, previous)
+        previous = new
 
 
 async def reload_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -16,13 +16,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gpuproxy_proxy.appkeys import CONFIG, METRICS
+from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.auth import AUTHENTICATOR
 from gpuproxy_proxy.backends import BackendState
+from gpuproxy_proxy.config import ProxyConfig
 from gpuproxy_proxy.errors import body_too_large, json_error
 from gpuproxy_proxy.http_errors import with_request_id
 from gpuproxy_proxy.metering import USAGE_METER, UsageRecord
-from gpuproxy_proxy.principal import ANONYMOUS, Principal
+from gpuproxy_proxy.principal import ANONYMOUS
 from gpuproxy_proxy.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
 from gpuproxy_proxy.requestid import request_id_for
 from gpuproxy_proxy.runtime import RUNTIME
@@ -30,6 +31,7 @@ from gpuproxy_proxy.upstream import (
     UPSTREAM_POOLS,
     UPSTREAM_SESSION,
     Outcome,
+    end_overlong,
     forward,
     forward_headers,
 )
@@ -39,10 +41,9 @@ _CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class Pipeline:
-    """Everything the request path needs, resolved once per process."""
+    """Everything the request path needs, resolved once per process (and again on reload)."""
 
     def __init__(self, app: web.Application) -> None:
-        config = app[CONFIG]
         metrics = app[METRICS]
         self.app = app
         self.runtime = app[RUNTIME]
@@ -51,11 +52,7 @@ class Pipeline:
         self.auth = app[AUTHENTICATOR]
         self.limiter = app[RATE_LIMITER]
         self.meter = app[USAGE_METER]
-        self.rate_limits_on = config.rate_limits.enabled
-        # Mirrors UsageMeter: without a database nothing is recorded, so build no records.
-        self.metering_on = config.metering.enabled and config.database is not None
-        self.max_in_flight = config.limits.max_in_flight_per_worker
-        self.max_body = config.limits.max_body_bytes
+        self.reconfigure(self.runtime.config)
         # Read at scrape time: no locked inc/dec on every request.
         metrics.requests_in_flight.set_function(self._in_flight_now)
         self.rejected_in_flight = metrics.connections_rejected.labels("in_flight")
@@ -65,6 +62,16 @@ class Pipeline:
         }
         self.failed = {route: metrics.requests_failed.labels(route) for route in ROUTES}
         self.durations = {route: metrics.request_duration_ms.labels(route) for route in ROUTES}
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """The settings the hot path reads as plain attributes (a config reload)."""
+        self.rate_limits_on = config.rate_limits.enabled
+        # Mirrors UsageMeter: without a database nothing is recorded, so build no records.
+        self.metering_on = config.metering.enabled and config.database is not None
+        self.max_in_flight = config.limits.max_in_flight_per_worker
+        self.max_body = config.limits.max_body_bytes
+        self.strip_credentials = config.auth.enabled
+        self.max_request_seconds = config.upstream.max_request_seconds
 
     def _in_flight_now(self) -> float:
         return float(self.runtime.in_flight)
@@ -82,58 +89,68 @@ class Pipeline:
         started = time.monotonic()
         runtime.in_flight += 1
         outcome = Outcome()
-        principal: Principal = ANONYMOUS
-        bytes_in = 0
+        limit = self.max_request_seconds
         try:
+            if not limit:
+                return await self._serve(request, route, request_id, outcome)
+            deadline = asyncio.timeout(limit)
             try:
-                principal = await self.auth.authenticate(request)
-            except web.HTTPException as exc:
-                # Failed credentials still spend the client IP's quota, so guessing keys is
-                # throttled like any other traffic instead of reaching the database unchecked.
-                if exc.status == 401 and self.rate_limits_on:
-                    decision = await self.limiter.check(self.limiter.client_ip(request), ANONYMOUS)
-                    if not decision.allowed:
-                        outcome.status = decision.status
-                        return rate_limit_response(decision, request_id)
-                outcome.status = exc.status
-                with_request_id(exc, request_id)
-                raise
-            limit_headers: dict[str, str] = {}
-            if self.rate_limits_on:
-                decision = await self.limiter.check(self.limiter.client_ip(request), principal)
-                limit_headers = rate_limit_headers(decision)
-                if not decision.allowed:
-                    outcome.status = decision.status
-                    return rate_limit_response(decision, request_id)
-            length = request.content_length
-            if length is not None and length > self.max_body:
-                outcome.status = 413
-                return body_too_large(self.max_body, request_id, limit_headers)
-            body = b""
-            if request.body_exists:
-                try:
-                    body = await request.read()
-                except web.HTTPRequestEntityTooLarge:
-                    outcome.status = 413
-                    return body_too_large(self.max_body, request_id, limit_headers)
-            bytes_in = len(body)
-            if route == "models":
-                return await self.models(request, request_id, outcome, limit_headers)
-            resp = await forward(request, runtime, self.pools, body, request_id, outcome,
-                                 limit_headers)
-            if runtime.draining and not resp.prepared:
-                resp.force_close()
-            return resp
+                async with deadline:
+                    return await self._serve(request, route, request_id, outcome)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                return await end_overlong(request, outcome, request_id, limit)
         except asyncio.CancelledError:
             if not outcome.status:
                 outcome.status = 499  # nginx's code for "client closed request"
             raise
         finally:
             runtime.in_flight -= 1
-            self._account(route, request_id, principal, outcome, bytes_in, started)
+            self._account(route, request_id, outcome, started)
 
-    def _account(self, route: str, request_id: str, principal: Principal, outcome: Outcome,
-                 bytes_in: int, started: float) -> None:
+    async def _serve(self, request: web.Request, route: str, request_id: str,
+                     outcome: Outcome) -> web.StreamResponse:
+        try:
+            outcome.principal = await self.auth.authenticate(request)
+        except web.HTTPException as exc:
+            # Failed credentials still spend the client IP's quota, so guessing keys is
+            # throttled like any other traffic instead of reaching the database unchecked.
+            if exc.status == 401 and self.rate_limits_on:
+                decision = await self.limiter.check(self.limiter.client_ip(request), ANONYMOUS)
+                if not decision.allowed:
+                    outcome.status = decision.status
+                    return rate_limit_response(decision, request_id)
+            outcome.status = exc.status
+            with_request_id(exc, request_id)
+            raise
+        limit_headers: dict[str, str] = {}
+        if self.rate_limits_on:
+            decision = await self.limiter.check(self.limiter.client_ip(request),
+                                                outcome.principal)
+            limit_headers = rate_limit_headers(decision)
+            if not decision.allowed:
+                outcome.status = decision.status
+                return rate_limit_response(decision, request_id)
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            outcome.status = 413
+            return body_too_large(self.max_body, request_id, limit_headers)
+        body = b""
+        if request.body_exists:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                outcome.status = 413
+                return body_too_large(self.max_body, request_id, limit_headers)
+        outcome.bytes_in = len(body)
+        if route == "models":
+            return await self.models(request, request_id, outcome, limit_headers)
+        return await forward(request, self.runtime, self.pools, body, request_id, outcome,
+                             limit_headers, self.strip_credentials)
+
+    def _account(self, route: str, request_id: str, outcome: Outcome,
+                 started: float) -> None:
         status = outcome.status or 500
         duration_ms = (time.monotonic() - started) * 1000.0
         cls = _CODE_CLASSES[min(max(status // 100, 1), 5) - 1]
@@ -144,6 +161,7 @@ class Pipeline:
         if not self.metering_on:
             return
         usage = outcome.usage
+        principal = outcome.principal
         self.meter.record(UsageRecord(
             request_id=request_id,
             principal_kind=principal.kind,
@@ -152,7 +170,7 @@ class Pipeline:
             backend=outcome.backend,
             route=route,
             status=status,
-            bytes_in=bytes_in,
+            bytes_in=outcome.bytes_in,
             bytes_out=outcome.bytes_out,
             duration_ms=duration_ms,
             prompt_tokens=usage.prompt_tokens if usage else None,
@@ -167,7 +185,7 @@ class Pipeline:
         now = time.monotonic()
         config = self.runtime.config
         backends = [b for b in self.runtime.pool.backends if b.available(now)]
-        fwd = forward_headers(request, request_id, self.app[CONFIG].auth.enabled)
+        fwd = forward_headers(request, request_id, self.strip_credentials)
         timeout = aiohttp.ClientTimeout(
             total=config.upstream.connect_timeout_seconds + config.health_check.timeout_seconds
         )

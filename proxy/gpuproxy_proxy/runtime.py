@@ -7,6 +7,7 @@ by single assignments, so a request sees either the old or the new generation, n
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -33,17 +34,24 @@ class Runtime:
     timeout: aiohttp.ClientTimeout
     worker_index: int = 0
     generation: int = 1
+    serving: bool = False  # the client port is open (set by the process layer)
     draining: bool = False
     connections_active: int = 0
     in_flight: int = 0
     connections_rejected: int = 0
     started_at: float = field(default_factory=time.time)
+    # Called with (old, new) after a reload, by the parts the app does not own (the server's
+    # connection limits, the process's logging).
+    listeners: list[Callable[[ProxyConfig, ProxyConfig], None]] = field(default_factory=list)
 
     def apply(self, config: ProxyConfig, pool: BackendPool) -> None:
+        old = self.config
         self.pool = pool
         self.timeout = client_timeout(config)
         self.config = config
         self.generation += 1
+        for listener in self.listeners:
+            listener(old, config)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

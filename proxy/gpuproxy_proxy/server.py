@@ -1,5 +1,6 @@
-"""One worker process: the client port (SO_REUSEPORT, connection cap with idle eviction), its
-status endpoints, GC control, and a graceful drain on SIGTERM."""
+"""One worker process: the client port (SO_REUSEPORT) and its status endpoints, GC control,
+heartbeats, the limits a reload changes, and the SIGTERM drain (lifecycle.py) applied to the
+connections (connections.py)."""
 
 from __future__ import annotations
 
@@ -14,35 +15,28 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web, web_protocol, web_server
-from aiohttp.web_request import BaseRequest
+from aiohttp import web
 
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from gpuproxy_proxy.errors import error_body, json_error, kind_for_status
+from gpuproxy_proxy.connections import AiohttpConnections, CappedServer, ProxyRunner
 from gpuproxy_proxy.gcwatch import (
     FullCollectionsOff,
     GcMonitor,
     freeze_after_warmup,
     freeze_periodically,
 )
-from gpuproxy_proxy.lean_handler import LeanRequestHandler
-from gpuproxy_proxy.logging import JsonAccessLogger
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.requestid import new_request_id, request_id_for
+from gpuproxy_proxy.heartbeat import DRAINING, SERVING, send_beats
+from gpuproxy_proxy.lifecycle import DrainPlan, ProcessLifecycle, drain
+from gpuproxy_proxy.logging import JsonAccessLogger, reconfigure_logging
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
 from gpuproxy_proxy.status import GC_MONITOR, LocalSource, build_status_app
 
 log = logging.getLogger("gpuproxy.server")
 
-_REJECT_MESSAGE = "the proxy is at its connection limit; retry shortly"
-_REJECT_HEAD = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Retry-After: 1\r\nConnection: close\r\n")
-# Eviction looks at the oldest connections only, so a burst over the cap costs O(1) each.
-_EVICT_SCAN = 256
-_EVICT_BATCH = 4
-_LINGER_SECONDS = 2.0
+# The runner's own shutdown wait, after the drain has already ended every connection.
+_CLEANUP_SECONDS = 5.0
 
 
 def raise_nofile_limit() -> int:
@@ -83,125 +77,6 @@ def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def _reject_response() -> bytes:
-    # No request has been read yet, so the id is a new one.
-    request_id = new_request_id()
-    body = error_body("overloaded", _REJECT_MESSAGE, request_id)
-    return (_REJECT_HEAD + b"X-Request-ID: " + request_id.encode() + b"\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
-class _Rejected(asyncio.Protocol):
-    """Answers 503 at once, then a lingering close: what the client already sent is read and
-    dropped (closing with unread data would send a RST that can destroy the 503 in flight)."""
-
-    def __init__(self, handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
-        self._handler = handler
-        self._transport = transport
-        transport.set_protocol(self)
-        transport.write(_reject_response())
-        transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False  # the client is done too: close now
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()
-        self._handler.connection_lost(exc)  # aiohttp's bookkeeping and our counters
-
-
-class ClientRequestHandler(LeanRequestHandler):
-    """The client port's connection handler: what aiohttp answers by itself (a malformed
-    request, an unhandled exception) gets the JSON error shape and a request id too."""
-
-    def handle_error(self, request: BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        # aiohttp's own: logs, and raises if a response has already begun.
-        super().handle_error(request, status, exc, message)
-        if status == 500 or not message:
-            message = "the proxy failed to handle this request (logged)"
-        # The parser's messages span lines (the bad bytes with a caret under them).
-        resp = json_error(status, kind_for_status(status), " ".join(message.split()),
-                          request_id_for(request))
-        resp.force_close()
-        return resp
-
-
-class CappedServer(web_server.Server):
-    """aiohttp's connection manager plus a per-process connection cap.
-
-    Over the cap, the oldest idle keep-alive connections are closed to make room; when none is
-    idle, the new connection gets an immediate 503 and is closed.
-    """
-
-    def __init__(self, *args: Any, runtime: Runtime, metrics: ProxyMetrics, cap: int,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._runtime = runtime
-        self._cap = cap
-        self._gauge = metrics.connections_active
-        self._rejected = metrics.connections_rejected.labels("connections")
-        self._evicted = metrics.connections_rejected.labels("idle_evicted")
-
-    def __call__(self) -> web_protocol.RequestHandler:
-        return ClientRequestHandler(self, loop=self._loop, **self._kwargs)
-
-    def connection_made(self, handler: web_protocol.RequestHandler,
-                        transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        runtime = self._runtime
-        runtime.connections_active += 1
-        self._gauge.inc()
-        if runtime.connections_active > self._cap and not self._evict_idle(handler):
-            runtime.connections_rejected += 1
-            self._rejected.inc()
-            _Rejected(handler, transport)
-
-    def connection_lost(self, handler: web_protocol.RequestHandler,
-                        exc: BaseException | None = None) -> None:
-        self._runtime.connections_active -= 1
-        self._gauge.dec()
-        super().connection_lost(handler, exc)
-
-    def _evict_idle(self, new: web_protocol.RequestHandler) -> bool:
-        evicted = 0
-        for scanned, handler in enumerate(self._connections):
-            if scanned >= _EVICT_SCAN:
-                break
-            waiter = handler._waiter
-            if (handler is not new and not handler._request_in_progress
-                    and waiter is not None and not waiter.done()):
-                handler.force_close()  # idle: no request in progress, nothing is lost
-                evicted += 1
-                if evicted >= _EVICT_BATCH:
-                    break
-        if evicted:
-            self._evicted.inc(evicted)
-        return evicted > 0
-
-
-class ProxyRunner(web.AppRunner):
-    """AppRunner whose connection manager is a CappedServer."""
-
-    def __init__(self, app: web.Application, *, cap: int, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._cap = cap
-
-    async def _make_server(self) -> web_server.Server:
-        base = await super()._make_server()
-        return CappedServer(
-            base.request_handler, request_factory=base.request_factory,
-            handler_cancellation=base.handler_cancellation, loop=base._loop,
-            runtime=self.app[RUNTIME], metrics=self.app[METRICS], cap=self._cap,
-            **base._kwargs,
-        )
-
-
 class Worker:
     """The client-port app of one process plus its status endpoints."""
 
@@ -215,7 +90,8 @@ class Worker:
                       "access_log": logging.getLogger("gpuproxy.access")}
         self.runner = ProxyRunner(
             self.app, cap=config.limits.max_connections_per_worker, handle_signals=False,
-            shutdown_timeout=config.limits.shutdown_grace_seconds,
+            # The drain (lifecycle.py) has ended every connection before the runner's cleanup.
+            shutdown_timeout=_CLEANUP_SECONDS,
             keepalive_timeout=config.limits.keepalive_timeout_seconds,
             # A client that hangs up cancels its handler, which closes the upstream request:
             # the GPU stops generating for nobody.
@@ -227,19 +103,42 @@ class Worker:
         self.app[GC_MONITOR] = self.gc_monitor
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._freezer: asyncio.Task[None] | None = None
+        self.runtime.listeners.append(self._on_reload)
 
     @property
     def runtime(self) -> Runtime:
         return self.app[RUNTIME]
+
+    def _on_reload(self, old: ProxyConfig, new: ProxyConfig) -> None:
+        server = self.runner.server
+        if isinstance(server, CappedServer) and old.limits != new.limits:
+            server.apply_limits(new.limits)
+        if old.logging != new.logging:
+            reconfigure_logging(new.logging)
+        if (old.limits.gc_freeze_interval_seconds != new.limits.gc_freeze_interval_seconds
+                and not self.runtime.draining):
+            self._start_freezer(new.limits.gc_freeze_interval_seconds)
+
+    def _start_freezer(self, interval: float) -> None:
+        if self._freezer is not None:
+            self._freezer.cancel()
+            self._freezer = None
+        if interval > 0:
+            self._full_gc_off.disable()
+            self._freezer = asyncio.create_task(freeze_periodically(interval), name="gc-freeze")
+        else:
+            self._full_gc_off.restore()
 
     async def start(self, sock: socket.socket, *, admin: socket.socket | None = None,
                     status_path: Path | None = None) -> None:
         """Serve clients on `sock`; status on an admin TCP socket or a worker status socket."""
         await self.runner.setup()
         await web.SockSite(self.runner, sock, backlog=self.config.listen.backlog).start()
+        self.runtime.serving = True
         if admin is not None or status_path is not None:
             status_app = build_status_app([LocalSource(self.app)],
-                                          lambda: self.runtime.draining,
+                                          ProcessLifecycle(self.runtime),
                                           aggregate=admin is not None)
             self.status_runner = web.AppRunner(status_app, handle_signals=False, access_log=None)
             await self.status_runner.setup()
@@ -251,31 +150,36 @@ class Worker:
         # Warm-up is over: everything alive now lives as long as the process.
         freeze_after_warmup()
         self.gc_monitor.install()
-        interval = self.config.limits.gc_freeze_interval_seconds
-        if interval > 0:
-            self._full_gc_off.disable()
-            self._tasks.append(
-                asyncio.create_task(freeze_periodically(interval), name="gc-freeze"))
+        self._start_freezer(self.runtime.config.limits.gc_freeze_interval_seconds)
+
+    def send_heartbeats(self, fd: int) -> None:
+        """Beat to the supervisor from this loop (a hung loop stops beating)."""
+        runtime = self.runtime
+        self._tasks.append(asyncio.create_task(send_beats(
+            fd, lambda: DRAINING if runtime.draining else SERVING,
+            lambda: runtime.config.limits.worker_heartbeat_timeout_seconds,
+        ), name="heartbeat"))
 
     async def drain(self) -> None:
-        """Report not ready, stop accepting, finish in-flight requests, then run cleanup."""
+        """Not ready at once, then the drain phases (lifecycle.py) with the settings in force
+        now, then the cleanup contexts (metering flush)."""
         runtime = self.runtime
         runtime.draining = True
         log.info("draining: %d connections, %d requests in flight",
                  runtime.connections_active, runtime.in_flight)
-        for task in self._tasks:
-            task.cancel()
+        if self._freezer is not None:
+            self._freezer.cancel()
         self.gc_monitor.uninstall()
         self._full_gc_off.restore()
-        delay = self.config.limits.drain_delay_seconds
-        if delay > 0:
-            await asyncio.sleep(delay)
-        # Stops the listener, closes idle keep-alive connections, waits for in-flight requests
-        # up to shutdown_grace_seconds, then runs the cleanup contexts (metering flush).
+        report = await drain(AiohttpConnections(self.runner, runtime),
+                             DrainPlan.from_limits(runtime.config.limits))
         await self.runner.cleanup()
         if self.status_runner is not None:
             await self.status_runner.cleanup()
-        log.info("drained")
+        for task in self._tasks:  # heartbeats last: this loop ran until here
+            task.cancel()
+        log.info("drained in %.1fs: %d idle connections closed, %d cut",
+                 report.seconds, report.idle_closed, report.cut)
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -325,12 +229,16 @@ async def serve_single(config: ProxyConfig, secrets: Secrets, config_path: Path 
 
 
 async def serve_worker(config: ProxyConfig, secrets: Secrets, config_path: Path,
-                       index: int, status_path: Path, parent_pid: int) -> None:
-    """One of N workers started by the supervisor; status goes to a unix socket."""
+                       index: int, status_path: Path, parent_pid: int,
+                       heartbeat_fd: int | None = None) -> None:
+    """One of N workers started by the supervisor; status goes to a unix socket, heartbeats
+    to a pipe."""
     worker = Worker(config, secrets, config_path=config_path, worker_index=index)
     sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
     await worker.start(sock, status_path=status_path)
     worker.install_signals()
+    if heartbeat_fd is not None:
+        worker.send_heartbeats(heartbeat_fd)
     watcher = asyncio.create_task(worker.watch_parent(parent_pid))
     await worker.stopping.wait()
     watcher.cancel()

@@ -1,7 +1,8 @@
 """The admin-port app: /health, /ready, /stats, /metrics for the whole pod.
 
-Its sources are either the local app (one process) or each worker's status socket (a
-supervisor with N workers); /stats and /metrics are the sums over every source.
+/health and /ready come from the process lifecycle (lifecycle.py, supervisor.py), never from
+dependencies; /stats and /metrics are the sums over the sources: the local app (one process)
+or each worker's status socket (a supervisor with N workers).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,10 +19,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpuproxy_proxy.aggregate import merge_metrics, merge_stats
-from gpuproxy_proxy.appkeys import CONFIG, METRICS
-from gpuproxy_proxy.db import database_ready
+from gpuproxy_proxy.appkeys import METRICS
+from gpuproxy_proxy.dependencies import dependency_status
 from gpuproxy_proxy.gcwatch import GcMonitor
-from gpuproxy_proxy.ratelimit import RATE_LIMITER
 from gpuproxy_proxy.runtime import RUNTIME
 
 # Set by the worker process (not by build_app: tests run apps without a GC monitor).
@@ -31,7 +31,13 @@ GC_MONITOR = web.AppKey("gc_monitor", GcMonitor)
 class Source(Protocol):
     async def stats(self) -> dict[str, Any] | None: ...
     async def metrics(self) -> str | None: ...
-    async def ready(self) -> dict[str, Any] | None: ...
+
+
+class Lifecycle(Protocol):
+    """Liveness and readiness of the process (or of the supervisor and its workers)."""
+
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
 
 
 class LocalSource:
@@ -52,27 +58,12 @@ class LocalSource:
             "config_generation": runtime.generation,
             "strategy": runtime.pool.strategy,
             "backends": runtime.pool.snapshot(),
+            "dependencies": dependency_status(self.app),
             "gc": monitor.snapshot() if (monitor := self.app.get(GC_MONITOR)) else None,
         }
 
     async def metrics(self) -> str:
         return generate_latest(self.app[METRICS].registry).decode()
-
-    async def ready(self) -> dict[str, Any]:
-        app = self.app
-        runtime = app[RUNTIME]
-        config = app[CONFIG]
-        checks: dict[str, bool] = {
-            "not_draining": not runtime.draining,
-            "backend_available": runtime.pool.any_available(),
-        }
-        if config.database is not None:
-            checks["database"] = await database_ready(app)
-        limiter = app.get(RATE_LIMITER)
-        if config.redis is not None and config.rate_limits.on_redis_failure == "closed":
-            # With "local"/"open" the proxy keeps serving without Redis, so it stays ready.
-            checks["redis"] = limiter is not None and limiter.redis_ready()
-        return {"ready": all(checks.values()), "checks": checks}
 
 
 class UnixSource:
@@ -103,10 +94,6 @@ class UnixSource:
         got = await self._get("/metrics")
         return got[1].decode() if got is not None and got[0] == 200 else None
 
-    async def ready(self) -> dict[str, Any] | None:
-        got = await self._get("/ready")
-        return json.loads(got[1]) if got is not None else None
-
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(data).encode(),
@@ -115,7 +102,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def build_status_app(
     sources: Sequence[Source],
-    draining: Callable[[], bool] = lambda: False,
+    lifecycle: Lifecycle,
     *,
     aggregate: bool = True,
 ) -> web.Application:
@@ -123,19 +110,11 @@ def build_status_app(
     expected = len(sources)
 
     async def health(_: web.Request) -> web.Response:
-        return _json({"status": "ok", "pid": os.getpid()})
+        ok, body = lifecycle.health()
+        return _json(body, 200 if ok else 503)
 
     async def ready(_: web.Request) -> web.Response:
-        answers = await asyncio.gather(*(s.ready() for s in sources))
-        workers = [a for a in answers if a is not None]
-        if not aggregate:
-            answer = workers[0]
-            return _json(answer, 200 if answer["ready"] else 503)
-        ok = (not draining() and len(workers) == expected
-              and all(bool(a.get("ready")) for a in workers))
-        body = {"ready": ok, "draining": draining(), "workers_expected": expected,
-                "workers_answering": len(workers),
-                "workers": [a.get("checks") for a in workers]}
+        ok, body = lifecycle.readiness()
         return _json(body, 200 if ok else 503)
 
     async def stats(_: web.Request) -> web.Response:
@@ -143,8 +122,12 @@ def build_status_app(
         workers = [a for a in answers if a is not None]
         if not aggregate:
             return _json(workers[0])
-        merged = merge_stats(workers, draining())
+        ready_ok, ready_body = lifecycle.readiness()
+        merged = merge_stats(workers, bool(ready_body.get("draining")))
         merged["workers_expected"] = expected
+        merged["ready"] = ready_ok
+        merged["health"] = lifecycle.health()[0]
+        merged["process"] = ready_body
         return _json(merged)
 
     async def metrics(_: web.Request) -> web.Response:

@@ -9,7 +9,9 @@ paths (/v1/models aggregation); health checks have their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,8 +22,9 @@ from multidict import CIMultiDict
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.backends import BackendState
-from gpuproxy_proxy.errors import json_error
+from gpuproxy_proxy.errors import error_body, json_error
 from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.runtime import Runtime
 from gpuproxy_proxy.tokens import SseUsageScanner, Usage, usage_from_json
 from gpuproxy_proxy.upstream_pool import (
@@ -53,6 +56,11 @@ _RESPONSE_SKIP = frozenset({
 _BUFFER_LIMIT = 64 * 1024
 # aiohttp's client sent an explicit zero length for these methods; backends may insist on it.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# The cold paths' own bound per backend, apart from upstream.max_connections_per_backend (which
+# a reload changes on the forward path's pools): they never take the forward path's slots.
+_COLD_PATH_PER_BACKEND = 64
+# Writing the final SSE error event of a request cut at upstream.max_request_seconds.
+_END_WRITE_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -61,8 +69,13 @@ class Outcome:
 
     status: int = 0
     backend: str | None = None
+    principal: Principal = ANONYMOUS
+    bytes_in: int = 0
     bytes_out: int = 0
     usage: Usage | None = None
+    # The streamed response once its head is sent, so a request cut short can still end it.
+    stream: web.StreamResponse | None = None
+    is_sse: bool = False
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -75,7 +88,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     connector = aiohttp.TCPConnector(
         limit=0,  # the per-backend limit below is the real bound
-        limit_per_host=config.upstream.max_connections_per_backend,
+        limit_per_host=_COLD_PATH_PER_BACKEND,
         keepalive_timeout=60.0,
         ttl_dns_cache=10,
     )
@@ -163,6 +176,7 @@ async def forward(
     request_id: str,
     outcome: Outcome,
     extra_headers: Mapping[str, str] | None = None,
+    strip_credentials: bool = True,
 ) -> web.StreamResponse:
     """Send the request to a backend chosen by the pool and relay the answer."""
     app = request.app
@@ -178,10 +192,12 @@ async def forward(
     backend = pool.choose()
     if backend is None:
         outcome.status = 503
+        # A health check can bring one back within its interval: that is when to retry.
+        retry = {"Retry-After": str(max(1, math.ceil(config.health_check.interval_seconds)))}
         return json_error(503, "no_backend_available",
                           "no healthy backend is available; retry later", request_id,
-                          extra_headers)
-    headers = forward_pairs(request, request_id, app[CONFIG].auth.enabled)
+                          {**(extra_headers or {}), **retry})
+    headers = forward_pairs(request, request_id, strip_credentials)
     method = request.method
     path_qs = request.rel_url.raw_path_qs
     retried = False
@@ -285,7 +301,10 @@ async def _relay(
     out = web.StreamResponse(status=status, reason=reason, headers=headers)
     if length is not None:
         out.content_length = length
+    if runtime.draining:
+        out.force_close()  # the client should reconnect elsewhere after this stream
     await out.prepare(request)
+    outcome.stream, outcome.is_sse = out, is_sse
     scanner = SseUsageScanner() if is_sse else None
     sent = 0
     try:
@@ -314,9 +333,37 @@ async def _relay(
         conn.abort()
         if request.transport is not None:
             request.transport.abort()
-    outcome.bytes_out = sent
-    if scanner is not None:
-        outcome.usage = scanner.result()
+    finally:  # also when cancelled (client gone, upstream.max_request_seconds)
+        outcome.bytes_out = sent
+        if scanner is not None:
+            outcome.usage = scanner.result()
+    return out
+
+
+async def end_overlong(request: web.Request, outcome: Outcome, request_id: str,
+                       limit: float) -> web.StreamResponse:
+    """The request ran past upstream.max_request_seconds (its upstream side is closed): a 504,
+    or for a stream already under way a final SSE error event, then the connection closes."""
+    outcome.status = 504
+    message = (f"the request ran longer than upstream.max_request_seconds ({limit:g}s) "
+               "and was ended")
+    out = outcome.stream
+    if out is None:
+        resp = json_error(504, "request_timeout", message, request_id)
+        resp.force_close()
+        return resp
+    out.force_close()
+    if outcome.is_sse:
+        event = b"event: error\ndata: " + error_body("request_timeout", message,
+                                                     request_id) + b"\n\n"
+        # Bounded: a client that does not read is not waited for.
+        with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+            async with asyncio.timeout(_END_WRITE_SECONDS):
+                await out.write(event)
+                await out.write_eof()
+            return out
+    if request.transport is not None:
+        request.transport.abort()  # not SSE: an incomplete body is the only honest signal
     return out
 
 

@@ -103,7 +103,24 @@ def test_restart_only_sections_are_reported() -> None:
         "workers": 4, "backends": [], "limits": base.limits.model_copy(
             update={"max_body_bytes": 5}),
         "upstream": base.upstream.model_copy(update={"read_timeout_seconds": 9.0})})
-    assert restart_only_changes(base, changed) == ["limits", "workers"]
-    pool = changed.model_copy(update={"upstream": base.upstream.model_copy(
-        update={"max_connections_per_backend": 7})})
-    assert restart_only_changes(changed, pool) == ["upstream.max_connections_per_backend"]
+    assert restart_only_changes(base, changed) == ["workers"]
+    fields = changed.model_copy(update={
+        "logging": base.logging.model_copy(update={"access_log": True, "level": "DEBUG"}),
+        "upstream": base.upstream.model_copy(update={"max_connections_per_backend": 7})})
+    assert restart_only_changes(changed, fields) == ["logging.access_log"]
+
+
+def test_effective_config_keeps_restart_only_values() -> None:
+    from gpuproxy_proxy.reload import effective_config
+
+    running = ProxyConfig()
+    new = ProxyConfig.model_validate({
+        "workers": 8, "listen": {"port": 9999},
+        "logging": {"access_log": True, "level": "WARNING"},
+        "limits": {"max_body_bytes": 5}, "reload": {"enabled": False, "interval_seconds": 9},
+    })
+    applied = effective_config(running, new)
+    assert (applied.workers, applied.listen, applied.logging.access_log,
+            applied.reload.enabled) == (1, running.listen, False, True)
+    assert (applied.logging.level, applied.limits.max_body_bytes,
+            applied.reload.interval_seconds) == ("WARNING", 5, 9)
