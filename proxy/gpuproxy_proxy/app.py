@@ -6,24 +6,24 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gpuproxy_proxy.admin import add_admin_routes
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
-from gpuproxy_proxy.auth import auth_ctx
-from gpuproxy_proxy.backends import build_pool
+from gpuproxy_proxy.auth.admin import add_admin_routes
+from gpuproxy_proxy.auth.authenticator import auth_ctx
+from gpuproxy_proxy.auth.secretfiles import secrets_ctx
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from gpuproxy_proxy.db import db_ctx
-from gpuproxy_proxy.dependencies import dependencies_ctx
-from gpuproxy_proxy.errors import json_error
-from gpuproxy_proxy.health import health_ctx
-from gpuproxy_proxy.metering import metering_ctx
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.ratelimit import ratelimit_ctx
+from gpuproxy_proxy.database.pool import db_ctx
+from gpuproxy_proxy.http.errors import json_error
+from gpuproxy_proxy.http.requestid import request_id_for
+from gpuproxy_proxy.limits.ratelimit import ratelimit_ctx
+from gpuproxy_proxy.metering.meter import metering_ctx
+from gpuproxy_proxy.observability.dependencies import dependencies_ctx
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.reload import CONFIG_PATH, reload_ctx
-from gpuproxy_proxy.requestid import request_id_for
 from gpuproxy_proxy.routes import add_proxy_routes, pipeline_ctx
+from gpuproxy_proxy.routing.backends import build_pool
+from gpuproxy_proxy.routing.health import health_ctx
 from gpuproxy_proxy.runtime import RUNTIME, Runtime, client_timeout
-from gpuproxy_proxy.secretfiles import secrets_ctx
-from gpuproxy_proxy.upstream import upstream_ctx
+from gpuproxy_proxy.upstream.forward import upstream_ctx
 
 
 async def _not_found(request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 CONFIG = web.AppKey("config", ProxyConfig)
 SECRETS = web.AppKey("secrets", Secrets)

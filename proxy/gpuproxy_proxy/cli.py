@@ -12,10 +12,15 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from gpuproxy_proxy.auth.secretfiles import read_secrets
 from gpuproxy_proxy.config import ProxyConfig, load_config
-from gpuproxy_proxy.logging import setup_logging
-from gpuproxy_proxy.secretfiles import read_secrets
-from gpuproxy_proxy.server import ListenError, raise_nofile_limit, serve_single, serve_worker
+from gpuproxy_proxy.observability.logging import setup_logging
+from gpuproxy_proxy.process.server import (
+    ListenError,
+    raise_nofile_limit,
+    serve_single,
+    serve_worker,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("gpuproxy.cli")
@@ -125,7 +130,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if config.workers == 1:
         run(serve_single(config, secrets, args.config))
         return 0
-    from gpuproxy_proxy.supervisor import Supervisor
+    from gpuproxy_proxy.process.supervisor import Supervisor
 
     run(Supervisor(config, args.config, config.workers).run())
     return 0

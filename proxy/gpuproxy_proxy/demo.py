@@ -19,8 +19,8 @@ import jwt
 from aiohttp import web
 
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from gpuproxy_proxy.logging import setup_logging
-from gpuproxy_proxy.server import Worker, serve_single
+from gpuproxy_proxy.observability.logging import setup_logging
+from gpuproxy_proxy.process.server import Worker, serve_single
 
 _WORDS = ("The", " proxy", " streams", " tokens", " from", " a", " simulated", " GPU", ".")
 _TOKEN_DELAY_SECONDS = 0.02

@@ -14,8 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
-from gpuproxy_proxy.auth import AUTHENTICATOR
-from gpuproxy_proxy.backends import build_pool
+from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
 from gpuproxy_proxy.config import (
     RELOADABLE_SECTIONS,
     RESTART_ONLY_FIELDS,
@@ -23,10 +22,11 @@ from gpuproxy_proxy.config import (
     load_config,
     restart_key,
 )
-from gpuproxy_proxy.health import HEALTH_CHECKER
-from gpuproxy_proxy.metering import USAGE_METER
-from gpuproxy_proxy.ratelimit import RATE_LIMITER
+from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER
+from gpuproxy_proxy.metering.meter import USAGE_METER
 from gpuproxy_proxy.routes import PIPELINE
+from gpuproxy_proxy.routing.backends import build_pool
+from gpuproxy_proxy.routing.health import HEALTH_CHECKER
 from gpuproxy_proxy.runtime import RUNTIME
 
 log = logging.getLogger("gpuproxy.reload")

@@ -17,17 +17,17 @@ import aiohttp
 from aiohttp import web
 
 from gpuproxy_proxy.appkeys import METRICS
-from gpuproxy_proxy.auth import AUTHENTICATOR
-from gpuproxy_proxy.backends import BackendState
+from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
+from gpuproxy_proxy.auth.principal import ANONYMOUS
 from gpuproxy_proxy.config import ProxyConfig
-from gpuproxy_proxy.errors import body_too_large, json_error
-from gpuproxy_proxy.http_errors import with_request_id
-from gpuproxy_proxy.metering import USAGE_METER, UsageRecord
-from gpuproxy_proxy.principal import ANONYMOUS
-from gpuproxy_proxy.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
-from gpuproxy_proxy.requestid import request_id_for
+from gpuproxy_proxy.http.errors import body_too_large, json_error
+from gpuproxy_proxy.http.exceptions import with_request_id
+from gpuproxy_proxy.http.requestid import request_id_for
+from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
+from gpuproxy_proxy.metering.meter import USAGE_METER, UsageRecord
+from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import RUNTIME
-from gpuproxy_proxy.upstream import (
+from gpuproxy_proxy.upstream.forward import (
     UPSTREAM_POOLS,
     UPSTREAM_SESSION,
     Outcome,

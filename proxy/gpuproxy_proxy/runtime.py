@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from gpuproxy_proxy.backends import BackendPool
 from gpuproxy_proxy.config import ProxyConfig
+from gpuproxy_proxy.routing.backends import BackendPool
 
 
 def client_timeout(config: ProxyConfig) -> aiohttp.ClientTimeout:

@@ -6,7 +6,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from gpuproxy_proxy.balancer import (
+from gpuproxy_proxy.routing.balancer import (
     EqualWeighted,
     LeastConnections,
     LeastResponseTime,

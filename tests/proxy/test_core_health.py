@@ -10,9 +10,9 @@ from typing import Any
 from tests.proxy.conftest import ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend
 
-from gpuproxy_proxy.backends import BackendState
 from gpuproxy_proxy.config import BackendConfig, HealthCheckConfig
-from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
+from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import RUNTIME
 
 

@@ -17,8 +17,8 @@ from tests.proxy.conftest import proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 from tests.proxy.procs import ProxyProcess, RawConnection, start_proxy
 
-from gpuproxy_proxy.heartbeat import CRASHLOOP_EXITS, START_ALLOWANCE_SECONDS
-from gpuproxy_proxy.supervisor import Supervisor
+from gpuproxy_proxy.process.heartbeat import CRASHLOOP_EXITS, START_ALLOWANCE_SECONDS
+from gpuproxy_proxy.process.supervisor import Supervisor
 
 CHAT = "/v1/chat/completions"
 # Short for a test, yet several seconds: a loaded machine must not look like a hang.

@@ -20,7 +20,7 @@ import yaml
 from tests.proxy.conftest import proxy_config
 from tests.proxy.fakes import FakeBackend, free_port, wait_ready
 
-from gpuproxy_proxy.server import Worker, reuseport_socket
+from gpuproxy_proxy.process.server import Worker, reuseport_socket
 
 
 async def _until(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
@@ -282,8 +282,8 @@ def test_gc_monitor_times_collections() -> None:
 
     from prometheus_client import generate_latest
 
-    from gpuproxy_proxy.gcwatch import GcMonitor
-    from gpuproxy_proxy.metrics import ProxyMetrics
+    from gpuproxy_proxy.observability.metrics import ProxyMetrics
+    from gpuproxy_proxy.process.gcwatch import GcMonitor
 
     metrics = ProxyMetrics()
     monitor = GcMonitor(metrics)
@@ -349,7 +349,7 @@ async def test_client_hangup_cancels_the_upstream_request(
 async def test_client_hangup_mid_stream_closes_the_upstream_connection(
     backends: list[FakeBackend], worker_factory: Any
 ) -> None:
-    from gpuproxy_proxy.upstream import UPSTREAM_POOLS
+    from gpuproxy_proxy.upstream.forward import UPSTREAM_POOLS
 
     gate = asyncio.Event()  # never set: the stream would go on until the backend is told
     stream = await FakeBackend("stream", gate=gate).start()
@@ -375,7 +375,7 @@ async def test_idle_keepalive_connection_holds_no_request(
 
     from aiohttp import web
 
-    from gpuproxy_proxy.lean_handler import LEAN_LOOP_ACTIVE
+    from gpuproxy_proxy.http.lean_handler import LEAN_LOOP_ACTIVE
 
     assert LEAN_LOOP_ACTIVE, "the lean request loop does not cover the installed aiohttp"
     backends.append(await FakeBackend("a").start())

@@ -12,12 +12,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.proxy.conftest import ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 
-from gpuproxy_proxy.apikeys import generate_key
+from gpuproxy_proxy.auth.apikeys import generate_key
 from gpuproxy_proxy.config import Secrets
-from gpuproxy_proxy.lifecycle import ProcessLifecycle
-from gpuproxy_proxy.metering import USAGE_METER
+from gpuproxy_proxy.metering.meter import USAGE_METER
+from gpuproxy_proxy.observability.status import LocalSource, build_status_app
+from gpuproxy_proxy.process.lifecycle import ProcessLifecycle
 from gpuproxy_proxy.runtime import RUNTIME
-from gpuproxy_proxy.status import LocalSource, build_status_app
 
 JWT_SECRET = "status-test-secret-" + "x" * 32
 

@@ -7,9 +7,9 @@ import json
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpuproxy_proxy.aggregate import merge_metrics, merge_stats
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.tokens import SseUsageScanner, Usage, usage_from_json
+from gpuproxy_proxy.metering.usage import SseUsageScanner, Usage, usage_from_json
+from gpuproxy_proxy.observability.aggregate import merge_metrics, merge_stats
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 
 def test_usage_from_json_body() -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gpuproxy_proxy.upstream_pool import (
+from gpuproxy_proxy.upstream.pool import (
     HIGH_WATER,
     UpstreamConnectError,
     UpstreamDisconnected,

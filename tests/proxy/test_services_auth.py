@@ -15,15 +15,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gpuproxy_proxy.admin import add_admin_routes
-from gpuproxy_proxy.apikeys import ApiKeyStore, hash_key
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
-from gpuproxy_proxy.auth import AUTHENTICATOR, auth_ctx
+from gpuproxy_proxy.auth.admin import add_admin_routes
+from gpuproxy_proxy.auth.apikeys import ApiKeyStore, hash_key
+from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR, auth_ctx
+from gpuproxy_proxy.auth.jwt_tokens import InvalidToken, JwtVerifier
 from gpuproxy_proxy.config import AuthConfig, DatabaseConfig, ProxyConfig, Secrets
-from gpuproxy_proxy.db import DB_POOL, Database, database_ready, db_ctx
-from gpuproxy_proxy.jwt_auth import InvalidToken, JwtVerifier
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.migrations import MIGRATIONS, apply_migrations
+from gpuproxy_proxy.database.migrations import MIGRATIONS, apply_migrations
+from gpuproxy_proxy.database.pool import DB_POOL, Database, database_ready, db_ctx
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 JWT_SECRET = "jwt-secret-" + uuid.uuid4().hex
@@ -87,7 +87,7 @@ async def create_key(client: TestClient[Any, Any], user_id: str) -> dict[str, An
 _MIGRATE_IN_CHILD = """
 import asyncio, sys
 from gpuproxy_proxy.config import DatabaseConfig, Secrets
-from gpuproxy_proxy.db import Database
+from gpuproxy_proxy.database.pool import Database
 
 async def main() -> None:
     host, port, database, user, password = sys.argv[1:6]

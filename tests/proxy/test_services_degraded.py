@@ -14,10 +14,10 @@ from tests.proxy.conftest import ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend
 
 from gpuproxy_proxy.config import Secrets
-from gpuproxy_proxy.lifecycle import ProcessLifecycle
-from gpuproxy_proxy.metering import USAGE_METER
+from gpuproxy_proxy.metering.meter import USAGE_METER
+from gpuproxy_proxy.observability.status import LocalSource, build_status_app
+from gpuproxy_proxy.process.lifecycle import ProcessLifecycle
 from gpuproxy_proxy.runtime import RUNTIME
-from gpuproxy_proxy.status import LocalSource, build_status_app
 
 JWT_SECRET = "degraded-test-secret-" + "d" * 32
 ADMIN = "degraded-admin-token"

@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
 from gpuproxy_proxy.config import DatabaseConfig, MeteringConfig, ProxyConfig, Secrets
-from gpuproxy_proxy.db import Database, db_ctx
-from gpuproxy_proxy.metering import USAGE_METER, UsageMeter, UsageRecord, metering_ctx
-from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.database.pool import Database, db_ctx
+from gpuproxy_proxy.metering.meter import USAGE_METER, UsageMeter, UsageRecord, metering_ctx
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 
 def db_config(pgbouncer: Any) -> DatabaseConfig:
@@ -231,7 +231,7 @@ async def test_bad_record_is_dropped_not_retried_forever(
 async def test_pgbouncer_restart_keeps_and_retries(
     database: Database, pgbouncer_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.metering")
+    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.metering.meter")
     meter = UsageMeter(MeteringConfig(batch_size=5, flush_interval_seconds=0.1), database)
     meter.start()
     tag = uuid.uuid4().hex
@@ -278,7 +278,7 @@ async def test_long_postgres_outage_times_out_and_recovers(
 ) -> None:
     # Longer than the write timeout: writes fail (not just stall), records stay, and they
     # are written once PostgreSQL is back.
-    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.metering")
+    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.metering.meter")
     meter = UsageMeter(MeteringConfig(batch_size=5, flush_interval_seconds=0.1), database)
     meter.start()
     tag = uuid.uuid4().hex

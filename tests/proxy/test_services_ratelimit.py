@@ -15,10 +15,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
+from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.config import ProxyConfig, RateLimitConfig, RedisConfig, Secrets
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.principal import ANONYMOUS, Principal
-from gpuproxy_proxy.ratelimit import (
+from gpuproxy_proxy.limits.ratelimit import (
     RATE_LIMITER,
     RateLimiter,
     client_ip,
@@ -26,7 +25,8 @@ from gpuproxy_proxy.ratelimit import (
     rate_limit_response,
     ratelimit_ctx,
 )
-from gpuproxy_proxy.ratelimit_window import LocalWindowLimiter, Scope
+from gpuproxy_proxy.limits.window import LocalWindowLimiter, Scope
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 
 def unique_ip() -> str:
@@ -211,7 +211,7 @@ async def test_redis_outage_fallback_and_recovery(
 ) -> None:
     metrics = ProxyMetrics()
     rl = limiter(redis_server, metrics, per_ip=3, on_redis_failure=mode)
-    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.ratelimit")
+    caplog.set_level(logging.WARNING, logger="gpuproxy_proxy.limits.ratelimit")
     try:
         ip = unique_ip()
         assert (await rl.check(ip, ANONYMOUS)).source == "redis"

@@ -30,12 +30,12 @@ from tests.services import (
     write_file,
 )
 
+from gpuproxy_proxy.auth.secretfiles import read_secrets
 from gpuproxy_proxy.config import ProxyConfig
-from gpuproxy_proxy.db import DB_POOL, Database
-from gpuproxy_proxy.metering import USAGE_METER
-from gpuproxy_proxy.migrations import apply_migrations
-from gpuproxy_proxy.ratelimit import RATE_LIMITER
-from gpuproxy_proxy.secretfiles import read_secrets
+from gpuproxy_proxy.database.migrations import apply_migrations
+from gpuproxy_proxy.database.pool import DB_POOL, Database
+from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER
+from gpuproxy_proxy.metering.meter import USAGE_METER
 
 CHAT = "/v1/chat/completions"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, SECRETS
-from gpuproxy_proxy.auth import AUTHENTICATOR
+from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
 from gpuproxy_proxy.config import SecretFilesConfig, Secrets
-from gpuproxy_proxy.db import DB_POOL
-from gpuproxy_proxy.ratelimit import RATE_LIMITER
+from gpuproxy_proxy.database.pool import DB_POOL
+from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER
 from gpuproxy_proxy.reload import file_signature
 from gpuproxy_proxy.runtime import RUNTIME
 

@@ -9,18 +9,18 @@ from typing import Any
 
 from aiohttp import web
 
-from gpuproxy_proxy.apikeys import DatabaseUnavailable
 from gpuproxy_proxy.appkeys import CONFIG
-from gpuproxy_proxy.auth import AUTHENTICATOR, bearer_token
-from gpuproxy_proxy.errors import body_too_large
-from gpuproxy_proxy.http_errors import (
+from gpuproxy_proxy.auth.apikeys import DatabaseUnavailable
+from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR, bearer_token
+from gpuproxy_proxy.http.errors import body_too_large
+from gpuproxy_proxy.http.exceptions import (
     forbidden,
     json_error,
     unauthorized,
     unavailable,
     with_request_id,
 )
-from gpuproxy_proxy.requestid import request_id_for
+from gpuproxy_proxy.http.requestid import request_id_for
 from gpuproxy_proxy.runtime import RUNTIME
 
 log = logging.getLogger(__name__)

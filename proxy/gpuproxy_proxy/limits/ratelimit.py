@@ -19,19 +19,19 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
-from gpuproxy_proxy.clientaddr import IPNetwork, client_ip, ip_scope_key, parse_networks
+from gpuproxy_proxy.auth.principal import Principal
 from gpuproxy_proxy.config import RateLimitConfig, RedisConfig, Secrets
-from gpuproxy_proxy.errors import json_error
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.principal import Principal
-from gpuproxy_proxy.ratelimit_batch import ScriptBatcher
-from gpuproxy_proxy.ratelimit_window import (
+from gpuproxy_proxy.http.clientaddr import IPNetwork, client_ip, ip_scope_key, parse_networks
+from gpuproxy_proxy.http.errors import json_error
+from gpuproxy_proxy.limits.batch import ScriptBatcher
+from gpuproxy_proxy.limits.window import (
     UNLIMITED,
     LocalWindowLimiter,
     RateLimitDecision,
     Scope,
     decide,
 )
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 __all__ = [
     "RATE_LIMITER",

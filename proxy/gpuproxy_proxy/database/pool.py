@@ -15,8 +15,8 @@ from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
 from gpuproxy_proxy.config import DatabaseConfig, Secrets
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.migrations import apply_migrations
+from gpuproxy_proxy.database.migrations import apply_migrations
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from gpuproxy_proxy.metrics import GC_BUCKETS_MS, ProxyMetrics
+from gpuproxy_proxy.observability.metrics import GC_BUCKETS_MS, ProxyMetrics
 
 _GENERATIONS = 3
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from gpuproxy_proxy.errors import error_body, kind_for_status
+from gpuproxy_proxy.http.errors import error_body, kind_for_status
 
 _JSON = "application/json"
 

@@ -13,18 +13,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gpuproxy_proxy.apikeys import (
+from gpuproxy_proxy.appkeys import CONFIG, SECRETS
+from gpuproxy_proxy.auth.apikeys import (
     ApiKeyStore,
     DatabaseUnavailable,
     looks_like_api_key,
     well_formed,
 )
-from gpuproxy_proxy.appkeys import CONFIG, SECRETS
+from gpuproxy_proxy.auth.jwt_tokens import BadSignature, InvalidToken, JwtVerifier, looks_like_jwt
+from gpuproxy_proxy.auth.principal import ADMIN, ANONYMOUS, Principal
 from gpuproxy_proxy.config import AuthConfig, Secrets
-from gpuproxy_proxy.db import DB_POOL, Database
-from gpuproxy_proxy.http_errors import forbidden, unauthorized, unavailable
-from gpuproxy_proxy.jwt_auth import BadSignature, InvalidToken, JwtVerifier, looks_like_jwt
-from gpuproxy_proxy.principal import ADMIN, ANONYMOUS, Principal
+from gpuproxy_proxy.database.pool import DB_POOL, Database
+from gpuproxy_proxy.http.exceptions import forbidden, unauthorized, unavailable
 
 log = logging.getLogger(__name__)
 

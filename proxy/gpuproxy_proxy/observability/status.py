@@ -18,10 +18,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gpuproxy_proxy.aggregate import merge_metrics, merge_stats
 from gpuproxy_proxy.appkeys import METRICS
-from gpuproxy_proxy.dependencies import dependency_status
-from gpuproxy_proxy.gcwatch import GcMonitor
+from gpuproxy_proxy.observability.aggregate import merge_metrics, merge_stats
+from gpuproxy_proxy.observability.dependencies import dependency_status
+from gpuproxy_proxy.process.gcwatch import GcMonitor
 from gpuproxy_proxy.runtime import RUNTIME
 
 # Set by the worker process (not by build_app: tests run apps without a GC monitor).

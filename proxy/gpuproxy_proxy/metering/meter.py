@@ -19,8 +19,8 @@ from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.config import MeteringConfig
-from gpuproxy_proxy.db import DB_POOL, Database
-from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.database.pool import DB_POOL, Database
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 

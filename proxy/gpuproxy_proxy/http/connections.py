@@ -13,10 +13,10 @@ from aiohttp.web_request import BaseRequest
 
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import LimitsConfig
-from gpuproxy_proxy.errors import error_body, json_error, kind_for_status
-from gpuproxy_proxy.lean_handler import LeanRequestHandler
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.requestid import new_request_id, request_id_for
+from gpuproxy_proxy.http.errors import error_body, json_error, kind_for_status
+from gpuproxy_proxy.http.lean_handler import LeanRequestHandler
+from gpuproxy_proxy.http.requestid import new_request_id, request_id_for
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
 
 _REJECT_MESSAGE = "the proxy is at its connection limit; retry shortly"

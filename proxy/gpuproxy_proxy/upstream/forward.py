@@ -21,13 +21,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
-from gpuproxy_proxy.backends import BackendState
-from gpuproxy_proxy.errors import error_body, json_error
-from gpuproxy_proxy.metrics import ProxyMetrics
-from gpuproxy_proxy.principal import ANONYMOUS, Principal
+from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
+from gpuproxy_proxy.http.errors import error_body, json_error
+from gpuproxy_proxy.metering.usage import SseUsageScanner, Usage, usage_from_json
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
+from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import Runtime
-from gpuproxy_proxy.tokens import SseUsageScanner, Usage, usage_from_json
-from gpuproxy_proxy.upstream_pool import (
+from gpuproxy_proxy.upstream.pool import (
     ResponseHead,
     UpstreamConnectError,
     UpstreamConnection,

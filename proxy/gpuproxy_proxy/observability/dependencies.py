@@ -12,8 +12,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gpuproxy_proxy.appkeys import METRICS
-from gpuproxy_proxy.db import DB_POOL
-from gpuproxy_proxy.ratelimit import RATE_LIMITER
+from gpuproxy_proxy.database.pool import DB_POOL
+from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER
 from gpuproxy_proxy.runtime import RUNTIME
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from gpuproxy_proxy.ratelimit_lua import SLIDING_WINDOW_LUA
+from gpuproxy_proxy.limits.lua import SLIDING_WINDOW_LUA
 
 _MAX_BATCH = 256
 _MAX_IN_FLIGHT = 2  # script calls on the wire at once: one being answered, one being filled

@@ -20,18 +20,18 @@ from aiohttp import web
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from gpuproxy_proxy.connections import AiohttpConnections, CappedServer, ProxyRunner
-from gpuproxy_proxy.gcwatch import (
+from gpuproxy_proxy.http.connections import AiohttpConnections, CappedServer, ProxyRunner
+from gpuproxy_proxy.observability.logging import JsonAccessLogger, reconfigure_logging
+from gpuproxy_proxy.observability.status import GC_MONITOR, LocalSource, build_status_app
+from gpuproxy_proxy.process.gcwatch import (
     FullCollectionsOff,
     GcMonitor,
     freeze_after_warmup,
     freeze_periodically,
 )
-from gpuproxy_proxy.heartbeat import DRAINING, SERVING, send_beats
-from gpuproxy_proxy.lifecycle import DrainPlan, ProcessLifecycle, drain
-from gpuproxy_proxy.logging import JsonAccessLogger, reconfigure_logging
+from gpuproxy_proxy.process.heartbeat import DRAINING, SERVING, send_beats
+from gpuproxy_proxy.process.lifecycle import DrainPlan, ProcessLifecycle, drain
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
-from gpuproxy_proxy.status import GC_MONITOR, LocalSource, build_status_app
 
 log = logging.getLogger("gpuproxy.server")
 

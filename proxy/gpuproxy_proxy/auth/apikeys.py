@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from gpuproxy_proxy.db import Database
+from gpuproxy_proxy.database.pool import Database
 
 KEY_PREFIX = "gpx_"
 _DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 8

@@ -12,9 +12,9 @@ from typing import Any
 
 from yarl import URL
 
-from gpuproxy_proxy.balancer import Balancer, ewma, make_balancer
 from gpuproxy_proxy.config import BackendConfig, HealthCheckConfig, LoadBalancingConfig
-from gpuproxy_proxy.metrics import ProxyMetrics
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
+from gpuproxy_proxy.routing.balancer import Balancer, ewma, make_balancer
 
 
 class BackendState:

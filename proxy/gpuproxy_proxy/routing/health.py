@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from gpuproxy_proxy.backends import BackendPool, BackendState
+from gpuproxy_proxy.routing.backends import BackendPool, BackendState
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
 
 log = logging.getLogger("gpuproxy.health")

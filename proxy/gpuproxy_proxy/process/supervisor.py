@@ -18,11 +18,11 @@ from typing import Any
 from aiohttp import web
 
 from gpuproxy_proxy.config import ProxyConfig, load_config
-from gpuproxy_proxy.heartbeat import WorkerSlot, beat_interval
-from gpuproxy_proxy.logging import reconfigure_logging
+from gpuproxy_proxy.observability.logging import reconfigure_logging
+from gpuproxy_proxy.observability.status import UnixSource, build_status_app
+from gpuproxy_proxy.process.heartbeat import WorkerSlot, beat_interval
+from gpuproxy_proxy.process.server import admin_socket
 from gpuproxy_proxy.reload import effective_config, file_signature
-from gpuproxy_proxy.server import admin_socket
-from gpuproxy_proxy.status import UnixSource, build_status_app
 
 log = logging.getLogger("gpuproxy.supervisor")
 

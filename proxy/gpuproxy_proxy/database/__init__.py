@@ -1,0 +1,1 @@
+"""The PostgreSQL (through PgBouncer) connection pool and schema migrations."""

@@ -1,0 +1,1 @@
+"""The client-facing HTTP layer: connections, error bodies, request ids, client addresses."""

@@ -1,0 +1,1 @@
+"""Rate limits: one Redis Lua script for every scope, batched, with local fallbacks."""

@@ -1,0 +1,1 @@
+"""Usage records: token usage parsed from responses, batched into PostgreSQL."""

@@ -1,0 +1,1 @@
+"""Metrics, /stats and /health, dependency state, logging."""

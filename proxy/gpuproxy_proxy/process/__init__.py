@@ -1,0 +1,1 @@
+"""Processes: the worker, the supervisor, heartbeats, the SIGTERM drain, GC control."""

@@ -1,0 +1,1 @@
+"""Backends, their health and the load-balancing strategies that pick one."""

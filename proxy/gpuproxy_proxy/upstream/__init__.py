@@ -1,0 +1,1 @@
+"""The hop to the GPU backends: the pooled protocol-level client and forwarding."""
