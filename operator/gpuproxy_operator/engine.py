@@ -4,11 +4,10 @@ shared state (client, metrics, per-cluster locks). kopf-free, so handlers stay t
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import copy
+import dataclasses
 import datetime
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,19 +15,24 @@ from typing import Any, Literal
 
 import kopf
 
-from gpuproxy_operator import kube, reconcile, status
+from gpuproxy_operator import apply, credentials, kube, reconcile, status
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import GpuProxyCluster, InvalidSpecError, parse_cluster
+from gpuproxy_operator.autoscaling import ownership
+from gpuproxy_operator.autoscaling.kube_adapter import list_autoscalers
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
-from gpuproxy_operator.naming import CLUSTER_LABEL, child_name
+from gpuproxy_operator.cache import ChildCache
+from gpuproxy_operator.kube import KubeClient
+from gpuproxy_operator.naming import CLUSTER_LABEL, PREFIX, child_name
 from gpuproxy_operator.operator_metrics import OperatorMetrics
 
-# kube-apiserver's wording for updates it refuses ("field is immutable", "Forbidden: updates
-# to statefulset spec for fields other than ...").
-_FROZEN = re.compile(r"immutable|updates to \w+ spec")
 ClusterKey = tuple[str, str]  # (namespace, name)
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 Result = Literal["converged", "changed", "paused", "invalid", "degraded", "gone"]
+# Set to the cluster's metadata.generation, it lets reconcile replace the proxy Deployment
+# (delete + create, dropping every connection) for that generation of the spec only.
+ALLOW_REPLACE_ANNOTATION = f"{PREFIX}/allow-proxy-replacement"
+_PLACEHOLDER = DatabaseCredentials("placeholder", "placeholder")
 
 
 def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -46,7 +50,7 @@ class OperatorState:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     login: LoginFn = default_login
     namespaces: tuple[str, ...] = ()  # empty: every namespace
-    resync_seconds: float = 60.0
+    resync_seconds: float = 600.0
     inactivity_timeout: float = 300.0
     consistency_timeout: float = 5.0
     locks: dict[ClusterKey, asyncio.Lock] = field(default_factory=dict)
@@ -59,12 +63,47 @@ class OperatorState:
     # server did not keep all of our write (a dropped or webhook-mutated field): not re-sent
     # while the child stays exactly as answered, so converged still means zero writes.
     settled: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    # Watch caches, set up by handlers.run_operator (configure attaches kopf's indices);
+    # without them every reconcile reads the API.
+    children_cache: ChildCache | None = None
+    secrets: credentials.SecretWatches | None = None
+    lease_kube: KubeClient | None = None  # the leader election's own client
+    clusters: dict[ClusterKey, dict[str, Any]] = field(default_factory=dict)  # latest CR bodies
+    concurrency: int = 4  # reconciles at once, all clusters together (a restart, a resync)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Made here, not on first use: kopf's per-object copies of the memo must share it.
+    _slots: asyncio.Semaphore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(max(1, self.concurrency))
 
     def lock(self, key: ClusterKey) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
 
+    def slots(self) -> asyncio.Semaphore:
+        return self._slots
+
+    def schedule(self, key: ClusterKey, trigger: str,
+                 logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        """Reconcile in the background (a watched Secret changed); failures are logged, and the
+        next event or resync retries."""
+        async def one() -> None:
+            try:
+                await request_reconcile(self, key, trigger, logger)
+            except kube.KubeError as exc:
+                logger.warning(f"{trigger} reconcile of {key[0]}/{key[1]} failed: {exc}")
+
+        task = asyncio.get_running_loop().create_task(one(), name=f"gpuproxy-{trigger}")
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     def forget(self, key: ClusterKey, uid: str) -> None:
         self.locks.pop(key, None)
+        self.clusters.pop(key, None)
+        if self.children_cache is not None:
+            self.children_cache.forget(key)
+        if self.secrets is not None:
+            self.secrets.forget(key)
         self.managed.discard(uid)
         self.metrics.managed_clusters.set(len(self.managed))
         for rkey in [k for k in self.rejected if k[0] == uid]:
@@ -84,7 +123,8 @@ def _now() -> str:
 
 
 async def request_reconcile(state: OperatorState, key: ClusterKey, trigger: str,
-                            logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome | None:
+                            logger: logging.Logger | logging.LoggerAdapter[Any],
+                            hint: dict[str, Any] | None = None) -> Outcome | None:
     """Reconcile unless one is already queued behind the running one (bursts of child events
     collapse into one extra pass, which sees their latest state)."""
     if key in state.pending:
@@ -92,15 +132,24 @@ async def request_reconcile(state: OperatorState, key: ClusterKey, trigger: str,
     state.pending.add(key)
     async with state.lock(key):
         state.pending.discard(key)
-        return await run(state, key, trigger, logger)
+        return await run(state, key, trigger, logger, hint)
 
 
 async def run(state: OperatorState, key: ClusterKey, trigger: str,
-              logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
-    """Reconcile under the cluster's lock (callers hold it), with metrics."""
+              logger: logging.Logger | logging.LoggerAdapter[Any],
+              hint: dict[str, Any] | None = None) -> Outcome:
+    """Reconcile under the cluster's lock (callers hold it), with metrics, in one of the
+    operator's few reconcile slots."""
+    async with state.slots():
+        return await _run(state, key, trigger, logger, hint)
+
+
+async def _run(state: OperatorState, key: ClusterKey, trigger: str,
+               logger: logging.Logger | logging.LoggerAdapter[Any],
+               hint: dict[str, Any] | None) -> Outcome:
     started = time.monotonic()
     try:
-        outcome = await reconcile_cluster(state, key, logger)
+        outcome = await reconcile_cluster(state, key, logger, hint)
     except kube.KubeError as exc:
         state.metrics.reconciles.labels(trigger, "error").inc()
         state.metrics.errors.labels(type(exc).__name__).inc()
@@ -111,25 +160,20 @@ async def run(state: OperatorState, key: ClusterKey, trigger: str,
     return outcome
 
 
-async def _credentials(api: kube.KubeClient, cluster: GpuProxyCluster
+async def _credentials(state: OperatorState, cluster: GpuProxyCluster
                        ) -> tuple[DatabaseCredentials | None, str | None]:
-    ns, secret = cluster.metadata.namespace, cluster.spec.database.credentials_secret
-    fix = (f"create it with `kubectl -n {ns} create secret generic {secret} "
-           "--from-literal=username=... --from-literal=password=...`")
-    try:
-        obj = await api.get("Secret", ns, secret)
-    except kube.NotFound:
-        return None, f"database credentials Secret {ns}/{secret} not found: {fix}"
-    data = obj.get("data") or {}
-    values: dict[str, str] = {}
-    for k in ("username", "password"):
-        if k not in data:
-            return None, f"Secret {ns}/{secret} has no key {k!r}: {fix}"
-        try:
-            values[k] = base64.b64decode(data[k]).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return None, f"Secret {ns}/{secret} key {k!r} is not valid base64 UTF-8 text"
-    return DatabaseCredentials(values["username"], values["password"]), None
+    meta = cluster.metadata
+    return await credentials.read(state.kube, state.secrets, (meta.namespace, meta.name),
+                                  meta.namespace, cluster.spec.database.credentials_secret)
+
+
+def _credential_dependent(cluster: GpuProxyCluster, inputs: BuildInputs) -> set[reconcile.Key]:
+    """The children built from the credentials (the PgBouncer userlist Secret, what mounts or
+    hashes it): while the Secret is unusable they keep their last good state."""
+    without = {reconcile.key_of(m): m for m in build_all(cluster, inputs)}
+    placeholder = dataclasses.replace(inputs, database_credentials=_PLACEHOLDER)
+    with_some = {reconcile.key_of(m): m for m in build_all(cluster, placeholder)}
+    return {k for k in without.keys() | with_some.keys() if without.get(k) != with_some.get(k)}
 
 
 async def _list_or_error(api: kube.KubeClient, kind: str, ns: str, cluster: str
@@ -142,9 +186,14 @@ async def _list_or_error(api: kube.KubeClient, kind: str, ns: str, cluster: str
         return exc
 
 
-async def _observe(api: kube.KubeClient, cluster: GpuProxyCluster
+async def _observe(state: OperatorState, cluster: GpuProxyCluster
                    ) -> tuple[dict[reconcile.Key, dict[str, Any]], dict[str, str]]:
+    api, cache = state.kube, state.children_cache
     ns, name, uid = cluster.metadata.namespace, cluster.metadata.name, cluster.metadata.uid
+    if cache is not None and cache.usable:
+        absent = await cache.missing(api)
+        served = [k for k in kube.CHILD_KINDS if k not in absent]
+        return cache.children(ns, name, uid, served), absent
     kinds = list(kube.CHILD_KINDS)
     results = await asyncio.gather(*(_list_or_error(api, k, ns, name) for k in kinds))
     children: dict[reconcile.Key, dict[str, Any]] = {}
@@ -161,27 +210,46 @@ async def _observe(api: kube.KubeClient, cluster: GpuProxyCluster
     return children, missing
 
 
-def _proxy_replicas(cluster: GpuProxyCluster, body: dict[str, Any],
-                    children: dict[reconcile.Key, dict[str, Any]]) -> int | None:
-    """The autoscaler's decision while it is on; else (None) spec.proxy.replicas."""
-    if not cluster.spec.autoscaling.enabled:
-        return None
-    desired = (body.get("status") or {}).get("desiredReplicas")
-    if isinstance(desired, int) and desired > 0:
-        return desired
-    current = children.get(("Deployment", child_name(cluster.metadata.name, "proxy")))
+async def _proxy_replicas(api: kube.KubeClient, cluster: GpuProxyCluster, body: dict[str, Any],
+                          children: dict[reconcile.Key, dict[str, Any]]) -> ownership.Ownership:
+    """Who owns the proxy replicas and the count this reconcile builds the Deployment with:
+    never one the autoscaler or an external HPA owns, except when creating the Deployment."""
+    name = cluster.metadata.name
+    current = children.get(("Deployment", child_name(name, "proxy")))
     replicas = ((current or {}).get("spec") or {}).get("replicas")
-    return replicas if isinstance(replicas, int) else None
+    hpas = await list_autoscalers(api, cluster.metadata.namespace)
+    owned = ownership.resolve(cluster, body.get("status") or {},
+                              ownership.find_autoscalers(hpas, child_name(name, "proxy"), name),
+                              replicas if isinstance(replicas, int) else None)
+    if owned.event is not None:
+        await kube.post_event(api, body, *owned.event)
+    return owned
+
+
+def _known_body(state: OperatorState, key: ClusterKey, hint: dict[str, Any] | None
+                ) -> dict[str, Any] | None:
+    """The cluster as its watch last delivered it (or `hint`), or our own status write when
+    the watch has not shown it yet; None: read it from the API server. Status writes carry its
+    resourceVersion, so a stale copy costs a 409 and a re-read, never a lost update."""
+    cache = state.children_cache
+    seen = hint if hint is not None else state.clusters.get(key)
+    if cache is None or not cache.usable or seen is None:
+        return None
+    body = cache.resolve(key, (KIND, key[1]), seen)
+    return copy.deepcopy(body) if body is not None else None
 
 
 async def reconcile_cluster(state: OperatorState, key: ClusterKey,
-                            logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
+                            logger: logging.Logger | logging.LoggerAdapter[Any],
+                            hint: dict[str, Any] | None = None) -> Outcome:
     api = state.kube
     ns, name = key
-    try:
-        body = await api.get(KIND, ns, name)
-    except kube.NotFound:
-        return Outcome("gone")
+    body = _known_body(state, key, hint)
+    if body is None:
+        try:
+            body = await api.get(KIND, ns, name)
+        except kube.NotFound:
+            return Outcome("gone")
     meta = body.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Outcome("gone")  # children go by owner-reference garbage collection
@@ -198,42 +266,54 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
 
     try:
         cluster = parse_cluster(body)
-        children, missing = await _observe(api, cluster)
-        credentials, cred_problem = await _credentials(api, cluster)
-        inputs = BuildInputs(credentials, _proxy_replicas(cluster, body, children))
+        children, missing = await _observe(state, cluster)
+        creds, cred_problem = await _credentials(state, cluster)
+        owned = await _proxy_replicas(api, cluster, body, children)
+        inputs = BuildInputs(creds, owned.replicas)
         desired = build_all(cluster, inputs)  # everything is built before the first write
+        # An unusable Secret must not blank the userlist or roll PgBouncer: keep the last good.
+        hold = _credential_dependent(cluster, inputs) if cred_problem else set()
     except InvalidSpecError as exc:
         # The builders also reject input from other objects (the credentials Secret): name it.
         problems = exc.problems if exc.obj.startswith(KIND) else [
             (f"{exc.obj} {path}", reason) for path, reason in exc.problems]
         obs = status.Observation(generation, paused=bool((body.get("spec") or {}).get("paused")),
                                  invalid=problems)
-        await _write_status(api, body, obs, logger)
+        await _write_status(state, body, obs, logger)
         return Outcome("invalid", str(exc))
 
     desired = [m for m in desired if m["kind"] not in missing]
     uid = cluster.metadata.uid
     proxy_key = ("Deployment", child_name(name, "proxy"))
+    allowed = (meta.get("annotations") or {}).get(ALLOW_REPLACE_ANNOTATION) == str(generation)
     planned = reconcile.plan(desired, children, uid, replicas_key=proxy_key,
-                             reconciled_before=reconciled_before)
-    errors: list[tuple[str, str]] = []
+                             reconciled_before=reconciled_before, hold=hold,
+                             no_replace=set() if allowed else {proxy_key})
+    errors = [("ReplacementBlocked", _blocked_message(cluster, b, generation))
+              for b in planned.blocked]
+    kept = sorted(f"{k} {n}" for k, n in hold if (k, n) in children)
+    if cred_problem and kept:
+        cred_problem += (f"; until then {', '.join(kept)} keep their last good state "
+                         "(PgBouncer keeps running with the current userlist)")
     actions = []
     for action in planned.actions:
         rejected = state.rejected.get((uid, action.kind, action.name))
         if rejected is not None and rejected == action.spec_hash:
             errors.append(("ChildRejected", f"{action.kind} {action.name} was rejected by the "
                            "API server; fix the spec fields named in the earlier event"))
-        elif not _settled(state, uid, action, children.get(action.key)):
+        elif not apply.settled(state, uid, action, children.get(action.key)):
             actions.append(action)
 
     applied: list[str] = []
     if not cluster.spec.paused:
-        applied = await _apply(state, body, cluster, actions, children, missing, errors, logger)
+        applied = await apply.apply(state, body, cluster, actions, children, missing, errors,
+                                    logger)
     obs = status.Observation(
         generation, paused=cluster.spec.paused, cluster=cluster, children=children,
         desired=desired, credentials_problem=cred_problem, missing_apis=missing, errors=errors,
-        applied=applied, withheld=len(actions) if cluster.spec.paused else 0)
-    await _write_status(api, body, obs, logger)
+        applied=applied, withheld=len(actions) if cluster.spec.paused else 0,
+        replicas_owner=owned.status_fields())
+    await _write_status(state, body, obs, logger)
     if cluster.spec.paused:
         return Outcome("paused", f"{len(actions)} change(s) withheld")
     if errors or cred_problem:
@@ -241,132 +321,25 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
     return Outcome("changed" if applied else "converged", "; ".join(applied))
 
 
-async def _apply(state: OperatorState, body: dict[str, Any], cluster: GpuProxyCluster,
-                 actions: list[reconcile.Action], children: dict[reconcile.Key, dict[str, Any]],
-                 missing: dict[str, str], errors: list[tuple[str, str]],
-                 logger: logging.Logger | logging.LoggerAdapter[Any]) -> list[str]:
-    api, ns, uid = state.kube, cluster.metadata.namespace, cluster.metadata.uid
-    applied: list[str] = []
-    for action in actions:
-        try:
-            if action.verb == "create":
-                result = await api.create(action.body)
-            elif action.verb == "patch":
-                result = await api.patch(action.kind, ns, action.name, action.body)
-            elif action.verb == "replace":
-                # An immutable field changed: a merge patch would get 422 on every pass.
-                await api.delete(action.kind, ns, action.name)
-                children.pop(action.key, None)
-                result = await api.create(action.body)
-            else:
-                await api.delete(action.kind, ns, action.name)
-                children.pop(action.key, None)
-                result = None
-        except kube.Invalid as exc:
-            state.rejected[(uid, action.kind, action.name)] = action.spec_hash
-            fields = "; ".join(f"{f or action.kind}: {m}" for f, m in exc.causes)
-            message = f"{action.kind} {action.name} was rejected by the API server: {fields}"
-            if action.verb == "patch" and any(_FROZEN.search(m) for _, m in exc.causes):
-                # A field reconcile does not know to be immutable: say how to get unstuck.
-                message += (f"; it cannot be changed in place: delete it (`kubectl -n {ns} "
-                            f"delete {action.kind.lower()} {action.name}`) and the operator "
-                            "re-creates it from the new spec")
-            errors.append(("ChildRejected", message))
-            await kube.post_event(api, body, "Warning", "ChildRejected", message)
-            continue
-        except kube.MissingAPI as exc:
-            missing[action.kind] = str(exc)
-            continue
-        except kube.Conflict:
-            existing = await _existing(api, action.kind, ns, action.name)
-            if existing is None or (existing.get("metadata") or {}).get("deletionTimestamp"):
-                raise  # deleted in between, or still terminating: retry soon
-            if reconcile.is_controlled_by(existing, uid):
-                # Ours, yet not observed: someone removed our cluster label (children are
-                # listed by it), or we created it a moment ago. Patch it into shape, else it
-                # stays "missing" and every pass re-creates it into this 409.
-                await _readopt(state, body, action, existing, children, applied, logger)
-                continue
-            message = (f"{action.kind} {ns}/{action.name} already exists and is not owned by "
-                       f"this {KIND}; delete or rename it")
-            errors.append(("NameConflict", message))
-            continue
-        except kube.Forbidden as exc:
-            errors.append(("Forbidden", f"{exc}; check the operator's RBAC (ClusterRole)"))
-            continue
-        state.rejected.pop((uid, action.kind, action.name), None)
-        if result is not None:
-            children[action.key] = result
-            await _check_kept(state, body, uid, action, result)
-        state.metrics.child_writes.labels(action.kind, action.reason).inc()
-        text = f"{action.kind} {action.name} {action.detail}"
-        applied.append(text)
-        logger.info(text)
-        await kube.post_event(api, body, "Normal", action.reason, text)
-    return applied
-
-
-def _settled(state: OperatorState, uid: str, action: reconcile.Action,
-             observed: dict[str, Any] | None) -> bool:
-    """A drift patch the server did not keep last time, for an unchanged child: skip it."""
-    entry = state.settled.get((uid, action.kind, action.name))
-    if action.verb != "patch" or observed is None or entry is None:
-        return False
-    want = (action.body.get("spec") or {}).get("replicas")
-    if want is not None and want != (observed.get("spec") or {}).get("replicas"):
-        return False  # a replica change is still to be made
-    return entry == (action.spec_hash, reconcile.fingerprint(observed))
-
-
-async def _check_kept(state: OperatorState, body: dict[str, Any], uid: str,
-                      action: reconcile.Action, result: dict[str, Any]) -> None:
-    key = (uid, action.kind, action.name)
-    if action.desired is None:
-        return
-    lost = reconcile.not_kept(result, action.desired, without_replicas=action.without_replicas)
-    if not lost:
-        state.settled.pop(key, None)
-        return
-    entry = (action.spec_hash, reconcile.fingerprint(result))
-    if state.settled.get(key, ("",))[0] != action.spec_hash:
-        shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
-        await kube.post_event(
-            state.kube, body, "Warning", "ChildAltered",
-            f"{action.kind} {action.name}: the API server did not keep {shown} (a disabled "
-            "feature gate or a mutating admission webhook); not re-applied until the spec or "
-            "the object changes")
-    state.settled[key] = entry
-
-
-async def _readopt(state: OperatorState, body: dict[str, Any], action: reconcile.Action,
-                   existing: dict[str, Any], children: dict[reconcile.Key, dict[str, Any]],
-                   applied: list[str],
-                   logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-    ns = (existing.get("metadata") or {}).get("namespace")
-    children[action.key] = await state.kube.patch(
-        action.kind, ns, action.name, reconcile.merge_patch(action.body, existing))
-    state.metrics.child_writes.labels(action.kind, "Repaired").inc()
-    text = f"{action.kind} {action.name} reverted an out-of-band change (labels restored)"
-    applied.append(text)
-    logger.info(text)
-    await kube.post_event(state.kube, body, "Normal", "Repaired", text)
-
-
-async def _existing(api: kube.KubeClient, kind: str, ns: str, name: str
-                    ) -> dict[str, Any] | None:
-    try:
-        return await api.get(kind, ns, name)
-    except kube.NotFound:
-        return None
+def _blocked_message(cluster: GpuProxyCluster, blocked: reconcile.Blocked,
+                     generation: int | None) -> str:
+    meta = cluster.metadata
+    return (f"{blocked.kind} {blocked.name}: {', '.join(blocked.fields)} changed and cannot be "
+            "changed in place; replacing it deletes every proxy pod and drops all client "
+            "connections, so it is left as it is (its other changes wait too). To replace it "
+            f"now: `kubectl -n {meta.namespace} annotate gpc {meta.name} "
+            f"{ALLOW_REPLACE_ANNOTATION}={generation} --overwrite` (this generation of the spec "
+            "only); or undo the change")
 
 
 STATUS_ATTEMPTS = 3
 
 
-async def _write_status(api: kube.KubeClient, body: dict[str, Any], obs: status.Observation,
+async def _write_status(state: OperatorState, body: dict[str, Any], obs: status.Observation,
                         logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     """Patch status only when it changed (guarded by resourceVersion, re-read on a conflict
     with the autoscaler's status writes); post an Event when Degraded or Ready flips."""
+    api = state.kube
     meta = body["metadata"]
     for attempt in range(STATUS_ATTEMPTS):
         previous = body.get("status") or {}
@@ -375,8 +348,12 @@ async def _write_status(api: kube.KubeClient, body: dict[str, Any], obs: status.
         if patch is None:
             return
         try:
-            await kube.patch_cluster_status(api, meta.get("namespace"), meta["name"], patch,
-                                            resource_version=meta.get("resourceVersion"))
+            written = await kube.patch_cluster_status(
+                api, meta.get("namespace"), meta["name"], patch,
+                resource_version=meta.get("resourceVersion"))
+            if state.children_cache is not None:
+                state.children_cache.wrote((meta.get("namespace"), meta["name"]),
+                                           (KIND, meta["name"]), body, written)
             break
         except kube.NotFound:
             return

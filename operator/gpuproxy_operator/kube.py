@@ -8,7 +8,7 @@ import contextlib
 import datetime
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -18,6 +18,7 @@ import kopf
 
 from gpuproxy_operator.api.base import GROUP, KIND, PLURAL, VERSION
 from gpuproxy_operator.naming import Component, selector_labels
+from gpuproxy_operator.ratelimit import TokenBucket
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ _KINDS = [
     ResourceKind("DaemonSet", "apps", "v1", "daemonsets"),
     ResourceKind("PodDisruptionBudget", "policy", "v1", "poddisruptionbudgets"),
     ResourceKind("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies"),
+    ResourceKind("Lease", "coordination.k8s.io", "v1", "leases"),
     ResourceKind("PrometheusRule", "monitoring.coreos.com", "v1", "prometheusrules"),
     ResourceKind("ServiceMonitor", "monitoring.coreos.com", "v1", "servicemonitors"),
     ResourceKind(KIND, GROUP, VERSION, PLURAL),
@@ -122,6 +124,11 @@ class Transient(KubeError):
         self.retry_after = retry_after
 
 
+class Fenced(KubeError):
+    """A write refused locally: this operator lost its leader lease, so another one may be
+    writing already (never two writers)."""
+
+
 CallHook = Callable[[str, str, str], None]  # (verb, kind, code) for metrics
 
 
@@ -165,15 +172,24 @@ def map_error(verb: str, kind: ResourceKind, name: str | None, status: int, text
     return KubeError(verb, what, status, message)
 
 
+READS = frozenset({"get", "list", "watch"})
+WatchHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 @dataclass
 class KubeClient:
-    """Kubernetes API calls for the kinds in REGISTRY, with merge patches only."""
+    """Kubernetes API calls for the kinds in REGISTRY, with merge patches only, behind a
+    client-side rate limit (`limiter`), and refusing writes once fenced."""
 
     credentials: kopf.ConnectionInfo | None = None
     on_call: CallHook | None = None
     timeout: float = 30.0
+    limiter: TokenBucket | None = None
+    user_agent: str = "gpuproxy-operator"
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _watch_session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _fenced: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.credentials is not None:
@@ -181,31 +197,54 @@ class KubeClient:
 
     def set_credentials(self, info: kopf.ConnectionInfo) -> None:
         """Called from the login handler (at start and whenever kopf re-authenticates)."""
-        old, self._session = self._session, None
+        old = [s for s in (self._session, self._watch_session) if s is not None]
+        self._session = self._watch_session = None
         self.credentials = info
-        if old is not None:
+        for session in old:
             # Close outside the caller: a login handler must not wait for in-flight requests.
-            asyncio.get_running_loop().create_task(old.close())
+            asyncio.get_running_loop().create_task(session.close())
         self._ready.set()
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def fence(self, reason: str) -> None:
+        """Refuse every write from now on (reads still work)."""
+        self._fenced = reason
 
-    async def _get_session(self) -> tuple[aiohttp.ClientSession, str]:
+    async def close(self) -> None:
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
+
+    def _new_session(self, info: kopf.ConnectionInfo, *, watch: bool) -> aiohttp.ClientSession:
+        ssl = info.as_ssl_context() if info.server.startswith("https") else False
+        return aiohttp.ClientSession(
+            # Watches hold their connection for minutes: a pool of their own, unbounded, so
+            # they never take the connections requests need.
+            connector=aiohttp.TCPConnector(ssl=ssl, limit=0 if watch else 100),
+            headers={**info.as_http_headers(), "User-Agent": self.user_agent},
+            timeout=aiohttp.ClientTimeout(total=None if watch else self.timeout,
+                                          sock_connect=10.0 if watch else None),
+        )
+
+    async def _get_session(self, *, watch: bool = False) -> tuple[aiohttp.ClientSession, str]:
         if not self._ready.is_set():
             await asyncio.wait_for(self._ready.wait(), timeout=self.timeout)
         info = self.credentials
         assert info is not None
+        if watch:
+            if self._watch_session is None or self._watch_session.closed:
+                self._watch_session = self._new_session(info, watch=True)
+            return self._watch_session, info.server.rstrip("/")
         if self._session is None or self._session.closed:
-            ssl = info.as_ssl_context() if info.server.startswith("https") else False
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ssl),
-                headers={**info.as_http_headers(), "User-Agent": "gpuproxy-operator"},
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            )
+            self._session = self._new_session(info, watch=False)
         return self._session, info.server.rstrip("/")
+
+    async def _admit(self, verb: str, what: str) -> None:
+        """The fence, then the rate limit: every request passes here first."""
+        if self._fenced is not None and verb not in READS:
+            raise Fenced(verb, what, 0, self._fenced)
+        if self.limiter is not None:
+            await self.limiter.acquire()
 
     async def request(self, verb: str, kind: ResourceKind, namespace: str | None,
                       name: str | None = None, *, sub: str | None = None,
@@ -221,6 +260,7 @@ class KubeClient:
         what = f"{kind.kind} {namespace}/{name}" if name else f"{kind.plural} in {namespace}"
         code = "error"
         try:
+            await self._admit(verb, what)
             session, server = await self._get_session()
             url = server + path + (f"?{urlencode(params)}" if params else "")
             data = None if body is None else json.dumps(body)
@@ -237,6 +277,64 @@ class KubeClient:
         finally:
             if self.on_call is not None:
                 self.on_call(verb, kind.kind, code)
+
+    async def watch(self, kind: str, namespace: str | None, params: dict[str, str],
+                    on_event: WatchHandler, *, seconds: float) -> None:
+        """One watch request: `on_event` gets each event ({"type", "object"}) until the server
+        ends the stream, `seconds` pass (a stream a proxy silently dropped), or it raises."""
+        res = REGISTRY[kind]
+        what = f"watch of {res.plural} in {namespace}"
+        code = "error"
+        try:
+            await self._admit("watch", what)
+            session, server = await self._get_session(watch=True)
+            url = f"{server}{res.path(namespace)}?{urlencode({**params, 'watch': 'true'})}"
+            async with session.get(url, timeout=aiohttp.ClientTimeout(
+                    total=seconds, sock_connect=10.0)) as resp:
+                code = str(resp.status)
+                if resp.status >= 400:
+                    raise map_error("watch", res, None, resp.status, await resp.text(),
+                                    resp.headers.get("Retry-After"))
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    # Split ourselves: one event (a large Secret) may exceed aiohttp's line limit.
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            await on_event(json.loads(line))
+        except TimeoutError:
+            return  # our own bound on the stream: the caller resumes from its last version
+        except aiohttp.ClientError as exc:
+            raise Transient("watch", what, 0, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.on_call is not None:
+                self.on_call("watch", res.kind, code)
+
+    async def served(self, group: str, version: str) -> set[str]:
+        """Discovery: the resources (plurals) the API server serves in group/version, empty
+        when it serves none (e.g. the prometheus-operator CRDs are not installed)."""
+        path = f"/apis/{group}/{version}" if group else f"/api/{version}"
+        code = "error"
+        try:
+            await self._admit("get", path)
+            session, server = await self._get_session()
+            async with session.get(server + path) as resp:
+                code = str(resp.status)
+                if resp.status == 404:
+                    return set()
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise map_error("get", ResourceKind(path, group, version, ""), None,
+                                    resp.status, text, resp.headers.get("Retry-After"))
+                body = json.loads(text) if text else {}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Transient("get", path, 0, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.on_call is not None:
+                self.on_call("discovery", group or "core", code)
+        return {str(r.get("name")) for r in body.get("resources") or [] if "/" not in
+                str(r.get("name"))}
 
     async def list(self, kind: str, namespace: str | None,
                    labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -292,6 +390,11 @@ class PodInfo:
     ip: str | None
     ready: bool
     phase: str
+    terminating: bool = False  # metadata.deletionTimestamp is set: draining, not counted
+    deletion_cost: str | None = None  # its controller.kubernetes.io/pod-deletion-cost
+
+
+POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
@@ -307,7 +410,9 @@ async def list_component_pods(client: KubeClient, namespace: str, cluster: str,
     pods = await client.list("Pod", namespace, selector_labels(cluster, component))
     return sorted(
         (PodInfo(name=p["metadata"]["name"], ip=(p.get("status") or {}).get("podIP"),
-                 ready=_pod_ready(p), phase=(p.get("status") or {}).get("phase", "Unknown"))
+                 ready=_pod_ready(p), phase=(p.get("status") or {}).get("phase", "Unknown"),
+                 terminating=bool(p["metadata"].get("deletionTimestamp")),
+                 deletion_cost=(p["metadata"].get("annotations") or {}).get(POD_DELETION_COST))
          for p in pods),
         key=lambda p: p.name,
     )

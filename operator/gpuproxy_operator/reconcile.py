@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -46,8 +46,18 @@ class Action:
 
 
 @dataclass(frozen=True)
+class Blocked:
+    """A replacement (delete + create) the planner refused to plan: `fields` are immutable."""
+
+    kind: str
+    name: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     actions: list[Action] = field(default_factory=list)
+    blocked: list[Blocked] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.actions)
@@ -298,17 +308,24 @@ def plan(
     *,
     replicas_key: Key | None = None,
     reconciled_before: bool = False,
+    hold: Collection[Key] = frozenset(),
+    no_replace: Collection[Key] = frozenset(),
 ) -> Plan:
     """Actions converging `observed` (the owner's children, by key) to `desired` (in apply
     order). `replicas_key` names the workload whose spec.replicas is compared on its own (the
     autoscaler changes it without changing its spec hash). `reconciled_before` says this spec
-    generation was applied already, so a difference now is drift and the Event says Repaired."""
+    generation was applied already, so a difference now is drift and the Event says Repaired.
+    Children in `hold` are neither created, changed nor deleted; a child in `no_replace` that
+    needs a replacement is left as it is and reported in `blocked`."""
     actions: list[Action] = []
-    wanted: set[Key] = set()
+    blocked: list[Blocked] = []
+    wanted: set[Key] = set(hold)
     for manifest in desired:
         key = key_of(manifest)
         wanted.add(key)
         kind, name = key
+        if key in hold:
+            continue
         want_hash = spec_hash(manifest)
         have = observed.get(key)
         is_scaled = key == replicas_key
@@ -320,6 +337,9 @@ def plan(
                                   else "created", want_hash, manifest, is_scaled))
             continue
         frozen = immutable_changes(manifest, have)
+        if frozen and key in no_replace:
+            blocked.append(Blocked(kind, name, tuple(frozen)))
+            continue
         if frozen:
             actions.append(Action(
                 "replace", kind, name, with_last_applied(manifest, without_replicas=is_scaled),
@@ -351,4 +371,4 @@ def plan(
         if key not in wanted and is_controlled_by(have, owner_uid):
             actions.append(Action("delete", key[0], key[1], {}, "Deleted",
                                   "deleted: no longer part of the spec"))
-    return Plan(actions)
+    return Plan(actions, blocked)

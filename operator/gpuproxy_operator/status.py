@@ -15,7 +15,8 @@ OWN_CONDITIONS = ("Ready", "Progressing", "Degraded", "Paused", "ProxyReady", "P
                   "RedisReady", "NodeTuningReady", "AlertsReady")
 # Status fields this module owns; others (currentConnections, desiredReplicas, lastScaleTime,
 # the Scaling condition) belong to the autoscaler and are left as they are.
-OWN_FIELDS = ("phase", "observedGeneration", "replicas", "readyReplicas", "selector", "endpoints")
+OWN_FIELDS = ("phase", "observedGeneration", "replicas", "readyReplicas", "selector", "endpoints",
+              "replicasOwner", "replicasOwnerMessage", "handoverSpecReplicas")
 COMPONENT_CONDITIONS = ("ProxyReady", "PgBouncerReady", "RedisReady", "NodeTuningReady")
 
 Children = Mapping[tuple[str, str], Mapping[str, Any]]
@@ -36,6 +37,9 @@ class Observation:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
     applied: list[str] = field(default_factory=list)  # changes made by this reconcile
     withheld: int = 0  # changes not made because of spec.paused
+    # The replica owner's status fields (autoscaling/ownership.py); a None value is written as
+    # null (removed). Empty when the spec is invalid: the fields stay as they are.
+    replicas_owner: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ def compute_status(previous: Mapping[str, Any], obs: Observation, now: str) -> d
             st = proxy.get("status") or {}
             result["replicas"] = int(st.get("replicas", 0) or 0)
             result["readyReplicas"] = int(st.get("readyReplicas", 0) or 0)
-    return {k: v for k, v in result.items() if v is not None}
+    return {**{k: v for k, v in result.items() if v is not None}, **obs.replicas_owner}
 
 
 def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:

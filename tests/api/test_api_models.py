@@ -31,18 +31,28 @@ def test_defaults_are_the_guides_numbers() -> None:
     assert (rl.per_ip, rl.per_user, rl.per_api_key, rl.window_seconds) == (1000, 10000, 100000, 60)
     assert spec.autoscaling.target_connections == 1_000_000
     pgb = spec.pgbouncer
-    # Pool sizes: the guide's 500 minus PostgreSQL's reserved slots and the reserve pool.
+    # Two pods; pool sizes: the guide's 500 minus PostgreSQL's 3 reserved slots, shared by the
+    # pods (190 + 50 reserve = 240 each, 2 x 240 = 480 <= 497).
+    assert pgb.replicas == 2
     assert (pgb.pool_mode, pgb.max_client_conn, pgb.default_pool_size) == (
-        "transaction", 100_000, 430,
+        "transaction", 100_000, 190,
     )
     assert (pgb.reserve_pool_size, pgb.reserve_pool_timeout_seconds) == (50, 5)
     assert (pgb.server_lifetime_seconds, pgb.server_idle_timeout_seconds) == (1800, 300)
-    assert (pgb.max_db_connections, pgb.max_user_connections) == (480, 480)
+    assert (pgb.max_db_connections, pgb.max_user_connections) == (240, 240)
     assert pgb.default_pool_size + pgb.reserve_pool_size <= pgb.max_db_connections
+    assert pgb.replicas * pgb.max_db_connections <= 500 - 3
     redis = spec.redis
+    # Rate-limit counters only (the guide's 16gb is sized for a dedicated host).
     assert (redis.maxmemory, redis.maxmemory_policy, redis.tcp_backlog) == (
-        "16gb", "allkeys-lru", 65535,
+        "1gb", "allkeys-lru", 65535,
     )
+    # Unset: the builders derive them (no figures stored in every CR).
+    assert spec.proxy.resources is pgb.resources is redis.resources is None
+    shutdown = spec.proxy.shutdown
+    assert (shutdown.drain_delay_seconds, shutdown.idle_close_seconds) == (10, 10)
+    assert spec.proxy.upstream.max_request_seconds == 600
+    assert spec.proxy.termination_grace_period_seconds is None
     assert (redis.io_threads, redis.persistence) == (4, False)
     assert spec.node_tuning.sysctls == GUIDE_SYSCTLS
     assert GUIDE_SYSCTLS["net.ipv4.tcp_rmem"] == "4096 87380 10485760"

@@ -12,6 +12,7 @@ from crd_schema import ROOT, load_crd, validator
 
 from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.autoscaling.policy import per_replica_target, replica_bounds
+from gpuproxy_operator.sizing import REDIS_BYTES_PER_KEY, REDIS_KEYS_PER_CLIENT, redis_bytes
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
@@ -52,9 +53,13 @@ def test_production_example_matches_the_guide() -> None:
     assert upper * per_replica_target(spec.autoscaling, cpr) >= 1_000_000
     assert spec.pgbouncer.pool_mode == "transaction"
     assert spec.pgbouncer.max_client_conn == 100_000
-    # The guide's PostgreSQL has max_connections 500, 3 of them reserved for superusers.
+    # The guide's PostgreSQL has max_connections 500, 3 of them reserved for superusers; two
+    # PgBouncer pods share that.
+    assert spec.pgbouncer.replicas == 2
     assert spec.pgbouncer.replicas * spec.pgbouncer.max_db_connections <= 500 - 3
-    assert spec.redis.maxmemory == "16gb"
+    # Rate-limit counters for 1M distinct clients fit maxmemory.
+    assert redis_bytes(spec.redis.maxmemory) >= (
+        1_000_000 * REDIS_KEYS_PER_CLIENT * REDIS_BYTES_PER_KEY)
     assert spec.redis.tcp_backlog == 65535
     assert spec.node_tuning.enabled
 

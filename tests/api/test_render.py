@@ -22,7 +22,7 @@ def test_render_prints_every_child(capsys: pytest.CaptureFixture[str]) -> None:
     kinds = sorted({d["kind"] for d in docs})
     assert kinds == [
         "ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule",
-        "Secret", "Service", "ServiceAccount", "StatefulSet",
+        "Secret", "Service", "ServiceAccount", "ServiceMonitor", "StatefulSet",
     ]
     assert all(d["metadata"]["ownerReferences"][0]["name"] == "demo" for d in docs)
     assert err == ""

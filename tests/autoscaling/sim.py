@@ -64,7 +64,7 @@ class Simulation:
         samples = []
         for i, _ in enumerate(self.pods):
             if i not in ready:
-                samples.append(PodSample(f"p{i}", None))
+                samples.append(PodSample(f"p{i}", None, ready=False))
                 continue
             # The Service spreads clients over the ready pods evenly.
             share = offered // len(ready) + (1 if ready.index(i) < offered % len(ready) else 0)

@@ -35,6 +35,11 @@ def test_inactive_reason() -> None:
     assert inactive_reason(body()) is None
     assert inactive_reason(body(enabled=False)) == "Disabled"
     assert inactive_reason(body(paused=True)) == "Paused"
+    descending = body(enabled=False)
+    descending["status"] = {"replicasOwner": "Spec", "replicas": 5}  # spec.proxy.replicas 3
+    assert inactive_reason(descending) is None
+    descending["spec"]["paused"] = True
+    assert inactive_reason(descending) == "Paused"
     deleting = body()
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert inactive_reason(deleting) == "Deleting"
@@ -136,3 +141,84 @@ async def test_a_stale_body_never_overwrites_newer_conditions() -> None:
     assert "get_cluster" in kube.calls
     kinds = {c["type"]: c["reason"] for c in kube.status["conditions"]}
     assert kinds == {"Degraded": "ChildRejected", "Scaling": "DeploymentMissing"}
+
+
+@pytest.mark.looptime
+async def test_a_spec_scale_down_runs_the_loop_until_reached() -> None:
+    """Autoscaling off: the loop runs while reconcile says a spec.proxy.replicas scale-down is
+    left to it (owner Spec, no handover, more pods than the spec), and stops after."""
+    cluster = body(enabled=False)
+    cluster["spec"]["proxy"]["replicas"] = 1
+    cluster["status"] = {"replicasOwner": "Spec", "handoverSpecReplicas": 1, "replicas": 3}
+    kube = FakeKube(cluster, pod_ips=[], replicas=3)
+    memo = SimpleNamespace()
+    await track({"type": "MODIFIED"}, kube.body, memo, kube, log)
+    assert memo.autoscaler.task is None  # the handover keeps the count: nothing to do
+    kube.body["status"].pop("handoverSpecReplicas")
+    await track({"type": "MODIFIED"}, copy.deepcopy(kube.body), memo, kube, log)
+    assert memo.autoscaler.task is not None
+    # The default pace: one pod, then a minute (of wall-clock time, which looptime does not
+    # move: the steps that follow wait for it).
+    await asyncio.sleep(31)
+    assert kube.replica_writes == [2]
+    assert kube.calls.count("get_deployment") == 3
+    assert kube.condition()["reason"] == "ScaleDownLimit"
+    done = copy.deepcopy(kube.body)
+    kube.replicas = 1
+    done["status"]["replicas"] = 1  # reconcile reports the Deployment's pods
+    await track({"type": "MODIFIED"}, done, memo, kube, log)
+    assert memo.autoscaler.task is None
+    assert kube.condition()["reason"] == "Disabled"
+    calls = len(kube.calls)
+    await asyncio.sleep(60)
+    assert len(kube.calls) == calls
+
+
+class SlowScale(FakeKube):
+    async def set_replicas(self, namespace: str, deployment: str, replicas: int) -> None:
+        await asyncio.sleep(5)
+        await super().set_replicas(namespace, deployment, replicas)
+
+
+@pytest.mark.looptime
+async def test_stopping_never_cuts_a_step_between_the_scale_and_its_report() -> None:
+    cluster = body(enabled=False)
+    cluster["spec"]["proxy"]["replicas"] = 1
+    cluster["status"] = {"replicasOwner": "Spec", "replicas": 3}
+    kube = SlowScale(cluster, pod_ips=[], replicas=3)
+    memo = SimpleNamespace()
+    await track({"type": "MODIFIED"}, kube.body, memo, kube, log)
+    await asyncio.sleep(1)  # the first step is inside set_replicas
+    paused = copy.deepcopy(kube.body)
+    paused["spec"]["paused"] = True
+    await track({"type": "MODIFIED"}, paused, memo, kube, log)
+    assert memo.autoscaler.task is None
+    assert kube.replica_writes == [2]
+    assert [r for _, r, _ in kube.events] == ["ScaledDown"]
+    assert kube.status["lastScaleTime"]  # its report was written too
+    assert kube.condition()["reason"] == "Paused"
+
+
+async def test_steps_feed_the_operators_autoscaler_metrics() -> None:
+    """GpuProxyAutoscalerCannotScale reads gpuproxy_operator_autoscaler_able: each step sets
+    it, and a cluster that stops autoscaling drops it (no alert for nobody's autoscaler)."""
+    from gpuproxy_operator.operator_metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    kube = FakeKube(body(), pod_ips=[], deployment_exists=False)
+    async with aiohttp.ClientSession() as session:
+        await ClusterScaler(kube, session, metrics=metrics).step(kube.body)
+
+    def able() -> float | None:
+        return metrics.registry.get_sample_value(
+            "gpuproxy_operator_autoscaler_able", {"cluster_namespace": "ns", "cluster": "demo"})
+
+    assert able() == 0.0  # DeploymentMissing: not able to scale (yet)
+    steps = metrics.registry.get_sample_value(
+        "gpuproxy_operator_autoscaler_steps_total",
+        {"cluster_namespace": "ns", "cluster": "demo", "reason": "DeploymentMissing"})
+    assert steps == 1.0
+    disabled = FakeKube(body(enabled=False), pod_ips=[], deployment_exists=False)
+    async with aiohttp.ClientSession() as session:
+        await ClusterScaler(disabled, session, metrics=metrics).step(disabled.body)
+    assert able() is None

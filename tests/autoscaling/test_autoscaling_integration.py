@@ -97,8 +97,7 @@ async def test_scales_up_on_real_connections_and_down_after_the_window(
         "True", "MetricsRecommendation", 3)
     assert "from 1 to 3" in cond["message"]
     assert [(t, r) for t, r, _ in kube.events] == [("Normal", "ScaledUp")]
-    # Status is written before the replicas, so reconcile never undoes the scale.
-    assert kube.calls.index("patch_status") < kube.calls.index("set_replicas")
+    assert kube.cost_writes == []  # only a scale-down marks pods
 
     # Clients spread over the 3 pods: the same total, no change.
     spread(proxy_pods, [67, 67, 66])
@@ -131,14 +130,29 @@ async def test_scales_up_on_real_connections_and_down_after_the_window(
     assert kube.condition()["reason"] == "MissingMetrics"
     assert "demo-proxy-2: /stats unreadable" in kube.condition()["message"]
 
-    # The pod is back; once the window has passed the hold, it scales down to the minimum.
+    # The pod is back with a few clients, and the second pod has the most: once the window
+    # has passed the hold, it scales down to one pod, and the two least loaded pods go (each
+    # pod's pod-deletion-cost is its connection count, set right before the replicas).
     proxy_pods[2].start()
+    spread(proxy_pods, [0, 30, 5])
     clock.now += 61
+    calls = len(kube.calls)
     await scaler.step(kube.body)
     assert kube.replica_writes == [3, 1]
     assert kube.status["desiredReplicas"] == 1
+    assert sorted(kube.cost_writes) == [("demo-proxy-0", 0), ("demo-proxy-1", 30),
+                                        ("demo-proxy-2", 5)]
+    # Pods marked, then the status with the scale event (a successor operator must know of
+    # it, even if this one dies now), then the replicas.
+    step_calls = kube.calls[calls:]
+    assert step_calls.index("set_deletion_cost") < step_calls.index("patch_status") \
+        < step_calls.index("set_replicas")
+    assert '"e":[[' in kube.status_writes[-1]["autoscalerState"]
+    assert kube.removed == [POD_IPS[0], POD_IPS[2]]
+    assert [p.ip for p in await kube.list_proxy_pods("ns", "demo")] == [POD_IPS[1]]
     assert [(t, r) for t, r, _ in kube.events] == [("Normal", "ScaledUp"), ("Normal", "ScaledDown")]
     assert kube.status["lastScaleTime"] == "2027-01-15T08:03:01Z"
+    spread(proxy_pods, [0, 0, 0])
 
 
 async def test_an_hpa_on_the_deployment_is_reported_not_fought(
@@ -155,7 +169,8 @@ async def test_an_hpa_on_the_deployment_is_reported_not_fought(
         await scaler.step(kube.body)
     spread(proxy_pods, [0, 0])
     assert kube.replica_writes == []
-    assert kube.status["desiredReplicas"] == 2  # reconcile keeps what the HPA chose
+    assert kube.cost_writes == []
+    assert "list_proxy_pods" not in kube.calls  # it does not even scrape
     cond = kube.condition()
     assert (cond["status"], cond["reason"]) == ("False", "ReplicasOwnedElsewhere")
     assert "HorizontalPodAutoscaler ns/cpu" in cond["message"]

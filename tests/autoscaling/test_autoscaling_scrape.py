@@ -26,6 +26,7 @@ class Pod:
     ready: bool = True
     phase: str = "Running"
     terminating: bool = False
+    deletion_cost: str | None = None
 
 
 async def ok(_: web.Request) -> web.Response:
@@ -71,9 +72,11 @@ async def test_each_pod_is_read_on_its_own(port: int) -> None:
     async with aiohttp.ClientSession() as session:
         # The product default: long enough for the in-process pods on a loaded machine.
         result = await scrape(session, pods, port, per_pod_timeout=2.0)
+    # Finished and terminating pods are not counted at all; unready ones are, as not ready.
     assert result.samples == (
         PodSample("good", 42), PodSample("garbage", None), PodSample("error", None),
-        PodSample("slow", None), PodSample("starting", None), PodSample("pending", None))
+        PodSample("slow", None), PodSample("starting", None, ready=False),
+        PodSample("pending", None, ready=False))
     assert result.errors == {
         "garbage": "/stats unreadable: no non-negative integer connections_active in /stats",
         "error": "/stats unreadable: HTTP 500",

@@ -3,6 +3,7 @@ rate limits and restarts, over simulated time (no test waits)."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from tests.autoscaling.sim import Simulation, Tick, changes, ramp
@@ -52,6 +53,11 @@ def test_ramp_to_a_million_and_back() -> None:
         if k.decision.desired_replicas < k.replicas:
             window = [r for t, r in recs if k.t - 300 < t <= k.t]
             assert max(window) <= k.decision.desired_replicas
+    # The default scale-down pace: at most max(1 pod, 10%) per 60 s.
+    down_ticks = [k for k in ticks if k.decision.desired_replicas < k.replicas]
+    for k in down_ticks:
+        assert k.replicas - k.decision.desired_replicas <= max(1, k.replicas // 10)
+    assert all(b.t - a.t >= 60 for a, b in itertools.pairwise(down_ticks))
     # The first scale-down waits a full window after the last peak recommendation.
     last_peak = max(t for t, r in recs if r == 12)
     first_down = min(t for t, c in changes(ticks) if c < 0)
@@ -61,7 +67,7 @@ def test_ramp_to_a_million_and_back() -> None:
     assert back_at_min <= 4200 + 300 + INTERVAL
 
 
-def test_spike_scales_up_within_two_intervals_and_down_once_after_the_window() -> None:
+def test_spike_scales_up_within_two_intervals_and_down_gently_after_the_window() -> None:
     def trace(t: float) -> int:
         return 900_000 if 600 <= t < 645 else 200_000
 
@@ -71,9 +77,13 @@ def test_spike_scales_up_within_two_intervals_and_down_once_after_the_window() -
     # policy (max of +100% and +4 pods per 15 s) gets there in two steps: 3 -> 7 -> 12.
     assert acts[0] == (0.0, 1)
     assert acts[1:3] == [(600.0, 4), (615.0, 5)]
-    # One scale-down, straight back to 3, exactly when the 300 s window has passed the last
-    # recommendation of 12 (at 630 s).
-    assert acts[3:] == [(930.0, -9)]
+    # Scale-down starts exactly when the 300 s window has passed the last recommendation of 12
+    # (at 630 s), then goes back to 3 by at most max(1 pod, 10%) per 60 s.
+    downs = acts[3:]
+    assert downs[0] == (930.0, -2)  # floor(12 x 90%) = 10
+    assert [c for _, c in downs] == [-2, -1, -1, -1, -1, -1, -1, -1]
+    assert [t for t, _ in downs] == [930.0 + 60 * i for i in range(len(downs))]
+    assert ticks[-1].decision.desired_replicas == 3
     assert {k.decision.reason for k in ticks if 645 <= k.t < 930} == {"ScaleDownStabilized"}
 
 

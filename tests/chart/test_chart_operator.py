@@ -23,14 +23,17 @@ from tests.chart.helm import (
 from tests.chart.schemas import restricted_violations
 
 from gpuproxy_operator.cli import build_parser
-from gpuproxy_operator.commands.run import namespaces_from
+from gpuproxy_operator.commands.run import lease_config, namespaces_from
+from gpuproxy_operator.leader import LeaseConfig
 
 
 def test_operator_deployment_shape() -> None:
     deployment = one(render(), "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Two pods, one leader (the Lease): an update starts a follower before the leader stops.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == one(render(), "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -51,6 +54,52 @@ def test_operator_deployment_shape() -> None:
     selector = spec["selector"]["matchLabels"]
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
     assert "app.kubernetes.io/version" not in selector
+    # Preferably on two nodes.
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_leader_election_args_and_the_pod_name_as_identity(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (container,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    monkeypatch.setenv("POD_NAME", "gp-gpuproxy-operator-7d9f-abcde")
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    args = parse_run_args(container["args"])
+    election = lease_config(args)
+    assert election is not None
+    assert election == LeaseConfig(namespace=NAMESPACE, identity="gp-gpuproxy-operator-7d9f-abcde",
+                                   name="gp-gpuproxy-operator", lease_duration=15,
+                                   renew_deadline=10, retry_period=2)
+    assert election.problems() == []
+    assert (args.kube_api_qps, args.kube_api_burst, args.resync_seconds) == (20, 30, 600)
+
+
+def test_without_leader_election_there_is_one_pod_and_recreate() -> None:
+    sets = ("leaderElection.enabled=false", "replicaCount=1")
+    deployment = one(render((), sets), "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert lease_config(parse_run_args(container["args"])) is None
+    assert by_kind(render((), sets), "PodDisruptionBudget") == []
+    refused = render_result((), ("leaderElection.enabled=false",))
+    assert refused.returncode != 0
+    assert "replicaCount > 1 needs leaderElection.enabled" in refused.stderr
+    bad = render_result((), ("leaderElection.renewDeadlineSeconds=15",))
+    assert bad.returncode != 0
+    assert "leaseDurationSeconds must exceed renewDeadlineSeconds" in bad.stderr
+
+
+def test_pod_disruption_budget_keeps_one_operator_pod() -> None:
+    manifests = render()
+    pdb = one(manifests, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["metadata"]["namespace"] == NAMESPACE
+    pod_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert by_kind(render((), ("podDisruptionBudget.enabled=false",)), "PodDisruptionBudget") == []
 
 
 def test_metrics_service_targets_the_operator_pod() -> None:
@@ -135,18 +184,20 @@ def test_namespaced_install_watches_only_its_namespaces() -> None:
     assert by_kind(manifests, "CustomResourceDefinition") == []
     assert by_kind(manifests, "ClusterRole") == []
     assert by_kind(manifests, "ClusterRoleBinding") == []
-    assert {r["metadata"]["namespace"] for r in by_kind(manifests, "Role")} == {"team-a", "team-b"}
-    assert {b["metadata"]["namespace"] for b in by_kind(manifests, "RoleBinding")} == {
-        "team-a",
-        "team-b",
-    }
+    watching = {r["metadata"]["namespace"] for r in by_kind(manifests, "Role")
+                if not r["metadata"]["name"].endswith("-leader-election")}
+    assert watching == {"team-a", "team-b"}
+    assert {b["metadata"]["namespace"] for b in by_kind(manifests, "RoleBinding")
+            if not b["metadata"]["name"].endswith("-leader-election")} == {"team-a", "team-b"}
 
 
 def test_namespaced_install_defaults_to_the_release_namespace() -> None:
     manifests = render((), ("watch.allNamespaces=false",))
     (container,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert f"--namespace={NAMESPACE}" in container["args"]
-    assert [r["metadata"]["namespace"] for r in by_kind(manifests, "Role")] == [NAMESPACE]
+    assert sorted(r["metadata"]["name"] for r in by_kind(manifests, "Role")) == [
+        "gp-gpuproxy-operator", "gp-gpuproxy-operator-leader-election"]
+    assert {r["metadata"]["namespace"] for r in by_kind(manifests, "Role")} == {NAMESPACE}
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from tests.chart.helm import CLUSTER_VALUES, NAMESPACED_VALUES, by_kind, load_yaml, render
+from tests.chart.helm import (
+    CLUSTER_VALUES,
+    NAMESPACE,
+    NAMESPACED_VALUES,
+    by_kind,
+    load_yaml,
+    render,
+)
 
 from gpuproxy_operator import engine, handlers, kube
 from gpuproxy_operator.api.base import GROUP, KIND, PLURAL
 from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.autoscaling.kube_adapter import KubeScaling
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.leader import LeaderElector, LeaseConfig
 from gpuproxy_operator.naming import child_name
 
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
@@ -171,6 +179,9 @@ async def _exercise_operator() -> set[Grant]:
     proxy = child_name("prod", "proxy")
     assert await scaling.get_deployment(NS, proxy) is not None
     await scaling.list_proxy_pods(NS, "prod")
+    api.put({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{proxy}-0",
+                                                             "namespace": NS}})
+    await scaling.set_deletion_cost(NS, f"{proxy}-0", 7)  # before a scale-down
     await scaling.list_autoscalers(NS)
     await scaling.set_replicas(NS, proxy, 4)
     assert await scaling.get_cluster(NS, "prod") is not None
@@ -179,6 +190,15 @@ async def _exercise_operator() -> set[Grant]:
 
     # The periodic resync lists the clusters of each watched namespace.
     await handlers.resync_once(state)
+
+    # Leader election: the first replica creates the Lease and renews it, releases it on its
+    # way out; the next one reads it and takes it over.
+    first = LeaderElector(api, LeaseConfig(namespace=NS, identity="op-0"))
+    assert await first.try_acquire_or_renew()
+    assert await first.try_acquire_or_renew()
+    await first.release()
+    assert await LeaderElector(api, LeaseConfig(namespace=NS, identity="op-1")
+                               ).try_acquire_or_renew()
     return api.calls
 
 
@@ -239,8 +259,17 @@ def child_resources() -> set[tuple[str, str]]:
     return {(kube.REGISTRY[k].group, kube.REGISTRY[k].plural) for k in kinds}
 
 
+LEASES = "coordination.k8s.io"
+
+
+def lease_needs(code_calls: set[Grant]) -> set[Grant]:
+    """What leader election uses: granted in the release namespace only."""
+    return {grant for grant in code_calls if grant[0] == LEASES}
+
+
 def needed(code_calls: set[Grant]) -> tuple[set[Grant], set[Grant]]:
-    """(namespaced needs, cluster-scoped needs) of a cluster-wide operator."""
+    """(namespaced needs, cluster-scoped needs) of a cluster-wide operator, leases apart."""
+    code_calls = code_calls - lease_needs(code_calls)
     children = child_resources()
     # The engine treats child kinds through one code path: a verb it used on one child kind
     # (within this test's scenario) it can use on any of them.
@@ -288,7 +317,7 @@ def test_cluster_wide_install_grants_exactly_what_the_code_uses(code_calls: set[
 def test_namespaced_install_grants_per_namespace(code_calls: set[Grant]) -> None:
     namespaced, cluster_scoped = needed(code_calls)
     manifests = render((NAMESPACED_VALUES,), ("rbac.clusterScopedReads=true",))
-    roles = by_kind(manifests, "Role")
+    roles = [r for r in by_kind(manifests, "Role") if r not in leader_election_roles(manifests)]
     assert {r["metadata"]["namespace"] for r in roles} == {"team-a", "team-b"}
     for role in roles:
         granted = grants([role])
@@ -297,6 +326,27 @@ def test_namespaced_install_grants_per_namespace(code_calls: set[Grant]) -> None
     reads = grants(by_kind(manifests, "ClusterRole"))
     assert reads == cluster_scoped | KOPF_NAMESPACE_OBSERVER
     assert all(verb in ("get", "list", "watch") for _, _, verb in reads)
+
+
+def leader_election_roles(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in by_kind(manifests, "Role")
+            if r["metadata"]["name"].endswith("-leader-election")]
+
+
+@pytest.mark.parametrize("values", [(), (NAMESPACED_VALUES,)])
+def test_leases_are_granted_in_the_release_namespace_only(
+        code_calls: set[Grant], values: tuple[Any, ...]) -> None:
+    needs = lease_needs(code_calls)
+    assert {verb for _, _, verb in needs} == {"get", "create", "patch"}
+    manifests = render(values)
+    (role,) = leader_election_roles(manifests)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert grants([role]) == needs
+    others = [r for r in by_kind(manifests, "ClusterRole") + by_kind(manifests, "Role")
+              if r is not role]
+    assert not {g for g in grants(others) if g[0] == LEASES}
+    assert leader_election_roles(render(values, ("leaderElection.enabled=false",
+                                                 "replicaCount=1"))) == []
 
 
 def test_bindings_bind_the_operator_service_account() -> None:

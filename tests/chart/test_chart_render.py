@@ -63,11 +63,14 @@ def test_default_install_is_cluster_wide_with_crd() -> None:
     assert kinds == sorted([
         "ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition",
         "Deployment", "Service", "ServiceAccount",
+        "PodDisruptionBudget", "Role", "RoleBinding",  # HA: the PDB and the Lease's Role
+        "ConfigMap", "ConfigMap",  # the Grafana dashboards (proxy, operator)
     ])
     assert all(
         m["metadata"].get("namespace") == NAMESPACE
         for m in manifests
-        if m["kind"] in ("ConfigMap", "Deployment", "Service", "ServiceAccount")
+        if m["kind"] in ("ConfigMap", "Deployment", "Service", "ServiceAccount",
+                         "PodDisruptionBudget", "Role", "RoleBinding")
     )
 
 

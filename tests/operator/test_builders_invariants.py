@@ -141,23 +141,32 @@ def _template_hash(manifests: list[Manifest], kind: str, name: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("kind", "name", "field_path", "value"),
+    ("kind", "name", "field_path", "value", "rolls"),
     [
-        ("Deployment", "mini-proxy", ("proxy", "rateLimits"), {"perIp": 50}),
-        ("Deployment", "mini-pgbouncer", ("pgbouncer", "defaultPoolSize"), 100),
-        ("StatefulSet", "mini-redis", ("redis", "maxmemory"), "2gb"),
-        ("DaemonSet", "mini-node-tuning", ("nodeTuning", "sysctls"), {"net.core.somaxconn": "1"}),
+        ("Deployment", "mini-proxy", ("proxy", "workers"), 8, True),
+        # The proxy reloads these from its ConfigMap; PgBouncer gets a SIGHUP.
+        ("Deployment", "mini-proxy", ("proxy", "rateLimits"), {"perIp": 50}, False),
+        ("Deployment", "mini-pgbouncer", ("pgbouncer", "defaultPoolSize"), 100, False),
+        ("StatefulSet", "mini-redis", ("redis", "maxmemory"), "2gb", True),
+        ("DaemonSet", "mini-node-tuning", ("nodeTuning", "sysctls"), {"net.core.somaxconn": "1"},
+         True),
     ],
 )
-def test_changed_configmap_input_changes_the_pod_template_config_hash(
-    kind: str, name: str, field_path: tuple[str, str], value: Any
+def test_a_changed_configmap_rolls_only_what_cannot_reload_it(
+    kind: str, name: str, field_path: tuple[str, str], value: Any, rolls: bool
 ) -> None:
     before = build_all(cluster(minimal_body()), BuildInputs())
     body = minimal_body()
     body["spec"].setdefault(field_path[0], {})[field_path[1]] = value
     after = build_all(cluster(body), BuildInputs())
-    assert _template_hash(before, kind, name) != _template_hash(after, kind, name)
-    # Only that component's pods roll.
+    configmap = ("ConfigMap", name)
+    assert by_key(before)[configmap]["data"] != by_key(after)[configmap]["data"]
+    changed = _template_hash(before, kind, name) != _template_hash(after, kind, name)
+    assert changed is rolls
+    if not rolls:
+        assert by_key(before)[(kind, name)]["spec"]["template"] == by_key(after)[(kind, name)][
+            "spec"]["template"]
+    # Never another component's pods.
     others = [(k, n) for (k, n) in by_key(before) if pod_templates(by_key(before)[(k, n)])]
     for other in others:
         if other != (kind, name):
@@ -199,6 +208,8 @@ def test_disabled_components_produce_no_objects() -> None:
         ("Service", "lean-pgbouncer"),
         ("Deployment", "lean-pgbouncer"),
         ("Deployment", "lean-proxy"),
+        # PgBouncer's budget is not optional: its two pods are what keeps metering up.
+        ("PodDisruptionBudget", "lean-pgbouncer"),
         ("NetworkPolicy", "lean-pgbouncer"),
     }
     assert not [m for m in ALL["lean"] if m["metadata"]["labels"][

@@ -5,32 +5,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.operator.clusters import CREDENTIALS, by_key, cluster, minimal_body, production_body
+from tests.operator.clusters import (
+    CREDENTIALS,
+    by_key,
+    cluster,
+    lean_body,
+    minimal_body,
+    production_body,
+)
 
 from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 
-SEL = 'namespace="default", job="mini-proxy-metrics"'
+SEL = 'namespace="default", pod=~"mini-proxy-[a-z0-9]+-[a-z0-9]+"'
 GUIDE_ALERTS = {
     "HighErrorRate": (
-        f"sum(rate(gpuproxy_requests_failed_total{{{SEL}}}[5m])) / "
-        f"sum(rate(gpuproxy_requests_total{{{SEL}}}[5m])) > 0.05",
+        f"sum by (namespace) (rate(gpuproxy_requests_failed_total{{{SEL}}}[5m])) / "
+        f"sum by (namespace) (rate(gpuproxy_requests_total{{{SEL}}}[5m])) > 0.05",
         "5m", "critical",
     ),
     "DatabasePoolExhaustion": (
-        f"sum(gpuproxy_db_connections_active{{{SEL}}}) / "
-        f"sum(gpuproxy_db_connections_max{{{SEL}}}) > 0.9",
+        f"max by (namespace, pod) (gpuproxy_db_connections_active{{{SEL}}}) / "
+        f"max by (namespace, pod) (gpuproxy_db_connections_max{{{SEL}}}) > 0.9",
         "2m", "warning",
     ),
     "HighLatency": (
-        "histogram_quantile(0.99, sum by (le) "
+        "histogram_quantile(0.99, sum by (namespace, le) "
         f"(rate(gpuproxy_request_duration_milliseconds_bucket{{{SEL}}}[5m]))) > 5000",
         "5m", "warning",
     ),
     "ConnectionSaturation": (
-        f"sum by (pod) (gpuproxy_connections_active{{{SEL}}}) / 100000 > 0.9",
+        f"max by (namespace, pod) (gpuproxy_connections_active{{{SEL}}}) / 100000 > 0.9",
         "5m", "warning",
     ),
+    "GpuProxyTargetDown": (f"max by (namespace, pod) (up{{{SEL}}}) == 0", "5m", "warning"),
+    "GpuProxyMetricsAbsent": (f"absent(gpuproxy_connections_active{{{SEL}}})", "10m", "critical"),
 }
 
 
@@ -63,12 +72,12 @@ def test_thresholds_and_labels_follow_the_spec() -> None:
         connectionSaturationThreshold=0.8,
     )
     rules = _rules(body)
-    sel = 'namespace="aiserve-farm", job="prod-proxy-metrics"'
+    sel = 'namespace="aiserve-farm", pod=~"prod-proxy-[a-z0-9]+-[a-z0-9]+"'
     assert rules["HighErrorRate"]["expr"].endswith(") > 0.01")
     assert rules["HighLatency"]["expr"].endswith(") > 2000")
     assert rules["DatabasePoolExhaustion"]["expr"].endswith(") > 0.85")
     assert rules["ConnectionSaturation"]["expr"] == (
-        f"sum by (pod) (gpuproxy_connections_active{{{sel}}}) / 50000 > 0.8"
+        f"max by (namespace, pod) (gpuproxy_connections_active{{{sel}}}) / 50000 > 0.8"
     )
     meta = _objects(body)[("PrometheusRule", "prod-monitoring")]["metadata"]
     assert meta["labels"]["release"] == "kube-prometheus-stack"
@@ -89,7 +98,8 @@ def test_service_monitor_scrapes_only_the_metrics_service() -> None:
     assert matched == ["prod-proxy-metrics"]
     port_names = [p["name"] for p in objs[("Service", "prod-proxy-metrics")]["spec"]["ports"]]
     assert endpoint["port"] in port_names
-    assert ("ServiceMonitor", "mini-monitoring") not in _objects(minimal_body())
+    lean = lean_body()  # rules off, serviceMonitor unset: it follows them
+    assert ("ServiceMonitor", "lean-monitoring") not in _objects(lean)
 
 
 def test_network_policies_admit_only_the_proxy() -> None:

@@ -1,5 +1,6 @@
 """PgBouncer: pgbouncer.ini pinned to the guide's pool settings, the userlist Secret's quoting,
-and a Deployment that rolls when the config or the password changes."""
+two spread pods with a disruption budget, and a Deployment that reloads (rather than rolls) on a
+pool-setting or password change."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from gpuproxy_operator.api.cluster import InvalidSpecError
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.builders.pgbouncer import userlist
+from gpuproxy_operator.builders.pgbouncer_reload import RUN_SCRIPT
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
 
 # The guide's [pgbouncer] section ("CRITICAL for 100k connections" and below), except the pool
-# sizes, which leave PostgreSQL's 3 reserved slots free (430 + reserve 50 = 480 < 500 - 3).
+# sizes: two pods, each 190 + reserve 50 = 240, and 2 x 240 = 480 < 500 - 3 reserved slots.
 GUIDE_POOL_SETTINGS = {
     "pool_mode": "transaction",
     "max_client_conn": "100000",
-    "default_pool_size": "430",
+    "default_pool_size": "190",
     "reserve_pool_size": "50",
     "reserve_pool_timeout": "5",
     "server_lifetime": "1800",
@@ -29,8 +31,8 @@ GUIDE_POOL_SETTINGS = {
     "server_connect_timeout": "15",
     "query_timeout": "0",
     "query_wait_timeout": "120",
-    "max_db_connections": "480",
-    "max_user_connections": "480",
+    "max_db_connections": "240",
+    "max_user_connections": "240",
     "log_connections": "0",
     "log_disconnections": "0",
     "log_pooler_errors": "1",
@@ -143,45 +145,105 @@ def test_secret_holds_the_userlist_base64() -> None:
     assert ("Secret", "mini-pgbouncer") not in _objects(minimal_body(), creds=None)
 
 
-def _pgbouncer_hash(body: dict[str, Any], creds: DatabaseCredentials | None) -> str:
-    dep = _objects(body, creds)[("Deployment", "mini-pgbouncer")]
-    return str(dep["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION])
+def _pgbouncer_template(body: dict[str, Any], creds: DatabaseCredentials | None) -> Any:
+    name = body["metadata"]["name"]
+    return _objects(body, creds)[("Deployment", f"{name}-pgbouncer")]["spec"]["template"]
 
 
-def test_password_rotation_rolls_pgbouncer_and_nothing_else() -> None:
+def test_password_rotation_changes_the_userlist_but_rolls_no_pod() -> None:
     body = minimal_body()
-    old = _pgbouncer_hash(body, CREDENTIALS)
-    assert _pgbouncer_hash(body, DatabaseCredentials("gpuproxy", "rotated")) != old
-    assert _pgbouncer_hash(body, DatabaseCredentials("gpuproxy", CREDENTIALS.password)) == old
+    rotated = DatabaseCredentials("gpuproxy", "rotated")
+    # The userlist changes (the kubelet updates the mounted file; the entrypoint reloads)...
+    secrets = [_objects(body, c)[("Secret", "mini-pgbouncer")]["data"]
+               for c in (CREDENTIALS, rotated)]
+    assert secrets[0] != secrets[1]
+    # ...while neither PgBouncer's nor the proxy's pod template does.
+    assert _pgbouncer_template(body, CREDENTIALS) == _pgbouncer_template(body, rotated)
     proxy = [
-        by_key(build_all(cluster(body), BuildInputs(DatabaseCredentials("gpuproxy", pw))))[
-            ("Deployment", "mini-proxy")
-        ]["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
-        for pw in ("one", "two")
+        _objects(body, creds)[("Deployment", "mini-proxy")]["spec"]["template"]
+        for creds in (CREDENTIALS, rotated)
     ]
     assert proxy[0] == proxy[1]
 
 
-def test_deployment_runs_pgbouncer_hardened_on_its_config() -> None:
+@pytest.mark.parametrize("pgbouncer", [
+    {"defaultPoolSize": 100}, {"maxClientConn": 5000, "resources": {"limits": {"cpu": "1"}}},
+    {"poolMode": "session"}, {"serverLifetimeSeconds": 60, "queryWaitTimeoutSeconds": 5},
+])
+def test_reloadable_settings_change_the_ini_but_not_the_config_hash(
+    pgbouncer: dict[str, Any]
+) -> None:
+    body = minimal_body()
+    changed = minimal_body()
+    changed["spec"]["pgbouncer"] = pgbouncer
+    assert _ini(body) != _ini(changed)
+    before, after = (_pgbouncer_template(b, CREDENTIALS)["metadata"]["annotations"]
+                     for b in (body, changed))
+    assert before[CONFIG_HASH_ANNOTATION] == after[CONFIG_HASH_ANNOTATION]
+
+
+def test_start_only_settings_and_the_entrypoint_change_the_config_hash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gpuproxy_operator.builders.pgbouncer_reload as reload
+
+    body = minimal_body()
+    before = _pgbouncer_template(body, CREDENTIALS)["metadata"]["annotations"]
+    monkeypatch.setattr(reload, "pgbouncer_settings",
+                        lambda c: [("listen_port", 7432), ("default_pool_size", 1)])
+    moved = _pgbouncer_template(body, CREDENTIALS)["metadata"]["annotations"]
+    assert moved[CONFIG_HASH_ANNOTATION] != before[CONFIG_HASH_ANNOTATION]
+    monkeypatch.undo()
+    monkeypatch.setattr(reload, "RUN_SCRIPT", RUN_SCRIPT + "# changed\n")
+    rescripted = _pgbouncer_template(body, CREDENTIALS)["metadata"]["annotations"]
+    assert rescripted[CONFIG_HASH_ANNOTATION] != before[CONFIG_HASH_ANNOTATION]
+
+
+def test_deployment_runs_two_spread_pgbouncers_through_the_reloading_entrypoint() -> None:
     objs = _objects(production_body())
     dep = objs[("Deployment", "prod-pgbouncer")]
-    assert dep["spec"]["replicas"] == 1  # the guide runs one PgBouncer
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = dep["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == 70
     [c] = pod["containers"]
-    assert c["command"] == ["pgbouncer", "/etc/pgbouncer/pgbouncer.ini"]
+    assert c["command"] == ["/bin/sh", "/etc/pgbouncer/run-pgbouncer.sh",
+                            "/etc/pgbouncer/pgbouncer.ini", "/etc/pgbouncer-auth/userlist.txt"]
     assert c["ports"] == [{"name": "pgbouncer", "containerPort": 6432, "protocol": "TCP"}]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["tcpSocket"] == {"port": "pgbouncer"}
-    assert c["resources"] == {"requests": {"cpu": "4", "memory": "4Gi"},
-                              "limits": {"cpu": "8", "memory": "8Gi"}}
-    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert mounts == {"/etc/pgbouncer": "config", "/etc/pgbouncer-auth": "userlist",
-                      "/tmp": "tmp"}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert {path: m["name"] for path, m in mounts.items()} == {
+        "/etc/pgbouncer": "config", "/etc/pgbouncer-auth": "userlist", "/tmp": "tmp"}
+    # Whole volumes: a subPath mount would never see the kubelet's updates.
+    assert not [m for m in c["volumeMounts"] if "subPath" in m]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "prod-pgbouncer"
     assert volumes["userlist"]["secret"]["secretName"] == "prod-pgbouncer"
+    assert "items" not in volumes["userlist"]["secret"]
+    configmap = objs[("ConfigMap", "prod-pgbouncer")]["data"]
+    assert configmap["run-pgbouncer.sh"] == RUN_SCRIPT
+    match = {"matchLabels": dep["spec"]["selector"]["matchLabels"]}
+    assert pod["affinity"] == {"podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+            "labelSelector": match, "topologyKey": "kubernetes.io/hostname"}}]}}
+    assert pod["topologySpreadConstraints"] == [{
+        "maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+        "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": match}]
     svc = objs[("Service", "prod-pgbouncer")]["spec"]
     assert svc["ports"] == [{"name": "pgbouncer", "port": 6432, "targetPort": "pgbouncer",
                              "protocol": "TCP"}]
     assert svc["selector"]["app.kubernetes.io/component"] == "pgbouncer"
+
+
+def test_disruption_budget_keeps_one_pgbouncer_serving() -> None:
+    objs = _objects(minimal_body())
+    pdb = objs[("PodDisruptionBudget", "mini-pgbouncer")]
+    assert pdb["apiVersion"] == "policy/v1"
+    # maxUnavailable, not minAvailable: a single replica must not block node drains.
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": objs[("Deployment", "mini-pgbouncer")]["spec"]["selector"][
+            "matchLabels"]},
+    }

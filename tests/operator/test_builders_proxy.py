@@ -1,5 +1,5 @@
-"""The proxy's objects: its config file (accepted by the proxy itself), Deployment, Services,
-ServiceAccount and PodDisruptionBudget."""
+"""The proxy's objects: its config file (accepted by the proxy itself), Deployment (secrets as
+files, probes, graceful shutdown), Services, ServiceAccount and PodDisruptionBudget."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.operator.clusters import (
 from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
-from gpuproxy_proxy.config import SECRET_ENV_VARS, ProxyConfig, parse_config
+from gpuproxy_proxy.config import ProxyConfig, SecretFilesConfig, parse_config
 
 
 def _objects(body: dict[str, Any], replicas: int | None = None) -> dict[tuple[str, str], Manifest]:
@@ -53,8 +53,11 @@ def test_minimal_config_parses_with_the_proxy_and_carries_the_defaults() -> None
     )
     # 100000 connections * 1.1 / 4 workers
     assert cfg.limits.max_connections_per_worker == 27500
-    assert cfg.limits.shutdown_grace_seconds == 50
     assert cfg.limits.max_body_bytes == 10 * 1024 * 1024
+    # Shutdown: 10 s drain delay, idle closes spread over 10 s, streams up to 600 s.
+    assert (cfg.limits.drain_delay_seconds, cfg.limits.idle_close_seconds) == (10, 10)
+    assert cfg.upstream.max_request_seconds == 600
+    assert cfg.limits.shutdown_grace_seconds == 600
 
 
 def test_production_config_follows_the_spec() -> None:
@@ -74,7 +77,8 @@ def test_production_config_follows_the_spec() -> None:
     assert cfg.database.host == "prod-pgbouncer.aiserve-farm.svc"
     assert cfg.database.database == "usage"
     assert cfg.limits.max_connections_per_worker == 3438  # ceil(110000 / 32)
-    assert cfg.limits.shutdown_grace_seconds == 110
+    # terminationGracePeriodSeconds 120 - drain delay 10 - margin 20.
+    assert cfg.limits.shutdown_grace_seconds == 90
 
 
 def test_external_redis_url_is_used_verbatim() -> None:
@@ -83,12 +87,32 @@ def test_external_redis_url_is_used_verbatim() -> None:
     assert cfg.redis.url == "rediss://redis.cache.example:6380/2"
 
 
-@pytest.mark.parametrize(("grace", "expected"), [(60, 50), (11, 1), (5, 1), (1, 1)])
-def test_shutdown_grace_leaves_ten_seconds_but_at_least_one(grace: int, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("proxy", "grace", "waits"),
+    [
+        # Derived: drain delay + the longest request (or idle-close spread) + 20 s margin.
+        ({}, 10 + 600 + 20, 600),
+        ({"upstream": {"maxRequestSeconds": 60}}, 10 + 60 + 20, 60),
+        ({"upstream": {"maxRequestSeconds": 5}, "shutdown": {"idleCloseSeconds": 30}},
+         10 + 30 + 20, 30),
+        ({"shutdown": {"drainDelaySeconds": 0, "idleCloseSeconds": 0},
+          "upstream": {"maxRequestSeconds": 1}}, 0 + 1 + 20, 1),
+        # An override: what is left after the drain delay and the margin.
+        ({"terminationGracePeriodSeconds": 120}, 120, 90),
+        ({"terminationGracePeriodSeconds": 30}, 30, 0),
+        ({"terminationGracePeriodSeconds": 25, "shutdown": {"drainDelaySeconds": 5}}, 25, 0),
+    ],
+)
+def test_grace_period_covers_drain_delay_longest_request_and_margin(
+    proxy: dict[str, Any], grace: int, waits: int
+) -> None:
     body = minimal_body()
-    body["spec"]["proxy"]["terminationGracePeriodSeconds"] = grace
-    assert _config(body).limits.shutdown_grace_seconds == expected
+    body["spec"]["proxy"].update(proxy)
+    cfg = _config(body)
     assert _pod(body)["spec"]["terminationGracePeriodSeconds"] == grace
+    assert cfg.limits.shutdown_grace_seconds == waits
+    assert cfg.limits.drain_delay_seconds == body["spec"]["proxy"].get("shutdown", {}).get(
+        "drainDelaySeconds", 10)
 
 
 def test_deployment_strategy_probes_and_lifecycle() -> None:
@@ -98,14 +122,17 @@ def test_deployment_strategy_probes_and_lifecycle() -> None:
         "type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}
     }
     [c] = dep["spec"]["template"]["spec"]["containers"]
-    assert c["args"] == ["--config", "/etc/gpuproxy/config.yaml"]
+    assert c["args"] == ["--config", "/etc/gpuproxy/config/config.yaml"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "admin": 9090}
     assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "admin"}
+    # Liveness: worker heartbeats; readiness: process, workers and config.
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "admin"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
-    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    # The proxy's own drain delay replaces the preStop sleep.
+    assert "lifecycle" not in c
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert mounts == {"/etc/gpuproxy": "config", "/tmp": "tmp"}
+    assert mounts == {"/etc/gpuproxy/config": "config", "/etc/gpuproxy/secrets/db": "secret-db",
+                      "/tmp": "tmp"}
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "mini-proxy"
     assert "emptyDir" in volumes["tmp"]
@@ -128,20 +155,45 @@ def test_pod_security_context_and_safe_sysctls() -> None:
     assert "sysctls" not in _pod(body)["spec"]["securityContext"]
 
 
-def test_env_wires_every_secret_by_reference() -> None:
-    [c] = _pod(production_body())["spec"]["containers"]
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
-    assert env == {
-        "GPUPROXY_JWT_SECRET": {"name": "gpuproxy-auth", "key": "jwt"},
-        "GPUPROXY_ADMIN_TOKEN": {"name": "gpuproxy-auth", "key": "admin"},
-        "GPUPROXY_DB_USER": {"name": "gpuproxy-db", "key": "username"},
-        "GPUPROXY_DB_PASSWORD": {"name": "gpuproxy-db", "key": "password"},
-        "GPUPROXY_REDIS_PASSWORD": {"name": "gpuproxy-redis", "key": "password"},
+def test_secrets_are_mounted_files_named_in_the_config() -> None:
+    body = production_body()
+    pod = _pod(body)["spec"]
+    [c] = pod["containers"]
+    assert "env" not in c  # no GPUPROXY_* secret variables any more
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert volumes == {
+        "secret-jwt": {"secretName": "gpuproxy-auth", "items": [{"key": "jwt", "path": "secret"}],
+                       "defaultMode": 0o440},
+        "secret-admin": {"secretName": "gpuproxy-auth",
+                         "items": [{"key": "admin", "path": "token"}], "defaultMode": 0o440},
+        "secret-db": {"secretName": "gpuproxy-db", "items": [
+            {"key": "username", "path": "username"}, {"key": "password", "path": "password"}],
+            "defaultMode": 0o440},
+        "secret-redis": {"secretName": "gpuproxy-redis",
+                         "items": [{"key": "password", "path": "password"}],
+                         "defaultMode": 0o440},
     }
-    # Exactly the names the proxy reads its secrets from.
-    assert set(env) == set(SECRET_ENV_VARS)
-    [minimal] = _pod(minimal_body())["spec"]["containers"]
-    assert [e["name"] for e in minimal["env"]] == ["GPUPROXY_DB_USER", "GPUPROXY_DB_PASSWORD"]
+    mounts = {m["name"]: m for m in c["volumeMounts"] if m["name"] in volumes}
+    # Whole volumes, no subPath: the kubelet swaps the files on a rotation.
+    assert all("subPath" not in m and m["readOnly"] for m in mounts.values())
+    files = _config(body).secret_files
+    assert files == SecretFilesConfig(
+        jwt_secret="/etc/gpuproxy/secrets/jwt/secret",
+        admin_token="/etc/gpuproxy/secrets/admin/token",
+        db_user="/etc/gpuproxy/secrets/db/username",
+        db_password="/etc/gpuproxy/secrets/db/password",
+        redis_password="/etc/gpuproxy/secrets/redis/password",
+    )
+    # Every path the config names lies in a mounted volume, as one of its items.
+    for path in files.model_dump().values():
+        directory, _, name = path.rpartition("/")
+        [mount] = [m for m in mounts.values() if m["mountPath"] == directory]
+        assert name in [i["path"] for i in volumes[mount["name"]]["items"]]
+    # Only what the spec references.
+    assert _config(minimal_body()).secret_files == SecretFilesConfig(
+        db_user="/etc/gpuproxy/secrets/db/username",
+        db_password="/etc/gpuproxy/secrets/db/password",
+    )
 
 
 def test_scheduling_fields_pass_through() -> None:
@@ -181,7 +233,9 @@ def test_default_topology_spread_unless_the_user_sets_one() -> None:
         ({"enabled": False}, 12, 12),
         ({"enabled": True, "minReplicas": 4, "maxReplicas": 8}, None, 4),
         ({"enabled": True, "minReplicas": 2, "maxReplicas": 8}, 6, 6),
-        ({"enabled": True, "minReplicas": 2, "maxReplicas": 8}, 20, 8),
+        # Reconcile passes the count to keep: above a lowered maxReplicas the autoscaler
+        # steps down at its scale-down pace, so the builder never clamps a decided count.
+        ({"enabled": True, "minReplicas": 2, "maxReplicas": 8}, 20, 20),
     ],
 )
 def test_replicas(autoscaling: dict[str, Any], decided: int | None, expected: int) -> None:

@@ -145,7 +145,7 @@ def test_rendered_redis_conf_runs_in_redis_server(persistence: bool) -> None:
         try:
             assert client.ping()
             config = client.config_get("*")
-            assert config["maxmemory"] == str(16 * 1024**3)
+            assert config["maxmemory"] == str(1024**3)
             assert config["maxmemory-policy"] == "allkeys-lru"
             assert config["tcp-backlog"] == "65535"
             assert config["timeout"] == "300"

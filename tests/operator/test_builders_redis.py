@@ -10,7 +10,8 @@ from tests.operator.clusters import CREDENTIALS, by_key, cluster, lean_body, min
 from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 
-# The guide's redis.conf, in its order, plus what the operator adds for Kubernetes.
+# The guide's redis.conf, in its order, plus what the operator adds for Kubernetes; maxmemory
+# holds the rate-limit counters only (the guide's 16gb is sized for a dedicated host).
 GUIDE_REDIS_CONF = """\
 bind 0.0.0.0
 port 6379
@@ -18,7 +19,7 @@ protected-mode no
 tcp-backlog 65535
 timeout 300
 tcp-keepalive 60
-maxmemory 16gb
+maxmemory 1gb
 maxmemory-policy allkeys-lru
 save ""
 appendonly no

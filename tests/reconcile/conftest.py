@@ -234,12 +234,17 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
 
 class VersionedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """kmock plus what kopf relies on to tell its own patches from stale events: every write
-    gets a new metadata.resourceVersion, as on a real API server."""
+    gets a new metadata.resourceVersion, and every created object a uid, as on a real API
+    server (kopf's indices key objects by namespace, name and uid: without uids a ConfigMap
+    and a Deployment of the same name would be one object to them)."""
 
     async def _handle(self, request: Any) -> Any:
         if (request.resource is not None and isinstance(request.data, dict)
                 and request.action in (kmock.action.CREATE, kmock.action.UPDATE)):
-            request.data.setdefault("metadata", {})["resourceVersion"] = str(next(_versions))
+            meta = request.data.setdefault("metadata", {})
+            meta["resourceVersion"] = str(next(_versions))
+            if request.action == kmock.action.CREATE:
+                meta.setdefault("uid", f"kmock-uid-{next(_versions)}")
         return await super()._handle(request)
 
 

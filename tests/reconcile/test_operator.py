@@ -10,6 +10,7 @@ import pytest
 
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import parse_cluster
+from gpuproxy_operator.autoscaling.kube_adapter import HPA
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
 from gpuproxy_operator.naming import CLUSTER_LABEL, CONFIG_HASH_ANNOTATION, SPEC_HASH_ANNOTATION
 from gpuproxy_operator.reconcile import contains
@@ -103,7 +104,9 @@ async def test_spec_change_patches_only_affected_children(
     before = {(m["kind"], m["metadata"]["name"]): m for m in desired(body)}
     template_before = cluster.get("Deployment", "ns1", "demo-proxy")["spec"]["template"]
     mark = cluster.mark()
-    change = {"proxy": {**body["spec"]["proxy"], "loadBalancing": {"strategy": "round_robin"}}}
+    # The worker count is fixed at process start, so it rolls the pods (a strategy change
+    # would reach them through the ConfigMap alone).
+    change = {"proxy": {**body["spec"]["proxy"], "workers": 3}}
     await cluster.edit_spec("ns1", "demo", change)
     new_body = {**body, "spec": {**body["spec"], **change}}
     after = {(m["kind"], m["metadata"]["name"]): m for m in desired(new_body)}
@@ -294,36 +297,81 @@ async def test_prometheus_rule_created_when_the_crd_exists(
     assert condition(cr(cluster, body), "AlertsReady")["status"] == "True"
 
 
-async def test_replicas_follow_the_autoscaler_or_the_spec(
+def owner(cluster: Cluster, body: dict[str, Any]) -> tuple[Any, Any]:
+    status = (cr(cluster, body) or {}).get("status") or {}
+    return status.get("replicasOwner"), status.get("handoverSpecReplicas")
+
+
+async def test_replicas_have_one_owner_and_reconcile_never_writes_the_autoscalers(
         cluster: Cluster, operator: Operator) -> None:
     body = cluster_body()
+    proxy = body["spec"]["proxy"]
     await converge(cluster, operator, body)
+    assert owner(cluster, body) == ("Spec", None)
     # Autoscaling off: spec.proxy.replicas (what `kubectl scale gpc` writes) is applied alone.
     mark = cluster.mark()
-    await cluster.edit_spec("ns1", "demo", {"proxy": {**body["spec"]["proxy"], "replicas": 3}})
+    await cluster.edit_spec("ns1", "demo", {"proxy": {**proxy, "replicas": 3}})
     await eventually(lambda: replicas(cluster) == 3)
     child_writes = [w for w in cluster.operator_writes(mark) if KIND.lower() not in w]
     assert child_writes == [f"PATCH {cluster.path('Deployment', 'ns1', 'demo-proxy')}"]
     await eventually(lambda: any(e["reason"] == "Scaled" for e in cluster.events("ns1")))
-    # Autoscaling on without a decision: the Deployment's current replicas are kept, also
-    # when the autoscaler has just scaled the Deployment itself.
+
+    # Autoscaling on: the autoscaler owns the replicas. Reconcile keeps the Deployment's count
+    # when the autoscaler scales it, and never applies a (possibly stale) desiredReplicas.
     await cluster.edit_spec("ns1", "demo", {"autoscaling": {"enabled": True, "minReplicas": 2,
                                                            "maxReplicas": 10}})
-    await eventually(lambda: condition(cr(cluster, body), "Ready").get("observedGeneration") == 3)
+    await eventually(lambda: owner(cluster, body) == ("Autoscaler", 3))
     await cluster.patch("Deployment", "ns1", "demo-proxy", {"spec": {"replicas": 7}})
-    base = operator.reconciles()
-    await eventually(lambda: operator.reconciles() >= base + 2)
-    assert cluster.get("Deployment", "ns1", "demo-proxy")["spec"]["replicas"] == 7
-    # The autoscaler's decision in status.desiredReplicas wins.
     await cluster.patch(KIND, "ns1", "demo", {"status": {"desiredReplicas": 5}})
-    await eventually(lambda: replicas(cluster) == 5)
-    await eventually(lambda: cr(cluster, body)["status"]["replicas"] == 5)  # type: ignore[index]
+    base = operator.reconciles()
+    await eventually(lambda: operator.reconciles() >= base + 3)
+    assert replicas(cluster) == 7
+    # `kubectl scale gpc` meanwhile is reported, not silently ignored (and not applied).
+    await cluster.edit_spec("ns1", "demo", {"proxy": {**proxy, "replicas": 4}})
+    ignored = await eventually(lambda: [e for e in cluster.events("ns1")
+                                        if e["reason"] == "ScaleIgnored"])
+    assert ignored[0]["type"] == "Warning"
+    assert "from 3 to 4" in ignored[0]["message"]
+    await eventually(lambda: owner(cluster, body) == ("Autoscaler", 4))
+    assert "spec.proxy.replicas (4) is ignored" in cr(cluster, body)["status"][  # type: ignore[index]
+        "replicasOwnerMessage"]
+    assert replicas(cluster) == 7
+
+    # Autoscaling off again: the Deployment keeps the autoscaler's 7 rather than snapping to
+    # the stale 4, until spec.proxy.replicas changes after the switch.
+    await cluster.edit_spec("ns1", "demo", {"autoscaling": {"enabled": False, "minReplicas": 2,
+                                                           "maxReplicas": 10}})
+    await eventually(lambda: owner(cluster, body) == ("Spec", 4))
+    base = operator.reconciles()
+    await eventually(lambda: operator.reconciles() >= base + 3)
+    assert replicas(cluster) == 7
+    assert owner(cluster, body) == ("Spec", 4)
+    assert any(e["reason"] == "ReplicasOwnerChanged" for e in cluster.events("ns1"))
+    await cluster.edit_spec("ns1", "demo", {"proxy": {**proxy, "replicas": 9}})
+    await eventually(lambda: replicas(cluster) == 9)
+    await eventually(lambda: owner(cluster, body) == ("Spec", None))
+
+    # An HPA (or KEDA's) on the Deployment: left alone, never fought, reported.
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+           "metadata": {"name": "keda-hpa-demo", "namespace": "ns1", "resourceVersion": "1"},
+           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                       "name": "demo-proxy"}, "maxReplicas": 20}}
+    async with cluster.server.post(HPA.path("ns1"), json=hpa) as resp:
+        assert resp.status < 400, await resp.text()
+    await cluster.patch("Deployment", "ns1", "demo-proxy", {"spec": {"replicas": 12}})
+    await eventually(lambda: owner(cluster, body) == ("External", 9))
+    base = operator.reconciles()
+    await eventually(lambda: operator.reconciles() >= base + 3)
+    assert replicas(cluster) == 12
+    assert "HorizontalPodAutoscaler ns1/keda-hpa-demo" in cr(cluster, body)[  # type: ignore[index]
+        "status"]["replicasOwnerMessage"]
 
 
 async def test_transient_api_errors_are_retried_until_converged(
         cluster: Cluster, operator: Operator, api_server: Any) -> None:
     operator.resync_seconds = 3600.0  # the retry must come from kopf's TemporaryError backoff
-    deployments = api_server[kmock.action.LIST, kmock.resource("apps", "v1", "deployments")]
+    # A write: reads come from the watch caches (kopf's own list retries are its business).
+    deployments = api_server[kmock.action.CREATE, kmock.resource("apps", "v1", "deployments")]
     deployments[:4] << 503 << {"kind": "Status", "apiVersion": "v1", "code": 503,
                                "reason": "ServiceUnavailable", "message": "etcd is slow"}
     body = cluster_body()

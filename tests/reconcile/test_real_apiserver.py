@@ -302,5 +302,5 @@ def test_server_answers_keep_everything_we_wrote() -> None:
         assert not_kept(apiserver_returned(m), m) == [], key_of(m)
     dep = next(m for m in desired if key_of(m) == PROXY)
     dropped = apiserver_returned(dep)
-    del dropped["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
-    assert not_kept(dropped, dep) == ["spec.template.spec.containers[0].lifecycle"]
+    del dropped["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert not_kept(dropped, dep) == ["spec.template.spec.containers[0].startupProbe"]

@@ -7,8 +7,8 @@ derives the needs from the operator's code and fails when a rule here is missing
 {{/* Rules for objects that live in the watched namespaces. */}}
 {{- define "gpuproxy-operator.namespacedRules" -}}
 # --- Framework (kopf) and the reconcile loop: the GpuProxyCluster itself ---
-# Watched by kopf; read by every reconcile and listed by the periodic resync; patched by kopf
-# for its progress and last-handled-configuration annotations.
+# Watched by kopf; read when reconcile needs a fresh copy and listed by the periodic resync;
+# patched by kopf for its progress and last-handled-configuration annotations.
 - apiGroups: ["gpuproxy.aiserve.farm"]
   resources: ["gpuproxyclusters"]
   verbs: ["get", "list", "watch", "patch"]
@@ -26,9 +26,10 @@ derives the needs from the operator's code and fails when a rule here is missing
   resources: ["events"]
   verbs: ["create"]
 # --- Application: the child objects the operator builds for each GpuProxyCluster ---
-# Watched for drift repair, listed to observe, created/patched to converge, deleted when a
-# component is switched off. get: ownership check on a name conflict, the autoscaler's read of
-# the proxy Deployment, and the database credentials Secret (spec.database.credentialsSecret).
+# Watched for drift repair and the caches reconcile reads, created/patched to converge, deleted
+# when a component is switched off. get: ownership check on a name conflict, the autoscaler's
+# read of the proxy Deployment. Secrets are also listed and watched one by one (fieldSelector
+# metadata.name) for the database credentials Secret (spec.database.credentialsSecret).
 # Proxy and PgBouncer Deployments, the bundled Redis StatefulSet, the node-tuning DaemonSet.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets", "daemonsets"]
@@ -50,11 +51,14 @@ derives the needs from the operator's code and fails when a rule here is missing
   resources: ["prometheusrules", "servicemonitors"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # --- Application: the autoscaler ---
-# Lists the proxy pods (IPs and readiness) to scrape their live connection counts.
+# Lists the proxy pods (IPs and readiness) to scrape their live connection counts; patches
+# their controller.kubernetes.io/pod-deletion-cost annotation right before a scale-down, so the
+# least loaded pods go first.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
-# Looks for a HorizontalPodAutoscaler on the proxy Deployment, so it never fights one.
+  verbs: ["list", "patch"]
+# Looks for a HorizontalPodAutoscaler on the proxy Deployment (reconcile and the autoscaler),
+# so the operator never fights one.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["list"]
@@ -73,4 +77,13 @@ derives the needs from the operator's code and fails when a rule here is missing
   resources: ["namespaces"]
   verbs: ["list", "watch"]
 {{- end }}
+{{- end }}
+
+{{/* Leader election, in the release namespace. */}}
+{{- define "gpuproxy-operator.leaderElectionRules" -}}
+# The Lease every replica reads, the first one creates, and the leader renews and releases
+# (merge patches carrying the resourceVersion they were computed from).
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "patch"]
 {{- end }}

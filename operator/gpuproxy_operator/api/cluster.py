@@ -95,6 +95,14 @@ class GpuProxyClusterStatus(Model):
     """Client connections across all proxy pods at the last scrape."""
     desired_replicas: int | None = None
     """Replicas the autoscaler last asked for."""
+    replicas_owner: Literal["Autoscaler", "Spec", "External"] | None = None
+    """Who sets the proxy Deployment's replicas: the autoscaler (spec.autoscaling.enabled),
+    spec.proxy.replicas, or a HorizontalPodAutoscaler on the Deployment (left alone)."""
+    replicas_owner_message: str | None = None
+    """Why that owner, and how to change the replicas."""
+    handover_spec_replicas: int | None = None
+    """spec.proxy.replicas while another owner has the replicas; after a handover to Spec the
+    Deployment keeps its count until spec.proxy.replicas differs from this."""
     last_scale_time: str | None = None
     """When the autoscaler last changed replicas (RFC 3339)."""
     endpoints: Endpoints = Field(default_factory=Endpoints)

@@ -3,9 +3,9 @@ node tuning and monitoring. Defaults are the production deployment guide's numbe
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gpuproxy_operator.api.base import Model, Name, Resources, SecretKeyRef, Toleration
 from gpuproxy_operator.api.rules import CrossFieldRule
@@ -56,20 +56,25 @@ def _default_scale_up() -> ScalingRules:
 
 
 def _default_scale_down() -> ScalingRules:
+    # Gentle: every removed pod drops up to connectionsPerReplica clients at once.
     return ScalingRules(
         stabilization_window_seconds=300,
         select_policy="Max",
-        policies=[ScalingPolicy(type="Percent", value=100, period_seconds=15)],
+        policies=[
+            ScalingPolicy(type="Pods", value=1, period_seconds=60),
+            ScalingPolicy(type="Percent", value=10, period_seconds=60),
+        ],
     )
 
 
 class ScalingBehavior(Model):
-    """Scale-up and scale-down behaviour (HPA defaults)."""
+    """Scale-up and scale-down behaviour (HPA-style; scale-down gentler than the HPA's)."""
 
     scale_up: ScalingRules = Field(default_factory=_default_scale_up)
     """Scale-up rules (default: no window, +100% or +4 pods per 15 s, whichever is more)."""
     scale_down: ScalingRules = Field(default_factory=_default_scale_down)
-    """Scale-down rules (default: 300 s window, -100% per 15 s)."""
+    """Scale-down rules (default: 300 s window, then at most 1 pod or 10%, whichever is more,
+    per 60 s); they also pace lowered bounds and spec.proxy.replicas scale-downs."""
 
 
 class AutoscalingSpec(Model):
@@ -125,17 +130,18 @@ class PgBouncerSpec(Model):
 
     image: str = "edoburu/pgbouncer:v1.24.1-p1"
     """Container image providing the pgbouncer binary."""
-    replicas: Annotated[int, Field(ge=1, le=100)] = 1
-    """PgBouncer pods. Each opens up to maxDbConnections to PostgreSQL: with more replicas,
-    lower maxDbConnections so replicas x maxDbConnections stays below max_connections."""
+    replicas: Annotated[int, Field(ge=1, le=100)] = 2
+    """PgBouncer pods (two by default, so a restart or node drain never cuts off API-key
+    lookups and metering). Each opens up to maxDbConnections to PostgreSQL: keep replicas x
+    maxDbConnections within max_connections minus its reserved slots (`plan` checks)."""
     pool_mode: Literal["session", "transaction", "statement"] = "transaction"
     """Pooling mode; transaction is what 100k clients need."""
     max_client_conn: Annotated[int, Field(ge=1)] = 100_000
     """Client connections one PgBouncer accepts."""
-    default_pool_size: Annotated[int, Field(ge=1)] = 430
-    """Server connections per user/database pair. The guide's 500 would fill PostgreSQL's
-    max_connections of 500 and leave no room for its reserved slots or the reserve pool:
-    430 + reservePoolSize 50 = maxDbConnections 480."""
+    default_pool_size: Annotated[int, Field(ge=1)] = 190
+    """Server connections per user/database pair and pod: 190 + reservePoolSize 50 =
+    maxDbConnections 240, and 2 pods x 240 = 480 fit the guide's PostgreSQL max_connections
+    500 minus its 3 superuser slots (the guide's single pool of 500 would fill it)."""
     reserve_pool_size: Annotated[int, Field(ge=0)] = 50
     """Extra server connections when clients wait too long."""
     reserve_pool_timeout_seconds: Annotated[int, Field(ge=0)] = 5
@@ -150,17 +156,15 @@ class PgBouncerSpec(Model):
     """Cancel queries running longer (0 = off)."""
     query_wait_timeout_seconds: Annotated[int, Field(ge=0)] = 120
     """Clients waiting longer for a server connection get an error."""
-    max_db_connections: Annotated[int, Field(ge=0)] = 480
+    max_db_connections: Annotated[int, Field(ge=0)] = 240
     """Server connections per database per PgBouncer pod (0 = unlimited); replicas x this
     must stay below PostgreSQL's max_connections (guide: 500) minus its reserved slots."""
-    max_user_connections: Annotated[int, Field(ge=0)] = 480
+    max_user_connections: Annotated[int, Field(ge=0)] = 240
     """Server connections per user per PgBouncer pod (0 = unlimited)."""
-    resources: Resources = Field(
-        default_factory=lambda: Resources(
-            requests={"cpu": "4", "memory": "4Gi"}, limits={"cpu": "8", "memory": "8Gi"}
-        )
-    )
-    """Container resources (guide: 4 CPU / 4Gi requested, 8 / 8Gi limits)."""
+    resources: Resources | None = None
+    """Container resources. Unset: derived (see `gpuproxy-operator plan`): PgBouncer is
+    single-threaded, so 500m CPU requested and a 1 CPU limit; memory for maxClientConn
+    clients at the measured bytes per client."""
 
     cross_field_rules = (
         CrossFieldRule(
@@ -185,8 +189,10 @@ class RedisSpec(Model):
     """Password of the external Redis, or of the bundled one when set."""
     image: str = "redis:7.4-alpine"
     """Image of the bundled Redis."""
-    maxmemory: Annotated[str, Field(pattern=r"^[0-9]+(b|kb|mb|gb|k|m|g)?$")] = "16gb"
-    """redis.conf maxmemory."""
+    maxmemory: Annotated[str, Field(pattern=r"^[0-9]+(b|kb|mb|gb|k|m|g)?$")] = "1gb"
+    """redis.conf maxmemory. The bundled Redis holds rate-limit counters only: 1gb keeps
+    ~1.2M distinct clients' windows at the measured ~150 bytes per key (`plan` checks the
+    target); the guide's 16gb is sized for a dedicated host."""
     maxmemory_policy: Literal[
         "allkeys-lru", "allkeys-lfu", "volatile-lru", "volatile-lfu", "allkeys-random",
         "volatile-ttl", "noeviction",
@@ -206,12 +212,9 @@ class RedisSpec(Model):
     """Size of the PersistentVolumeClaim when persistence is on."""
     storage_class_name: str | None = None
     """StorageClass of that claim; empty uses the cluster default."""
-    resources: Resources = Field(
-        default_factory=lambda: Resources(
-            requests={"cpu": "4", "memory": "16Gi"}, limits={"cpu": "8", "memory": "18Gi"}
-        )
-    )
-    """Container resources of the bundled Redis (guide: 4 CPU / 16Gi, 8 / 18Gi)."""
+    resources: Resources | None = None
+    """Container resources of the bundled Redis. Unset: derived from maxmemory (plus
+    fragmentation, and the snapshot fork's copy-on-write with persistence) and ioThreads."""
 
     cross_field_rules = (
         CrossFieldRule(
@@ -300,8 +303,9 @@ class PrometheusRuleSpec(Model):
 class ServiceMonitorSpec(Model):
     """A ServiceMonitor so Prometheus scrapes the proxies."""
 
-    enabled: bool = False
-    """Create the ServiceMonitor (needs the prometheus-operator CRDs)."""
+    enabled: bool | None = None
+    """Create the ServiceMonitor (needs the prometheus-operator CRDs). Unset: the same as
+    prometheusRule.enabled, because the alerts read the series this scrape produces."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels, to match your Prometheus' serviceMonitorSelector."""
     interval: Annotated[str, Field(pattern=r"^[0-9]+(ms|s|m|h)$")] = "30s"
@@ -315,3 +319,24 @@ class MonitoringSpec(Model):
     """Alert rules."""
     service_monitor: ServiceMonitorSpec = Field(default_factory=ServiceMonitorSpec)
     """Scrape configuration."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scrape_follows_rules(cls, data: Any) -> Any:
+        # Resolved here rather than as a CRD default, which could not depend on another field;
+        # afterwards serviceMonitor.enabled is always a bool for every reader.
+        if not isinstance(data, dict):
+            return data
+        rule_key = "prometheus_rule" if "prometheus_rule" in data else "prometheusRule"
+        scrape_key = "service_monitor" if "service_monitor" in data else "serviceMonitor"
+        rule, scrape = data.get(rule_key), data.get(scrape_key)
+        if isinstance(scrape, ServiceMonitorSpec) and scrape.enabled is not None:
+            return data
+        if isinstance(scrape, dict) and scrape.get("enabled") is not None:
+            return data
+        rule_on = (rule.get("enabled") if isinstance(rule, dict)
+                   else getattr(rule, "enabled", None))
+        follow = True if rule_on is None else rule_on
+        if isinstance(scrape, ServiceMonitorSpec):
+            scrape = scrape.model_dump(by_alias=True)
+        return {**data, scrape_key: {**(scrape or {}), "enabled": follow}}

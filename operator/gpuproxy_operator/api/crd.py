@@ -98,18 +98,29 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[BaseMode
     if model is not None and "properties" in out:
         _factory_defaults(model, out["properties"])
     if out.get("type") == "object" and "properties" in out:
-        for prop in out["properties"].values():
-            # A defaulted sub-object defaults to {} so the apiserver fills its nested defaults.
+        unset = _defaults_to_none(model)
+        for alias, prop in out["properties"].items():
+            # A defaulted sub-object defaults to {} so the apiserver fills its nested defaults;
+            # one that defaults to None stays unset (unset means "derived", e.g. resources).
             if (
                 prop.get("type") == "object"
                 and "properties" in prop
                 and "default" not in prop
                 and not prop.get("required")
+                and alias not in unset
             ):
                 prop["default"] = {}
     if rules:
         out["x-kubernetes-validations"] = copy.deepcopy(rules)
     return out
+
+
+def _defaults_to_none(model: type[BaseModel] | None) -> set[str]:
+    """Aliases of the model's fields whose default is None."""
+    if model is None:
+        return set()
+    return {field.alias or name for name, field in model.model_fields.items()
+            if field.default is None and field.default_factory is None}
 
 
 def _factory_defaults(model: type[BaseModel], props: dict[str, Any]) -> None:

@@ -21,6 +21,10 @@ from gpuproxy_operator.api.rules import CrossFieldRule
 from gpuproxy_proxy.config import RedisFailureMode, Strategy
 
 DEFAULT_PROXY_IMAGE = "aiserve/gpuproxy-proxy:0.1.0"
+# A stopping pod's time after its drain delay and in-flight requests: stop accepting, flush
+# usage records and exit. Above the supervisor's own 15 s backstop for a stuck worker, so the
+# supervisor (which logs it), not the kubelet's SIGKILL, ends one.
+SHUTDOWN_MARGIN_SECONDS = 20
 
 
 # http(s), a host, no `user:pass@` (it would end up in the Host header, and secrets do not
@@ -97,6 +101,20 @@ class Upstream(Model):
     """Longest silence between bytes from a backend; long enough for slow generations."""
     max_connections_per_backend: Annotated[int, Field(ge=1, le=100000)] = 1024
     """Pooled keep-alive connections per backend and worker."""
+    max_request_seconds: Annotated[int, Field(ge=1, le=3600)] = 600
+    """Longest a request, a stream included, may take end to end. A stopping pod waits this
+    long for its in-flight requests, so it sizes the termination grace period."""
+
+
+class Shutdown(Model):
+    """How a stopping proxy pod hands its clients over (SIGTERM until exit)."""
+
+    drain_delay_seconds: Annotated[int, Field(ge=0, le=300)] = 10
+    """After SIGTERM the proxy keeps serving (with Connection: close) while /ready fails, so
+    endpoints and load balancers stop sending new connections before its listener closes."""
+    idle_close_seconds: Annotated[int, Field(ge=0, le=300)] = 10
+    """Then idle keep-alive connections are closed, spread over this long so their clients
+    do not all reconnect to the other pods at once."""
 
 
 class Auth(Model):
@@ -191,14 +209,16 @@ class ProxySpec(Model):
     """Concurrent client connections one replica is sized for (the autoscaling unit)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     """Largest request body accepted; larger gets 413."""
-    termination_grace_period_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
-    """Time a stopping pod gets to finish in-flight (streaming) requests."""
-    resources: Resources = Field(
-        default_factory=lambda: Resources(
-            requests={"cpu": "16", "memory": "16Gi"}, limits={"cpu": "32", "memory": "20Gi"}
-        )
-    )
-    """Container resources (guide: 16 CPU / 16Gi requested, 32 / 20Gi limits)."""
+    termination_grace_period_seconds: Annotated[int, Field(ge=1, le=7200)] | None = None
+    """Override of the pods' termination grace period. Unset: shutdown.drainDelaySeconds +
+    the longer of upstream.maxRequestSeconds and shutdown.idleCloseSeconds + 20 s, so a drain
+    never cuts a request short. At least drainDelaySeconds + 20."""
+    shutdown: Shutdown = Field(default_factory=Shutdown)
+    """Graceful shutdown: drain delay and spreading of idle-connection closes."""
+    resources: Resources | None = None
+    """Container resources. Unset: derived from workers and connectionsPerReplica: 750m CPU
+    requested and 1 CPU limit per (single-threaded) worker; memory from the measured idle
+    process and per-connection figures plus 20%, limit 1.5x (`gpuproxy-operator plan`)."""
     backends: Annotated[list[Backend], Field(min_length=1, max_length=256)]
     """GPU backends; names must be unique."""
     load_balancing: LoadBalancing = Field(default_factory=LoadBalancing)
@@ -246,6 +266,19 @@ class ProxySpec(Model):
             " || self.backends.all(b, !has(b.weight) || b.weight == 1)",
             reads=("loadBalancing.strategy", "backends"),
             field_path=".backends",
+        ),
+        CrossFieldRule(
+            check=lambda v: (v["termination_grace_period_seconds"] is None
+                             or v["termination_grace_period_seconds"]
+                             >= v["shutdown"].drain_delay_seconds + SHUTDOWN_MARGIN_SECONDS),
+            message=f"terminationGracePeriodSeconds must be at least "
+            f"shutdown.drainDelaySeconds + {SHUTDOWN_MARGIN_SECONDS} (the drain delay, then "
+            f"{SHUTDOWN_MARGIN_SECONDS} s to stop accepting, flush usage records and exit); "
+            "leave it unset to derive it from upstream.maxRequestSeconds",
+            cel="!has(self.terminationGracePeriodSeconds) || self.terminationGracePeriodSeconds"
+            f" >= self.shutdown.drainDelaySeconds + {SHUTDOWN_MARGIN_SECONDS}",
+            reads=("shutdown.drainDelaySeconds",),
+            field_path=".terminationGracePeriodSeconds",
         ),
         CrossFieldRule(
             check=lambda v: v["port"] != v["admin_port"],

@@ -1,15 +1,33 @@
 """The pure capacity plan for a connection target: proxy replicas, file descriptors and memory
-per replica, PgBouncer server connections, Redis memory, node sysctls, and warnings."""
+per replica, PgBouncer server connections, Redis memory, each component's resources, node
+sysctls, and warnings. The measured figures live in `gpuproxy_operator.sizing`."""
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from gpuproxy_operator.api.base import Resources
 from gpuproxy_operator.api.cluster import GpuProxyClusterSpec
 from gpuproxy_operator.api.components import GUIDE_SYSCTLS
+from gpuproxy_operator.api.proxy import SHUTDOWN_MARGIN_SECONDS
 from gpuproxy_operator.autoscaling.policy import per_replica_target, replica_bounds
+from gpuproxy_operator.sizing import (
+    KERNEL_KIB_PER_SOCKET,
+    MEMORY_SOURCE,
+    REDIS_BYTES_PER_KEY,
+    REDIS_KEYS_PER_CLIENT,
+    USER_KIB_PER_CONNECTION,
+    pgbouncer_resources,
+    proxy_memory_bytes,
+    proxy_resources,
+    quantity_bytes,
+    redis_bytes,
+    redis_resources,
+)
+
+__all__ = ["KERNEL_KIB_PER_SOCKET", "MEMORY_SOURCE", "USER_KIB_PER_CONNECTION", "ComponentSize",
+           "Plan", "plan", "quantity_bytes", "redis_bytes"]
 
 # PostgreSQL max_connections in the deployment guide (PgBouncer fans in to at most this).
 GUIDE_PG_MAX_CONNECTIONS = 500
@@ -17,25 +35,8 @@ PG_SUPERUSER_RESERVED = 3  # PostgreSQL's default superuser_reserved_connections
 # Open files per process in the guide (limits.conf / LimitNOFILE); container runtimes usually
 # give 1048576.
 GUIDE_NOFILE = 1_000_000
-# User-space memory of one idle keep-alive client connection in a proxy worker. MEASURED:
-# RSS growth per connection with 38,000 idle connections over 2 workers, bench/README.md
-# ("After the pooled protocol-level upstream client"), from
-# `.venv/bin/python bench/idle_connections.py --targets proxy --per-worker 19000 --sources 4`.
-# Re-measure with that command when the client side changes, and update this one figure.
-USER_KIB_PER_CONNECTION = 6.33
-# Kernel memory of one mostly idle TCP socket (struct sock, small skbs): ASSUMED, ~4 KiB; busy
-# sockets can use up to tcp_rmem/tcp_wmem maxima. cgroup v2 charges it to the pod.
-KERNEL_KIB_PER_SOCKET = 4.0
-MEMORY_SOURCE = (f"{USER_KIB_PER_CONNECTION:g} KiB user space per idle connection, measured "
-                 f"(bench/idle_connections.py), plus {KERNEL_KIB_PER_SOCKET:g} KiB kernel per "
-                 "socket, assumed")
 # Per-process file descriptors besides sockets (listeners, pools, logs, Python itself).
 FD_BASE = 1024
-# Redis: a rate-limit counter key (string, TTL) costs ~120 bytes; each active principal uses up
-# to 3 scopes (IP, user, API key) x 2 windows (sliding-window counter). ASSUMED, worst case
-# where every connection is a distinct IP, user and key.
-REDIS_BYTES_PER_KEY = 120
-REDIS_KEYS_PER_CLIENT = 6
 # The proxy's database.pool_max_size default per worker (the operator does not override it).
 PROXY_DB_POOL_PER_WORKER = 10
 # Kernel settings the guide's file lacks but 1M connections through a Service need.
@@ -45,26 +46,21 @@ EXTRA_SYSCTLS: dict[str, str] = {
     "net.netfilter.nf_conntrack_max": "2097152",
 }
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2,
-          "g": 1000**3, "gb": 1024**3}
-_QUANTITY_UNITS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4,
-                   "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "": 1}
+
+@dataclass(frozen=True)
+class ComponentSize:
+    """What one component's pods request, for the plan's resources table."""
+
+    name: str
+    pods: int
+    requests: dict[str, str]
+    limits: dict[str, str]
+    derived: bool  # from the sizing model (spec resources unset), not the spec
 
 
-def redis_bytes(value: str) -> int:
-    """redis.conf memory units (16gb = 16 GiB, 16g = 16e9)."""
-    match = re.fullmatch(r"([0-9]+)([a-z]*)", value.lower())
-    if not match or match.group(2) not in _UNITS:
-        raise ValueError(f"not a redis memory size: {value!r}")
-    return int(match.group(1)) * _UNITS[match.group(2)]
-
-
-def quantity_bytes(value: str) -> int | None:
-    """A Kubernetes memory quantity in bytes, or None when it is not a plain one."""
-    match = re.fullmatch(r"([0-9.]+)([KMGT]i?|k)?", value)
-    if not match:
-        return None
-    return int(float(match.group(1)) * _QUANTITY_UNITS[match.group(2) or ""])
+def _size(name: str, pods: int, resources: Resources, given: Resources | None) -> ComponentSize:
+    derived = given is None or not (given.requests or given.limits)
+    return ComponentSize(name, pods, dict(resources.requests), dict(resources.limits), derived)
 
 
 @dataclass(frozen=True)
@@ -93,6 +89,8 @@ class Plan:
     # are listed for whoever tunes the nodes rather than raised as a warning.
     node_tuning: bool
     warnings: list[str] = field(default_factory=list)
+    # What each component's pods request and may use (the spec's resources, or derived).
+    resources: list[ComponentSize] = field(default_factory=list)
 
 
 def plan(spec: GpuProxyClusterSpec, connections: int) -> Plan:
@@ -137,12 +135,24 @@ def plan(spec: GpuProxyClusterSpec, connections: int) -> Plan:
         warnings.append(
             f"{fds_worker} open files per worker exceed the {GUIDE_NOFILE} nofile limit: raise "
             "spec.proxy.workers or lower connectionsPerReplica")
-    memory = int(cpr * (USER_KIB_PER_CONNECTION + 2 * KERNEL_KIB_PER_SOCKET) * 1024)
-    limit = quantity_bytes(proxy.resources.limits.get("memory", ""))
+    memory = proxy_memory_bytes(proxy.workers, cpr)
+    proxy_res = proxy_resources(proxy)
+    limit = quantity_bytes(proxy_res.limits.get("memory", ""))
     if limit is not None and limit < memory:
         warnings.append(
-            f"spec.proxy.resources.limits.memory {proxy.resources.limits['memory']} is below "
-            f"the ~{memory / 1024**3:.1f} GiB {cpr} connections need ({MEMORY_SOURCE})")
+            f"spec.proxy.resources.limits.memory {proxy_res.limits['memory']} is below "
+            f"the ~{memory / 1024**3:.1f} GiB {proxy.workers} idle worker processes and {cpr} "
+            f"connections need ({MEMORY_SOURCE})")
+    grace = proxy.termination_grace_period_seconds
+    needed = (proxy.shutdown.drain_delay_seconds + proxy.upstream.max_request_seconds
+              + SHUTDOWN_MARGIN_SECONDS)
+    if grace is not None and grace < needed:
+        cut_after = grace - proxy.shutdown.drain_delay_seconds - SHUTDOWN_MARGIN_SECONDS
+        warnings.append(
+            f"spec.proxy.terminationGracePeriodSeconds {grace} < drainDelaySeconds + "
+            f"upstream.maxRequestSeconds + {SHUTDOWN_MARGIN_SECONDS} = {needed}: a stopping pod "
+            f"cuts requests still running {cut_after} s after its drain delay; unset it to "
+            "derive it")
 
     per_pod = pgb.max_db_connections or (pgb.default_pool_size + pgb.reserve_pool_size)
     server_conns = pgb.replicas * per_pod
@@ -171,7 +181,11 @@ def plan(spec: GpuProxyClusterSpec, connections: int) -> Plan:
     wanted = {**GUIDE_SYSCTLS, **EXTRA_SYSCTLS}
     have = spec.node_tuning.sysctls if spec.node_tuning.enabled else {}
     missing = {k: v for k, v in wanted.items() if k not in have}
+    sizes = [_size("proxy", replicas, proxy_res, proxy.resources),
+             _size("pgbouncer", pgb.replicas, pgbouncer_resources(pgb), pgb.resources)]
+    if spec.redis.mode == "bundled":
+        sizes.append(_size("redis", 1, redis_resources(spec.redis), spec.redis.resources))
     return Plan(connections, replicas, unbounded, cpr, target, per_replica, proxy.workers,
                 fds_replica, fds_worker, memory, limit, server_conns,
                 GUIDE_PG_MAX_CONNECTIONS, client_capacity, db_clients, redis_need, redis_max,
-                missing, spec.node_tuning.enabled, warnings)
+                missing, spec.node_tuning.enabled, warnings, sizes)

@@ -1,6 +1,7 @@
 """kopf wiring of the autoscaler: one asyncio task per GpuProxyCluster with autoscaling enabled
-and not paused, started and stopped from the cluster's watch events. Not a kopf daemon: daemons
-put a finalizer on the object, and deleting a cluster must not wait for a running operator."""
+(or a paced spec.proxy.replicas scale-down pending) and not paused, started and stopped from
+the cluster's watch events. Not a kopf daemon: daemons put a finalizer on the object, and
+deleting a cluster must not wait for a running operator."""
 
 from __future__ import annotations
 
@@ -24,53 +25,74 @@ from gpuproxy_operator.autoscaling.loop import (
     run_loop,
     write_status,
 )
-from gpuproxy_operator.autoscaling.report import CONDITION, Outcome, scaling_condition
+from gpuproxy_operator.autoscaling.ownership import descent_pending
+from gpuproxy_operator.autoscaling.report import (
+    CONDITION,
+    DISABLED_MESSAGE,
+    Outcome,
+    scaling_condition,
+)
+from gpuproxy_operator.operator_metrics import OperatorMetrics
 
 TASK_PREFIX = "gpuproxy-autoscaler:"
 MEMO_ATTR = "autoscaler"  # on kopf's per-object memo copy
 
 
+# How long a stopping loop may take to finish its step (a scale-down is marked, applied, then
+# reported and announced as one) before it is cancelled.
+STOP_GRACE_SECONDS = 30.0
+
+
 @dataclass
 class Tracker:
-    """Per-cluster: the live body the loop reads and the loop's task."""
+    """Per-cluster: the live body the loop reads, the loop's task and its stop request."""
 
     body: dict[str, Any] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def inactive_reason(body: Mapping[str, Any]) -> str | None:
-    """Why this cluster must not be autoscaled now, or None when it must."""
+    """Why this cluster's scaling loop must not run now, or None when it must: autoscaling
+    is on, or reconcile left a spec.proxy.replicas scale-down to its paced steps."""
     spec = body.get("spec") or {}
     if (body.get("metadata") or {}).get("deletionTimestamp"):
         return "Deleting"
-    if not (spec.get("autoscaling") or {}).get("enabled", False):
-        return "Disabled"
     if spec.get("paused", False):
         return "Paused"
+    if not (spec.get("autoscaling") or {}).get("enabled", False) and not descent_pending(body):
+        return "Disabled"
     return None
 
 
 INACTIVE_MESSAGES = {
-    "Disabled": "spec.autoscaling.enabled is false: replicas come from spec.proxy.replicas "
-                "(kubectl scale gpc NAME --replicas N)",
+    "Disabled": DISABLED_MESSAGE,
     "Paused": "spec.paused is true: the autoscaler leaves the replicas as they are",
 }
 
 
-async def _loop(tracker: Tracker, kube: ScalingKube, log: logging.Logger) -> None:
+async def _loop(tracker: Tracker, kube: ScalingKube, log: logging.Logger,
+                metrics: OperatorMetrics | None) -> None:
     connector = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(connector=connector) as session:
-        scaler = ClusterScaler(kube, session, clock=time.time)
+        scaler = ClusterScaler(kube, session, clock=time.time, metrics=metrics)
 
         async def wait(seconds: float) -> bool:
-            await asyncio.sleep(seconds)
-            return False  # ended only by cancellation
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tracker.stop.wait(), seconds)
+            return tracker.stop.is_set()
 
         await run_loop(scaler, tracker.body, wait, log)
 
 
-async def _report_inactive(kube: ScalingKube, body: dict[str, Any], reason: str) -> None:
-    """Say once that autoscaling stopped, if a Scaling condition says otherwise."""
+async def _report_inactive(kube: ScalingKube, body: dict[str, Any], reason: str,
+                           stopped: bool) -> None:
+    """Say once that autoscaling stopped, if a Scaling condition says otherwise (after a loop
+    just stopped, from a fresh read: its last step wrote after this event's body)."""
+    if stopped:
+        meta = body.get("metadata") or {}
+        fresh = await kube.get_cluster(meta.get("namespace", ""), meta.get("name", ""))
+        body = plain(fresh) if fresh is not None else body
     status = body.get("status") or {}
     conditions = list(status.get("conditions") or [])
     old = next((c for c in conditions if c.get("type") == CONDITION), None)
@@ -81,6 +103,12 @@ async def _report_inactive(kube: ScalingKube, body: dict[str, Any], reason: str)
     now = time.time()
     await write_status(kube, body, lambda current: {"conditions": scaling_condition(
         outcome, list(current.get("conditions") or []), generation, now)})
+
+
+def _metrics(memo: Any) -> OperatorMetrics | None:
+    """The operator's metrics (kopf's memo is the OperatorState); tests may pass a bare memo."""
+    metrics = getattr(memo, "metrics", None)
+    return metrics if isinstance(metrics, OperatorMetrics) else None
 
 
 async def track(event: Mapping[str, Any], body: Mapping[str, Any], memo: Any, kube: ScalingKube,
@@ -100,17 +128,27 @@ async def track(event: Mapping[str, Any], body: Mapping[str, Any], memo: Any, ku
         meta = raw["metadata"]
         log = logging.getLogger(f"gpuproxy_operator.autoscaling.{meta['namespace']}.{meta['name']}")
         tracker.task = asyncio.get_running_loop().create_task(
-            _loop(tracker, kube, log), name=f"{TASK_PREFIX}{meta['namespace']}/{meta['name']}")
+            _loop(tracker, kube, log, _metrics(memo)),
+            name=f"{TASK_PREFIX}{meta['namespace']}/{meta['name']}")
         logger.info("autoscaling started")
     elif reason is not None and running:
         assert tracker.task is not None
-        tracker.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await tracker.task
-        tracker.task = None
+        # Let the current step finish (never cut between a scale and its report); the loop
+        # ends at its next wait.
+        tracker.stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(tracker.task), STOP_GRACE_SECONDS)
+        except TimeoutError:
+            tracker.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tracker.task
+        tracker.task, tracker.stop = None, asyncio.Event()
+        metrics = _metrics(memo)
+        if metrics is not None:
+            metrics.autoscaler_stopped(raw["metadata"]["namespace"], raw["metadata"]["name"])
         logger.info(f"autoscaling stopped: {reason}")
     if reason in INACTIVE_MESSAGES:
-        await _report_inactive(kube, raw, reason)
+        await _report_inactive(kube, raw, reason, stopped=running)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="autoscaler")

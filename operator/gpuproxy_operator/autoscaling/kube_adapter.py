@@ -7,11 +7,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuproxy_operator import kube
+from gpuproxy_operator.autoscaling.deletion import cost_patch
 from gpuproxy_operator.autoscaling.scrape import Pod
 
 # Not in kube.REGISTRY: only the autoscaler reads HPAs, to avoid fighting one.
 HPA = kube.ResourceKind("HorizontalPodAutoscaler", "autoscaling", "v2",
                         "horizontalpodautoscalers")
+
+
+async def list_autoscalers(client: kube.KubeClient, namespace: str) -> list[dict[str, Any]]:
+    """The namespace's HPAs; none when the API or the RBAC to read it is missing (then nothing
+    can be seen to conflict with)."""
+    try:
+        result = await client.request("list", HPA, namespace)
+    except (kube.MissingAPI, kube.Forbidden):
+        return []
+    items: list[dict[str, Any]] = result.get("items") or []
+    return items
 
 
 @dataclass(frozen=True)
@@ -30,13 +42,10 @@ class KubeScaling:
         return await kube.list_component_pods(self.client, namespace, cluster, "proxy")
 
     async def list_autoscalers(self, namespace: str) -> list[dict[str, Any]]:
-        try:
-            result = await self.client.request("list", HPA, namespace)
-        except (kube.MissingAPI, kube.Forbidden):
-            # No HPA API (or no RBAC to read it): nothing can be seen to conflict with.
-            return []
-        items: list[dict[str, Any]] = result.get("items") or []
-        return items
+        return await list_autoscalers(self.client, namespace)
+
+    async def set_deletion_cost(self, namespace: str, pod: str, cost: int) -> None:
+        await self.client.patch("Pod", namespace, pod, cost_patch(cost))
 
     async def set_replicas(self, namespace: str, deployment: str, replicas: int) -> None:
         await kube.patch_deployment_replicas(self.client, namespace, deployment, replicas)

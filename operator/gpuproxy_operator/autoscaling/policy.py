@@ -6,24 +6,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from gpuproxy_operator.api.components import AutoscalingSpec
+from gpuproxy_operator.api.components import AutoscalingSpec, ScalingBehavior
 from gpuproxy_operator.autoscaling.behavior import (
     longest_period,
     longest_window,
     rate_limit,
+    scale_down_limit,
     stabilize,
 )
-from gpuproxy_operator.autoscaling.state import Recommendation, ScaleEvent, ScalerState
+from gpuproxy_operator.autoscaling.state import ScaleEvent, ScalerState
 
 
 @dataclass(frozen=True, slots=True)
 class PodSample:
     """One proxy pod as the scraper saw it; `connections` is None when the pod is not ready
-    or its /stats could not be read in time."""
+    (then `ready` is False) or its /stats could not be read in time."""
 
     name: str
     connections: int | None
+    ready: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,7 @@ def count_missing(current: int, samples: Sequence[PodSample]) -> int:
 def _recommend(
     spec: AutoscalingSpec, target: float, current: int, samples: Sequence[PodSample]
 ) -> tuple[int, str, str]:
-    """Replicas the connection counts ask for, with the HPA's rules for missing metrics."""
+    """Replicas the connection counts ask for, with our rules for missing metrics."""
     known = [s.connections for s in samples if s.connections is not None]
     missing = count_missing(current, samples)
     total = sum(known)
@@ -79,16 +82,72 @@ def _recommend(
             band = f"usage ratio {ratio:.2f} is within the {spec.tolerance_percent}% tolerance"
             return current, "WithinTolerance", f"{detail}: {band}"
         return raw, "MetricsRecommendation", f"{detail}: {raw} replicas recommended"
-    unseen = f"{missing} pods not reporting"
-    if ratio <= 1:
-        # The HPA would assume missing pods at the target; we are stricter and never shrink
-        # while a pod cannot be seen: its clients may be exactly the ones that need a home.
-        return current, "MissingMetrics", f"{detail}; {unseen}: no scale-down until all report"
-    # Scaling up: the missing pods count as idle, the conservative direction.
-    all_ratio = total / ((len(known) + missing) * target)
-    if all_ratio <= 1 + tolerance or raw <= current:
-        return current, "MissingMetrics", f"{detail}; {unseen}, counted as idle: no scale-up"
-    return raw, "MetricsRecommendation", f"{detail}; {unseen}, counted as idle: {raw} replicas"
+    # A ready pod that does not answer is likely the busiest (a saturated event loop answers
+    # /stats last): it counts as at the target. Pods not ready or not listed yet are starting
+    # and have no clients (the Service sends them none), so they count as idle.
+    unanswered = sum(1 for s in samples if s.connections is None and s.ready)
+    unseen = f"{missing} pods not reporting ({unanswered} ready but unanswered, counted at the " \
+             "target; the others starting, counted as idle)"
+    estimate = total + unanswered * target
+    all_ratio = estimate / ((len(known) + missing) * target)
+    wanted = math.ceil(estimate / target)
+    if all_ratio > 1 + tolerance and wanted > current:
+        return wanted, "MetricsRecommendation", f"{detail}; {unseen}: {wanted} replicas"
+    # Never shrink while a pod cannot be seen: its clients may be exactly the ones that need
+    # a home (the HPA would assume it at the target and could scale down).
+    return current, "MissingMetrics", f"{detail}; {unseen}: no scale-down until all report"
+
+
+class _Result(Protocol):
+    def __call__(self, desired: int, recommended: int | None, reason: str, message: str,
+                 new_state: ScalerState, able: bool = True) -> Decision: ...
+
+
+def _result_of(current: int, samples: Sequence[PodSample], now: float) -> _Result:
+    """The Decision builder of one step: a change of replicas is recorded as a scale event."""
+    known = [s.connections for s in samples if s.connections is not None]
+    missing = count_missing(current, samples)
+
+    def result(desired: int, recommended: int | None, reason: str, message: str,
+               new_state: ScalerState, able: bool = True) -> Decision:
+        if desired != current:
+            new_state = ScalerState(new_state.recommendations,
+                                    (*new_state.events, ScaleEvent(now, desired - current)), now)
+        return Decision(current, desired, recommended, sum(known), len(known), missing,
+                        reason, message, new_state, able)
+
+    return result
+
+
+def descend(
+    behavior: ScalingBehavior,
+    target: int,
+    current_replicas: int,
+    samples: Sequence[PodSample],
+    state: ScalerState,
+    now: float,
+) -> Decision:
+    """One step towards `target` (spec.proxy.replicas, autoscaling off) from above, at the pace
+    of the scale-down policies; no stabilization window: a person asked for this count."""
+    state = state.pruned(now, 0, longest_period(behavior))
+    result = _result_of(current_replicas, samples, now)
+    if current_replicas <= target:
+        return result(current_replicas, target, "AtSpecReplicas",
+                      f"{current_replicas} replicas, as spec.proxy.replicas says", state)
+    limit = min(scale_down_limit(current_replicas, state.events, behavior.scale_down, now),
+                current_replicas)
+    desired = max(target, limit)
+    what = f"spec.proxy.replicas is {target}, the Deployment has {current_replicas}"
+    if desired == current_replicas:
+        disabled = behavior.scale_down.select_policy == "Disabled"
+        return result(current_replicas, target, "ScaleDownDisabled" if disabled
+                      else "ScaleDownLimit",
+                      f"{what}: scale-down is disabled by behavior.scaleDown.selectPolicy"
+                      if disabled else f"{what}: waiting for behavior.scaleDown.policies to "
+                      "allow the next step", state)
+    return result(desired, target, "SpecScaleDown",
+                  f"{what}: stepping down at the pace of spec.autoscaling.behavior.scaleDown."
+                  "policies", state)
 
 
 def decide(
@@ -104,34 +163,27 @@ def decide(
     if not state.recommendations and behavior.scale_down.stabilization_window_seconds > 0:
         # No memory (first run, lost state): as the HPA, start the scale-down window at the
         # current count so a restart never causes an immediate scale-down.
-        state = ScalerState((Recommendation(now, current_replicas),), state.events,
-                            state.last_scale_time)
+        state = state.with_recommendation(now, current_replicas)
     state = state.pruned(now, longest_window(behavior), longest_period(behavior))
     lower, upper = replica_bounds(spec, connections_per_replica)
     target = per_replica_target(spec, connections_per_replica)
-    known = [s.connections for s in samples if s.connections is not None]
-    total = sum(known)
-    missing = count_missing(current_replicas, samples)
-
-    def result(desired: int, recommended: int | None, reason: str, message: str,
-               new_state: ScalerState, able: bool = True) -> Decision:
-        if desired != current_replicas:
-            new_state = ScalerState(
-                new_state.recommendations,
-                (*new_state.events, ScaleEvent(now, desired - current_replicas)),
-                now,
-            )
-        return Decision(current_replicas, desired, recommended, total, len(known), missing,
-                        reason, message, new_state, able)
+    result = _result_of(current_replicas, samples, now)
 
     if current_replicas < lower:
         return result(lower, None, "TooFewReplicas",
                       f"{current_replicas} replicas is below minReplicas {lower}", state)
     if current_replicas > upper:
-        return result(upper, None, "TooManyReplicas",
+        # A lowered bound is applied at the scale-down policies' pace, like any scale-down:
+        # each removed pod drops its clients.
+        limit = min(scale_down_limit(current_replicas, state.events, behavior.scale_down, now),
+                    current_replicas)
+        pace = ("scale-down is disabled by behavior.scaleDown.selectPolicy"
+                if behavior.scale_down.select_policy == "Disabled"
+                else "scaling down at the pace of behavior.scaleDown.policies")
+        return result(max(upper, limit), None, "TooManyReplicas",
                       f"{current_replicas} replicas is above the maximum {upper} (maxReplicas "
-                      "and what targetConnections needs)", state)
-    if not known:
+                      f"and what targetConnections needs); {pace}", state)
+    if all(s.connections is None for s in samples):
         return result(current_replicas, None, "MetricsUnavailable",
                       f"none of the {len(samples)} proxy pods reported connections; holding "
                       f"{current_replicas} replicas", state, able=False)
@@ -139,8 +191,7 @@ def decide(
     unclamped, reason, message = _recommend(spec, target, current_replicas, samples)
     raw = min(max(unclamped, lower), upper)
     stable = stabilize(raw, current_replicas, state.recommendations, behavior, now)
-    state = ScalerState((*state.recommendations, Recommendation(now, raw)), state.events,
-                        state.last_scale_time)
+    state = state.with_recommendation(now, raw).compacted()
     limited = rate_limit(stable.replicas, current_replicas, lower, upper, state.events,
                          behavior, now)
     if limited.reason != "DesiredWithinRange":

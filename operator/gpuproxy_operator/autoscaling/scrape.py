@@ -29,6 +29,10 @@ class Pod(Protocol):
     def ready(self) -> bool: ...
     @property
     def phase(self) -> str: ...
+    @property
+    def terminating(self) -> bool: ...
+    @property
+    def deletion_cost(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +44,9 @@ class ScrapeResult:
 
 
 def counted(pod: Pod) -> bool:
-    """Pods that are gone or going (Succeeded/Failed, or being deleted when the pod listing
-    says so) take no part, as in the HPA."""
-    if getattr(pod, "terminating", False):
-        return False
-    return pod.phase not in ("Succeeded", "Failed")
+    """Pods that are gone or going (Succeeded/Failed, or being deleted: a deletionTimestamp)
+    take no part, as in the HPA: their clients are moving to the other pods."""
+    return not pod.terminating and pod.phase not in ("Succeeded", "Failed")
 
 
 async def read_connections(
@@ -72,14 +74,14 @@ async def scrape(
     per_pod_timeout: float = DEFAULT_TIMEOUT,
 ) -> ScrapeResult:
     """Read every ready pod at once; unready or unreadable pods become samples without a value
-    (the policy treats them as missing)."""
+    (the policy treats them as missing: idle when not ready, at the target when unanswered)."""
     live = [p for p in pods if counted(p)]
     errors: dict[str, str] = {}
 
     async def one(pod: Pod) -> PodSample:
         if not pod.ready or not pod.ip:
             errors[pod.name] = "not ready" if pod.ip else "no IP yet"
-            return PodSample(pod.name, None)
+            return PodSample(pod.name, None, ready=False)
         host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
         try:
             value = await read_connections(session, f"http://{host}:{admin_port}/stats",

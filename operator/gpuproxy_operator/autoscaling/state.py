@@ -43,6 +43,26 @@ class ScalerState:
             last_scale_time=self.last_scale_time,
         )
 
+    def compacted(self) -> ScalerState:
+        """Without recommendations no decision can see any more: one is dominated when a later
+        one is at least as high (the scale-down window's maximum) and a later one at most as
+        low (the scale-up window's minimum), since the later ones stay in every window longer.
+        A steady load then keeps a single recommendation, so the state only changes when the
+        load does."""
+        kept: list[Recommendation] = []
+        high: int | None = None
+        low: int | None = None
+        for rec in reversed(self.recommendations):
+            if high is None or low is None or rec.replicas > high or rec.replicas < low:
+                kept.append(rec)
+            high = rec.replicas if high is None else max(high, rec.replicas)
+            low = rec.replicas if low is None else min(low, rec.replicas)
+        return ScalerState(tuple(reversed(kept)), self.events, self.last_scale_time)
+
+    def with_recommendation(self, at: float, replicas: int) -> ScalerState:
+        return ScalerState((*self.recommendations, Recommendation(at, replicas)), self.events,
+                           self.last_scale_time)
+
     def to_json(self) -> str:
         """Compact JSON, for a status field: {"v":1,"r":[[t,n],...],"e":[[t,d],...],"l":t}."""
         body: dict[str, Any] = {

@@ -18,6 +18,7 @@ from gpuproxy_operator.builders.node_tuning import (
 from gpuproxy_operator.builders.pgbouncer import (
     build_pgbouncer_configmap,
     build_pgbouncer_deployment,
+    build_pgbouncer_pdb,
     build_pgbouncer_secret,
     build_pgbouncer_service,
 )
@@ -55,9 +56,10 @@ def build_all(cluster: GpuProxyCluster, inputs: BuildInputs) -> list[Manifest]:
         *(build_redis_services(cluster) if bundled_redis else []),
         build_node_tuning_daemonset(cluster),
         build_redis_statefulset(cluster),
-        build_pgbouncer_deployment(cluster, inputs.database_credentials),
+        build_pgbouncer_deployment(cluster),
         build_proxy_deployment(cluster, inputs.proxy_replicas),
         build_proxy_pdb(cluster),
+        build_pgbouncer_pdb(cluster),
         build_redis_network_policy(cluster),
         build_pgbouncer_network_policy(cluster),
         build_prometheus_rule(cluster),

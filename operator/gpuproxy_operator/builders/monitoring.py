@@ -1,5 +1,5 @@
-"""Prometheus integration: the guide's alert rules (plus connection saturation) as a
-PrometheusRule, and a ServiceMonitor on the proxy's metrics Service."""
+"""Prometheus integration: the guide's alert rules (plus saturation and missing-metrics alerts)
+as a PrometheusRule, and a ServiceMonitor on the proxy's metrics Service."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from gpuproxy_operator.builders.proxy_services import (
 from gpuproxy_operator.naming import child_name
 
 MONITORING_API = "monitoring.coreos.com/v1"
+# Deployment pods are `<deployment>-<pod-template-hash>-<suffix>`, both parts without dashes,
+# so this matches this cluster's proxy pods and not those of a cluster named `<name>-proxy`.
+POD_NAME_PATTERN = "{deployment}-[a-z0-9]+-[a-z0-9]+"
 
 
 def _fmt(number: float) -> str:
@@ -22,12 +25,25 @@ def _fmt(number: float) -> str:
     return repr(float(number)) if not float(number).is_integer() else str(int(number))
 
 
+def series_selector(cluster: GpuProxyCluster) -> str:
+    """PromQL matchers for this cluster's proxy series. `namespace` and `pod` are set by every
+    way of scraping pods (our ServiceMonitor, a PodMonitor, the usual kubernetes-pods job);
+    `job` is not (a ServiceMonitor names it after the Service, a PodMonitor after itself)."""
+    deployment = child_name(cluster.metadata.name, "proxy")
+    pods = POD_NAME_PATTERN.format(deployment=deployment)
+    return f'namespace="{cluster.metadata.namespace}", pod=~"{pods}"'
+
+
+def _expects_pods(cluster: GpuProxyCluster) -> bool:
+    """Autoscaling keeps at least minReplicas (>= 1); otherwise spec.proxy.replicas may be 0."""
+    return cluster.spec.autoscaling.enabled or cluster.spec.proxy.replicas > 0
+
+
 def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
     spec = cluster.spec.monitoring.prometheus_rule
-    ns = cluster.metadata.namespace
-    job = child_name(cluster.metadata.name, "proxy", METRICS_SUFFIX)
-    sel = f'namespace="{ns}", job="{job}"'
-    target = f"{ns}/{cluster.metadata.name}"
+    sel = series_selector(cluster)
+    target = f"{cluster.metadata.namespace}/{cluster.metadata.name}"
+    metrics_service = child_name(cluster.metadata.name, "proxy", METRICS_SUFFIX)
     cpr = cluster.spec.proxy.connections_per_replica
 
     def rule(
@@ -37,35 +53,40 @@ def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
             "alert": name,
             "expr": expr,
             "for": for_,
-            "labels": {"severity": severity, "gpuproxy_cluster": cluster.metadata.name},
+            # namespace is also in every expression's result; set here too so that absent(),
+            # whose result keeps only equality matchers, routes the same way.
+            "labels": {"severity": severity, "gpuproxy_cluster": cluster.metadata.name,
+                       "namespace": cluster.metadata.namespace},
             "annotations": {"summary": summary, "description": description},
         }
 
-    return [
+    rules = [
         rule(
             "HighErrorRate",
-            f"sum(rate(gpuproxy_requests_failed_total{{{sel}}}[5m])) / "
-            f"sum(rate(gpuproxy_requests_total{{{sel}}}[5m])) > {_fmt(spec.error_rate_threshold)}",
+            f"sum by (namespace) (rate(gpuproxy_requests_failed_total{{{sel}}}[5m])) / "
+            f"sum by (namespace) (rate(gpuproxy_requests_total{{{sel}}}[5m])) > "
+            f"{_fmt(spec.error_rate_threshold)}",
             "5m", "critical",
             f"High error rate on GpuProxyCluster {target}",
-            "More than {{ $value | humanizePercentage }} of requests failed with a 5xx over "
-            "5 minutes. Check backend health (/stats on the admin port, "
-            "gpuproxy_backend_healthy), upstream timeouts and the proxy logs.",
+            "{{ $value | humanizePercentage }} of requests failed with a 5xx over 5 minutes. "
+            "Check backend health (/stats on the admin port, gpuproxy_backend_healthy), "
+            "upstream timeouts and the proxy logs.",
         ),
         rule(
+            # Per pod: each proxy pod has its own pool, and one full pool fails its requests.
             "DatabasePoolExhaustion",
-            f"sum(gpuproxy_db_connections_active{{{sel}}}) / "
-            f"sum(gpuproxy_db_connections_max{{{sel}}}) > "
+            f"max by (namespace, pod) (gpuproxy_db_connections_active{{{sel}}}) / "
+            f"max by (namespace, pod) (gpuproxy_db_connections_max{{{sel}}}) > "
             f"{_fmt(spec.db_pool_utilization_threshold)}",
             "2m", "warning",
             f"Database connection pool near exhaustion on GpuProxyCluster {target}",
-            "The proxies' database pools are {{ $value | humanizePercentage }} used. "
-            "Check slow queries in PostgreSQL and PgBouncer's SHOW POOLS; raise "
+            "Pod {{ $labels.pod }} uses {{ $value | humanizePercentage }} of its database "
+            "pool. Check slow queries in PostgreSQL and PgBouncer's SHOW POOLS; raise "
             "spec.pgbouncer.defaultPoolSize or reduce usage-record batch pressure.",
         ),
         rule(
             "HighLatency",
-            "histogram_quantile(0.99, sum by (le) "
+            "histogram_quantile(0.99, sum by (namespace, le) "
             f"(rate(gpuproxy_request_duration_milliseconds_bucket{{{sel}}}[5m]))) > "
             f"{spec.p99_latency_ms_threshold}",
             "5m", "warning",
@@ -75,8 +96,9 @@ def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
             "are all busy.",
         ),
         rule(
+            # max, not sum: a pod scraped twice (two monitors) must not look twice as full.
             "ConnectionSaturation",
-            f"sum by (pod) (gpuproxy_connections_active{{{sel}}}) / {cpr} > "
+            f"max by (namespace, pod) (gpuproxy_connections_active{{{sel}}}) / {cpr} > "
             f"{_fmt(spec.connection_saturation_threshold)}",
             "5m", "warning",
             f"Proxy pod near its connection capacity on GpuProxyCluster {target}",
@@ -84,7 +106,31 @@ def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
             f"connectionsPerReplica ({cpr}). Check that autoscaling is enabled and not at "
             "maxReplicas, and that the Service spreads connections evenly.",
         ),
+        rule(
+            "GpuProxyTargetDown",
+            f"max by (namespace, pod) (up{{{sel}}}) == 0",
+            "5m", "warning",
+            f"Prometheus cannot scrape a proxy pod of GpuProxyCluster {target}",
+            "Scrapes of pod {{ $labels.pod }} (admin port, /metrics) have failed for 5 "
+            "minutes, so the other alerts cannot see it. Check the pod "
+            f"(kubectl -n {cluster.metadata.namespace} describe pod {{{{ $labels.pod }}}}) "
+            "and its admin port.",
+        ),
     ]
+    if _expects_pods(cluster):
+        rules.append(rule(
+            "GpuProxyMetricsAbsent",
+            f"absent(gpuproxy_connections_active{{{sel}}})",
+            "10m", "critical",
+            f"No proxy metrics from GpuProxyCluster {target}",
+            "Prometheus has no gpuproxy_connections_active series from this cluster's proxy "
+            "pods, so every other alert of it is blind: either no proxy pod is running "
+            f"(kubectl -n {cluster.metadata.namespace} get pods -l "
+            f"app.kubernetes.io/instance={cluster.metadata.name}) or nothing scrapes them "
+            f"(spec.monitoring.serviceMonitor, Service {metrics_service} port "
+            f"{METRICS_PORT_NAME}, and your Prometheus' serviceMonitorSelector).",
+        ))
+    return rules
 
 
 def _metadata(cluster: GpuProxyCluster, extra_labels: dict[str, str]) -> dict[str, Any]:

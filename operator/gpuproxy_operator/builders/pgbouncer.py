@@ -1,13 +1,12 @@
-"""PgBouncer in transaction pooling mode: pgbouncer.ini ConfigMap, userlist Secret,
-Deployment and Service, with the guide's pool settings."""
+"""PgBouncer in transaction pooling mode: ConfigMap (pgbouncer.ini and the entrypoint that
+reloads it), userlist Secret, Deployment of two spread pods, their PodDisruptionBudget and
+Service."""
 
 from __future__ import annotations
 
-import base64
-import re
 from typing import Any
 
-from gpuproxy_operator.api.cluster import GpuProxyCluster, InvalidSpecError
+from gpuproxy_operator.api.cluster import GpuProxyCluster
 from gpuproxy_operator.builders.common import (
     Manifest,
     container_security_context,
@@ -16,103 +15,30 @@ from gpuproxy_operator.builders.common import (
     resources,
     selector,
     service_port,
-    stable_hash,
     tmp_mount,
     tmp_volume,
     with_spec_hash,
 )
 from gpuproxy_operator.builders.inputs import DatabaseCredentials
+from gpuproxy_operator.builders.pgbouncer_config import (
+    AUTH_DIR,
+    CONFIG_DIR,
+    INI_FILE,
+    USERLIST_FILE,
+    pgbouncer_ini,
+    userlist,
+    userlist_secret_data,
+)
+from gpuproxy_operator.builders.pgbouncer_reload import RUN_SCRIPT, RUN_SCRIPT_FILE, restart_hash
 from gpuproxy_operator.builders.proxy_config import PGBOUNCER_PORT
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
+from gpuproxy_operator.sizing import pgbouncer_resources
+
+__all__ = ["build_pgbouncer_configmap", "build_pgbouncer_deployment", "build_pgbouncer_pdb",
+           "build_pgbouncer_secret", "build_pgbouncer_service", "userlist"]
 
 # The postgres user of the Alpine-based pgbouncer images.
 PGBOUNCER_UID = 70
-CONFIG_DIR = "/etc/pgbouncer"
-AUTH_DIR = "/etc/pgbouncer-auth"
-INI_FILE = "pgbouncer.ini"
-USERLIST_FILE = "userlist.txt"
-INI_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def _ini_safe(cluster: GpuProxyCluster, field: str, value: str) -> str:
-    """[databases] values are unquoted connection-string words: keep them to safe chars."""
-    if not INI_SAFE.match(value):
-        raise InvalidSpecError(
-            f"GpuProxyCluster {cluster.metadata.namespace}/{cluster.metadata.name}",
-            [(f"spec.database.{field}",
-              f"{value!r} cannot be written to pgbouncer.ini; use only letters, digits, "
-              "'_', '-' and '.'")],
-        )
-    return value
-
-
-def pgbouncer_ini(cluster: GpuProxyCluster) -> str:
-    db = cluster.spec.database
-    host = _ini_safe(cluster, "host", db.host)
-    name = _ini_safe(cluster, "database", db.database)
-    pb = cluster.spec.pgbouncer
-    settings: list[tuple[str, str | int]] = [
-        ("listen_addr", "0.0.0.0"),
-        ("listen_port", PGBOUNCER_PORT),
-        # No unix socket: the read-only root filesystem has nowhere to put it.
-        ("unix_socket_dir", ""),
-        ("auth_type", "scram-sha-256"),
-        ("auth_file", f"{AUTH_DIR}/{USERLIST_FILE}"),
-        ("pool_mode", pb.pool_mode),
-        ("max_client_conn", pb.max_client_conn),
-        ("default_pool_size", pb.default_pool_size),
-        ("reserve_pool_size", pb.reserve_pool_size),
-        ("reserve_pool_timeout", pb.reserve_pool_timeout_seconds),
-        ("server_lifetime", pb.server_lifetime_seconds),
-        ("server_idle_timeout", pb.server_idle_timeout_seconds),
-        ("server_connect_timeout", pb.server_connect_timeout_seconds),
-        ("query_timeout", pb.query_timeout_seconds),
-        ("query_wait_timeout", pb.query_wait_timeout_seconds),
-        ("max_db_connections", pb.max_db_connections),
-        ("max_user_connections", pb.max_user_connections),
-        ("server_tls_sslmode", db.ssl_mode),
-        # asyncpg/psycopg send it; PgBouncer would otherwise refuse the connection.
-        ("ignore_startup_parameters", "extra_float_digits"),
-        ("log_connections", 0),
-        ("log_disconnections", 0),
-        ("log_pooler_errors", 1),
-    ]
-    lines = [
-        "[databases]",
-        f"{name} = host={host} port={db.port} dbname={name}",
-        "",
-        "[pgbouncer]",
-        *(f"{key} = {value}".rstrip() for key, value in settings),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _quote(source: str, field: str, value: str) -> str:
-    if any(ch in value for ch in "\r\n\0"):
-        raise InvalidSpecError(source, [(
-            f"data.{field}",
-            "must not contain a line break or NUL character (PgBouncer's userlist.txt is "
-            "line-based); change it in the Secret",
-        )])
-    return '"' + value.replace('"', '""') + '"'
-
-
-def userlist(credentials: DatabaseCredentials, source: str = "database credentials") -> str:
-    """One `"user" "password"` line; PgBouncer escapes a double quote by doubling it.
-    `source` names the Secret in errors."""
-    user = _quote(source, "username", credentials.username)
-    password = _quote(source, "password", credentials.password)
-    return f"{user} {password}\n"
-
-
-def _secret_data(
-    cluster: GpuProxyCluster, credentials: DatabaseCredentials | None
-) -> dict[str, str]:
-    if credentials is None:
-        return {}
-    source = f"Secret {cluster.metadata.namespace}/{cluster.spec.database.credentials_secret}"
-    raw = userlist(credentials, source).encode("utf-8")
-    return {USERLIST_FILE: base64.b64encode(raw).decode("ascii")}
 
 
 def build_pgbouncer_configmap(cluster: GpuProxyCluster) -> Manifest:
@@ -121,7 +47,7 @@ def build_pgbouncer_configmap(cluster: GpuProxyCluster) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(cluster, name, "pgbouncer", cluster.spec.pgbouncer.image),
-        "data": {INI_FILE: pgbouncer_ini(cluster)},
+        "data": {INI_FILE: pgbouncer_ini(cluster), RUN_SCRIPT_FILE: RUN_SCRIPT},
     })
 
 
@@ -136,7 +62,7 @@ def build_pgbouncer_secret(
         "kind": "Secret",
         "metadata": metadata(cluster, name, "pgbouncer", cluster.spec.pgbouncer.image),
         "type": "Opaque",
-        "data": _secret_data(cluster, credentials),
+        "data": userlist_secret_data(cluster, credentials),
     })
 
 
@@ -163,6 +89,25 @@ def _tcp_probe(period: int, failures: int) -> dict[str, Any]:
     }
 
 
+def _spread(cluster: GpuProxyCluster) -> dict[str, Any]:
+    """Preferably one pod per node, spread over zones: a node drain or zone outage leaves the
+    other pod serving (preferred, so a one-node cluster still runs both)."""
+    match = {"matchLabels": selector(cluster, "pgbouncer")}
+    return {
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100,
+             "podAffinityTerm": {"labelSelector": match,
+                                 "topologyKey": "kubernetes.io/hostname"}},
+        ]}},
+        "topologySpreadConstraints": [{
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": match,
+        }],
+    }
+
+
 def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
     pb = cluster.spec.pgbouncer
     name = child_name(cluster.metadata.name, "pgbouncer")
@@ -175,16 +120,20 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
                 "name": "pgbouncer",
                 "image": pb.image,
                 "imagePullPolicy": "IfNotPresent",
-                # Bypass the image's entrypoint, which would generate its own config.
-                "command": ["pgbouncer", f"{CONFIG_DIR}/{INI_FILE}"],
+                # Not the image's entrypoint, which would generate its own config: ours
+                # reloads pgbouncer when the kubelet updates the ini or the userlist.
+                "command": ["/bin/sh", f"{CONFIG_DIR}/{RUN_SCRIPT_FILE}",
+                            f"{CONFIG_DIR}/{INI_FILE}", f"{AUTH_DIR}/{USERLIST_FILE}"],
                 "ports": [
                     {"name": "pgbouncer", "containerPort": PGBOUNCER_PORT, "protocol": "TCP"}
                 ],
-                "resources": resources(pb.resources),
+                "resources": resources(pgbouncer_resources(pb)),
                 "startupProbe": _tcp_probe(2, 30),
                 "livenessProbe": _tcp_probe(10, 3),
                 "readinessProbe": _tcp_probe(5, 2),
                 "securityContext": container_security_context(PGBOUNCER_UID),
+                # Whole-volume mounts, no subPath: the kubelet then replaces the files in
+                # place when the ConfigMap or Secret changes.
                 "volumeMounts": [
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                     {"name": "userlist", "mountPath": AUTH_DIR, "readOnly": True},
@@ -197,27 +146,15 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
             {"name": "userlist", "secret": {"secretName": name, "defaultMode": 0o440}},
             tmp_volume(),
         ],
-        "topologySpreadConstraints": [
-            {
-                "maxSkew": 1,
-                "topologyKey": "kubernetes.io/hostname",
-                "whenUnsatisfiable": "ScheduleAnyway",
-                "labelSelector": {"matchLabels": selector(cluster, "pgbouncer")},
-            }
-        ],
+        **_spread(cluster),
     }
 
 
-def build_pgbouncer_deployment(
-    cluster: GpuProxyCluster, credentials: DatabaseCredentials | None
-) -> Manifest:
-    """The config hash covers pgbouncer.ini and the userlist, so a password rotation rolls."""
+def build_pgbouncer_deployment(cluster: GpuProxyCluster) -> Manifest:
+    """The config hash covers only what a reload cannot apply (pgbouncer_reload.restart_key):
+    pool settings and a password rotation reach the running pods by SIGHUP, without a roll."""
     pb = cluster.spec.pgbouncer
     name = child_name(cluster.metadata.name, "pgbouncer")
-    config_hash = stable_hash({
-        INI_FILE: pgbouncer_ini(cluster),
-        USERLIST_FILE: _secret_data(cluster, credentials),
-    })
     pod_labels = metadata(cluster, name, "pgbouncer", pb.image)["labels"]
     return with_spec_hash({
         "apiVersion": "apps/v1",
@@ -226,6 +163,7 @@ def build_pgbouncer_deployment(
         "spec": {
             "replicas": pb.replicas,
             "selector": {"matchLabels": selector(cluster, "pgbouncer")},
+            # A new pod is ready before an old one goes: capacity never dips during a roll.
             "strategy": {
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
@@ -233,9 +171,25 @@ def build_pgbouncer_deployment(
             "template": {
                 "metadata": {
                     "labels": pod_labels,
-                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
+                    "annotations": {CONFIG_HASH_ANNOTATION: restart_hash(cluster)},
                 },
                 "spec": _pod_spec(cluster),
             },
+        },
+    })
+
+
+def build_pgbouncer_pdb(cluster: GpuProxyCluster) -> Manifest:
+    """At most one PgBouncer pod down for voluntary disruptions (node drains): with the default
+    two, one always serves. maxUnavailable rather than minAvailable, so a single replica never
+    blocks a drain."""
+    return with_spec_hash({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(cluster, child_name(cluster.metadata.name, "pgbouncer"),
+                             "pgbouncer", cluster.spec.pgbouncer.image),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(cluster, "pgbouncer")},
         },
     })

@@ -1,4 +1,5 @@
-"""The proxy workload: its config ConfigMap and the hardened Deployment that mounts it."""
+"""The proxy workload: its config ConfigMap and the hardened Deployment that mounts it and its
+secrets as files."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from typing import Any
 
 import yaml
 
-from gpuproxy_operator.api.base import SecretKeyRef
 from gpuproxy_operator.api.cluster import GpuProxyCluster
 from gpuproxy_operator.builders.common import (
     Manifest,
@@ -20,11 +20,16 @@ from gpuproxy_operator.builders.common import (
     tmp_volume,
     with_spec_hash,
 )
-from gpuproxy_operator.builders.proxy_config import build_proxy_config
+from gpuproxy_operator.builders.proxy_config import build_proxy_config, termination_grace_seconds
+from gpuproxy_operator.builders.proxy_secrets import secret_volume_mounts, secret_volumes
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
+from gpuproxy_operator.sizing import proxy_resources
+from gpuproxy_proxy.config import ProxyConfig, restart_key
 
 PROXY_UID = 10001
-CONFIG_DIR = "/etc/gpuproxy"
+# Its own directory: the secrets mount beside it under /etc/gpuproxy/secrets, not inside the
+# read-only ConfigMap volume (a mount point there could not be created).
+CONFIG_DIR = "/etc/gpuproxy/config"
 CONFIG_FILE = "config.yaml"
 # Namespaced sysctls Kubernetes treats as safe: a pod may set them in its own network
 # namespace without node opt-in, so the proxy gets the guide's values even off tuned nodes.
@@ -35,14 +40,18 @@ SAFE_POD_SYSCTLS = (
     "net.ipv4.tcp_keepalive_intvl",
     "net.ipv4.tcp_keepalive_probes",
 )
-# Endpoints controllers and load balancers need a moment to stop sending new connections
-# before the proxy starts refusing them on SIGTERM.
-PRESTOP_SLEEP_SECONDS = 5
 
 
 def proxy_config_data(cluster: GpuProxyCluster) -> dict[str, str]:
     text = yaml.safe_dump(build_proxy_config(cluster), sort_keys=True, default_flow_style=False)
     return {CONFIG_FILE: text}
+
+
+def config_hash(cluster: GpuProxyCluster) -> str:
+    """Hash of what a running proxy cannot reload (restart_key): only a change to that rolls
+    the pods; backends, strategy, timeouts and the like reach them through the ConfigMap."""
+    config = ProxyConfig.model_validate(build_proxy_config(cluster))
+    return stable_hash(restart_key(config))
 
 
 def build_proxy_configmap(cluster: GpuProxyCluster) -> Manifest:
@@ -56,31 +65,16 @@ def build_proxy_configmap(cluster: GpuProxyCluster) -> Manifest:
 
 
 def desired_replicas(cluster: GpuProxyCluster, decided: int | None) -> int:
-    """The autoscaler's decision, else spec.proxy.replicas; clamped while autoscaling."""
-    replicas = cluster.spec.proxy.replicas if decided is None else decided
+    """`decided` as is (reconcile's replica owner: the count to keep or to create with; the
+    autoscaler paces any clamp itself), else spec.proxy.replicas, within [minReplicas,
+    maxReplicas] while autoscaling (what `render` shows)."""
+    if decided is not None:
+        return decided
+    replicas = cluster.spec.proxy.replicas
     auto = cluster.spec.autoscaling
     if auto.enabled:
         replicas = min(max(replicas, auto.min_replicas), auto.max_replicas)
     return replicas
-
-
-def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-
-
-def _env(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
-    spec = cluster.spec
-    env: list[dict[str, Any]] = []
-    if spec.proxy.auth.jwt_secret_ref is not None:
-        env.append(_secret_env("GPUPROXY_JWT_SECRET", spec.proxy.auth.jwt_secret_ref))
-    if spec.proxy.auth.admin_token_secret_ref is not None:
-        env.append(_secret_env("GPUPROXY_ADMIN_TOKEN", spec.proxy.auth.admin_token_secret_ref))
-    creds = spec.database.credentials_secret
-    env.append(_secret_env("GPUPROXY_DB_USER", SecretKeyRef(name=creds, key="username")))
-    env.append(_secret_env("GPUPROXY_DB_PASSWORD", SecretKeyRef(name=creds, key="password")))
-    if spec.redis.password_secret_ref is not None:
-        env.append(_secret_env("GPUPROXY_REDIS_PASSWORD", spec.redis.password_secret_ref))
-    return env
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -103,16 +97,20 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
             {"name": "http", "containerPort": proxy.port, "protocol": "TCP"},
             {"name": "admin", "containerPort": proxy.admin_port, "protocol": "TCP"},
         ],
-        "env": _env(cluster),
-        "resources": resources(proxy.resources),
-        # Startup allows 60 s for workers to spawn; liveness only restarts a wedged process.
+        "resources": resources(proxy_resources(proxy)),
+        # Startup allows 60 s for workers to spawn. Liveness is /health, the workers'
+        # heartbeats: only a hung process is restarted. Readiness is /ready: process, workers
+        # and config, not the database or Redis, whose outage restarts would not cure.
         "startupProbe": _probe("/health", 2, 30),
         "livenessProbe": _probe("/health", 10, 3),
         "readinessProbe": _probe("/ready", 5, 2),
-        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        # No preStop sleep: on SIGTERM the proxy itself keeps serving for drainDelaySeconds
+        # while /ready fails, so endpoints and load balancers drop the pod before its listener
+        # closes; a sleep here would only delay the SIGTERM and use up the grace period.
         "securityContext": container_security_context(PROXY_UID),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            *secret_volume_mounts(cluster),
             tmp_mount(),
         ],
     }
@@ -143,7 +141,7 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
         "serviceAccountName": child_name(cluster.metadata.name, "proxy"),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": proxy.termination_grace_period_seconds,
+        "terminationGracePeriodSeconds": termination_grace_seconds(proxy),
         "securityContext": pod_security_context(PROXY_UID, sysctls),
         "containers": [_container(cluster)],
         "volumes": [
@@ -151,6 +149,7 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
                 "name": "config",
                 "configMap": {"name": child_name(cluster.metadata.name, "proxy")},
             },
+            *secret_volumes(cluster),
             tmp_volume(),
         ],
         "topologySpreadConstraints": _topology_spread(cluster),
@@ -178,7 +177,7 @@ def build_proxy_deployment(cluster: GpuProxyCluster, replicas: int | None = None
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(proxy.admin_port),
         "prometheus.io/path": "/metrics",
-        CONFIG_HASH_ANNOTATION: stable_hash(proxy_config_data(cluster)),
+        CONFIG_HASH_ANNOTATION: config_hash(cluster),
     }
     deployment = {
         "apiVersion": "apps/v1",

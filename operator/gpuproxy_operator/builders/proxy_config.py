@@ -1,5 +1,6 @@
 """The proxy's config file (`config.yaml`), rendered from the cluster spec as a dict that
-`gpuproxy_proxy.config.ProxyConfig` accepts. Secrets never go here; they arrive as env vars."""
+`gpuproxy_proxy.config.ProxyConfig` accepts. Secrets never go here, only the paths of the
+mounted Secret files (`secret_files`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from fractions import Fraction
 from typing import Any
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.api.proxy import SHUTDOWN_MARGIN_SECONDS, ProxySpec
+from gpuproxy_operator.builders.proxy_secrets import secret_files
 from gpuproxy_operator.naming import Component, child_name
 
 PGBOUNCER_PORT = 6432
@@ -16,8 +19,6 @@ REDIS_PORT = 6379
 # autoscaler reacts to load above the target, so the hard cap must sit above it. A fraction
 # keeps the arithmetic exact (100000 * 1.1 is 110000.00000000001 in floats).
 CONNECTION_CAP = Fraction(11, 10)
-# The proxy stops accepting this many seconds before the kubelet's SIGKILL deadline.
-SHUTDOWN_MARGIN_SECONDS = 10
 
 
 def service_host(cluster: GpuProxyCluster, component: Component) -> str:
@@ -37,8 +38,22 @@ def max_connections_per_worker(connections_per_replica: int, workers: int) -> in
     return math.ceil(connections_per_replica * CONNECTION_CAP / workers)
 
 
-def shutdown_grace_seconds(termination_grace_period_seconds: int) -> int:
-    return max(1, termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS)
+def termination_grace_seconds(proxy: ProxySpec) -> int:
+    """The pod's grace period: the spec's override, else long enough that the drain delay, the
+    longest request (or the spread-out idle closes) and the exit all fit before SIGKILL."""
+    if proxy.termination_grace_period_seconds is not None:
+        return proxy.termination_grace_period_seconds
+    shutdown = proxy.shutdown
+    return (shutdown.drain_delay_seconds
+            + max(proxy.upstream.max_request_seconds, shutdown.idle_close_seconds)
+            + SHUTDOWN_MARGIN_SECONDS)
+
+
+def shutdown_grace_seconds(proxy: ProxySpec) -> int:
+    """How long the proxy waits for in-flight requests once its drain delay is over; the API
+    rule keeps an override at least drain delay + margin, so this is never negative."""
+    return max(0, termination_grace_seconds(proxy) - proxy.shutdown.drain_delay_seconds
+               - SHUTDOWN_MARGIN_SECONDS)
 
 
 def _auth(cluster: GpuProxyCluster) -> dict[str, Any]:
@@ -76,6 +91,7 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
             "connect_timeout_seconds": proxy.upstream.connect_timeout_seconds,
             "read_timeout_seconds": proxy.upstream.read_timeout_seconds,
             "max_connections_per_backend": proxy.upstream.max_connections_per_backend,
+            "max_request_seconds": proxy.upstream.max_request_seconds,
         },
         "health_check": {
             "interval_seconds": proxy.health_check.interval_seconds,
@@ -106,8 +122,9 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
                 proxy.connections_per_replica, proxy.workers
             ),
             "max_body_bytes": proxy.max_body_bytes,
-            "shutdown_grace_seconds": shutdown_grace_seconds(
-                proxy.termination_grace_period_seconds
-            ),
+            "drain_delay_seconds": proxy.shutdown.drain_delay_seconds,
+            "idle_close_seconds": proxy.shutdown.idle_close_seconds,
+            "shutdown_grace_seconds": shutdown_grace_seconds(proxy),
         },
+        "secret_files": secret_files(cluster),
     }

@@ -21,6 +21,7 @@ from gpuproxy_operator.builders.common import (
 )
 from gpuproxy_operator.builders.proxy_config import REDIS_PORT
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
+from gpuproxy_operator.sizing import redis_resources
 
 # The redis user of the official images.
 REDIS_UID = 999
@@ -120,7 +121,7 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
         "command": args[:1],
         "args": args[1:],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
-        "resources": resources(r.resources),
+        "resources": resources(redis_resources(r)),
         "startupProbe": {**tcp, "periodSeconds": 2, "failureThreshold": 30},
         "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {

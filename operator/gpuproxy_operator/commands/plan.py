@@ -10,9 +10,15 @@ from typing import Any
 
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import GpuProxyClusterSpec, parse_cluster
-from gpuproxy_operator.autoscaling.capacity import MEMORY_SOURCE, Plan, plan
+from gpuproxy_operator.autoscaling.capacity import MEMORY_SOURCE, ComponentSize, Plan, plan
 from gpuproxy_operator.commands.arguments import positive_int
 from gpuproxy_operator.commands.inputs import INPUT_ERRORS, read_documents, report_input_error
+from gpuproxy_operator.sizing import (
+    PROXY_PROCESS_MIB,
+    REDIS_BYTES_PER_KEY,
+    REDIS_KEYS_PER_CLIENT,
+    quantity_bytes,
+)
 
 # Without -f: the API defaults, with autoscaling on (placeholder backend and database).
 DEFAULT_SPEC: dict[str, Any] = {
@@ -26,6 +32,26 @@ def _gib(n: float) -> str:
     return f"{n / 1024**3:.1f} GiB"
 
 
+def _cpu_milli(value: str) -> int:
+    return int(value[:-1]) if value.endswith("m") else int(float(value) * 1000)
+
+
+def _resource_lines(sizes: list[ComponentSize]) -> list[str]:
+    """Per pod and in total, so the figures can be checked against the nodes' allocatable."""
+    lines = []
+    for s in sizes:
+        req, lim = s.requests, s.limits
+        per_pod = (f"requests {req.get('cpu', '-')} CPU / {req.get('memory', '-')}, limits "
+                   f"{lim.get('cpu', '-')} CPU / {lim.get('memory', '-')}")
+        total = ""
+        if "cpu" in req and "memory" in req and (mem := quantity_bytes(req["memory"])):
+            total = (f"; x {s.pods} = {_cpu_milli(req['cpu']) * s.pods / 1000:g} CPU / "
+                     f"{_gib(mem * s.pods)} requested")
+        origin = "derived" if s.derived else "spec"
+        lines.append(f"  {s.name:<24} {per_pod} per pod ({origin}){total}")
+    return lines
+
+
 def render(p: Plan, source: str) -> str:
     lines = [
         f"Capacity plan for {p.connections:,} concurrent connections ({source})",
@@ -37,7 +63,8 @@ def render(p: Plan, source: str) -> str:
         f"  file descriptors         {p.fds_per_replica:,} per replica, {p.fds_per_worker:,} "
         f"per worker process ({p.workers} workers): 2 per connection (client + upstream) + "
         "upstream pool + 1024",
-        f"  memory                   ~{_gib(p.memory_per_replica_bytes)} per replica at "
+        f"  memory                   ~{_gib(p.memory_per_replica_bytes)} per replica: "
+        f"{p.workers} idle worker processes (+ supervisor) x {PROXY_PROCESS_MIB} MiB + "
         f"{p.connections_per_replica:,} connections (note 1)"
         + (f"; limit {_gib(p.memory_limit_bytes)}" if p.memory_limit_bytes else ""),
         "",
@@ -48,8 +75,12 @@ def render(p: Plan, source: str) -> str:
         f"{p.pgbouncer_client_capacity:,} slots (replicas x maxClientConn)",
         "",
         "Redis",
-        f"  rate-limit memory        ~{_gib(p.redis_bytes)} worst case (6 counter keys x ~120 B "
-        f"per distinct client) vs maxmemory {_gib(p.redis_maxmemory_bytes)}",
+        f"  rate-limit memory        ~{_gib(p.redis_bytes)} worst case ({REDIS_KEYS_PER_CLIENT} "
+        f"counter keys x ~{REDIS_BYTES_PER_KEY} B per distinct client) vs maxmemory "
+        f"{_gib(p.redis_maxmemory_bytes)}",
+        "",
+        "Resources (spec, or derived when spec resources are unset)",
+        *_resource_lines(p.resources),
         "",
         "Node sysctls needed" + (
             " (all present in spec.nodeTuning.sysctls)" if not p.sysctls_missing

@@ -46,4 +46,4 @@ def test_run_accepts_its_defaults_and_metrics_off(monkeypatch: pytest.MonkeyPatc
         monkeypatch.delenv(var, raising=False)
     args = parse_run("--metrics-port", "0")
     assert (args.metrics_port, args.resync_seconds, args.watch_inactivity_timeout) == (
-        0, 60.0, 300.0)
+        0, 600.0, 300.0)
