@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuproxy_operator import kube, reconcile
+from gpuproxy_operator.kube import plain
 
 INDEX_PREFIX = "gpuproxy_children_"
 # Kinds of core Kubernetes groups are always served; the others (prometheus-operator's) are
@@ -25,15 +26,6 @@ ClusterKey = tuple[str, str]
 
 def index_id(kind: str) -> str:
     return INDEX_PREFIX + kube.REGISTRY[kind].plural
-
-
-def plain(obj: Any) -> Any:
-    """kopf's mapping views as plain dicts and lists."""
-    if isinstance(obj, Mapping):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    return obj
 
 
 def compact(body: Mapping[str, Any]) -> str:

@@ -8,7 +8,7 @@ import contextlib
 import datetime
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -19,6 +19,15 @@ import kopf
 from gpuproxy_operator.api.base import GROUP, KIND, PLURAL, VERSION
 from gpuproxy_operator.naming import Component, selector_labels
 from gpuproxy_operator.ratelimit import TokenBucket
+
+
+def plain(obj: Any) -> Any:
+    """kopf hands out Mapping views of bodies; pydantic and JSON want dicts and lists."""
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    return obj
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from gpuproxy_operator.autoscaling.kube_adapter import KubeScaling
 from gpuproxy_operator.autoscaling.loop import (
     ClusterScaler,
     ScalingKube,
-    plain,
     run_loop,
     write_status,
 )
@@ -32,6 +31,7 @@ from gpuproxy_operator.autoscaling.report import (
     Outcome,
     scaling_condition,
 )
+from gpuproxy_operator.kube import plain
 from gpuproxy_operator.operator_metrics import OperatorMetrics
 
 TASK_PREFIX = "gpuproxy-autoscaler:"

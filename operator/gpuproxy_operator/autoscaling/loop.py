@@ -31,7 +31,7 @@ from gpuproxy_operator.autoscaling.report import (
 )
 from gpuproxy_operator.autoscaling.scrape import DEFAULT_TIMEOUT, Pod, scrape
 from gpuproxy_operator.autoscaling.state import ScalerState
-from gpuproxy_operator.kube import POD_DELETION_COST, Conflict, KubeError, NotFound
+from gpuproxy_operator.kube import POD_DELETION_COST, Conflict, KubeError, NotFound, plain
 from gpuproxy_operator.naming import child_name
 from gpuproxy_operator.operator_metrics import OperatorMetrics
 
@@ -80,15 +80,6 @@ async def write_status(kube: ScalingKube, body: dict[str, Any],
         if fresh is None:
             return  # deleted meanwhile: nothing to report on
         body = plain(fresh)
-
-
-def plain(obj: Any) -> Any:
-    """kopf hands out Mapping views; pydantic and JSON want dicts and lists."""
-    if isinstance(obj, Mapping):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    return obj
 
 
 def _normalized(state: ScalerState) -> ScalerState:
