@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from gpuproxy_operator import kube, reconcile
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.naming import GENERATED_ONCE_ANNOTATION
 
 if TYPE_CHECKING:
     from gpuproxy_operator.engine import OperatorState
@@ -138,8 +139,14 @@ async def _readopt(state: OperatorState, body: dict[str, Any], action: reconcile
                    applied: list[str],
                    logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     ns = (existing.get("metadata") or {}).get("namespace")
+    desired = action.body
+    annotations = (desired.get("metadata") or {}).get("annotations") or {}
+    if annotations.get(GENERATED_ONCE_ANNOTATION) == "true":
+        # A generated password in use: re-adopt the Secret, keep its value (a new random one
+        # would rotate it under the running pods).
+        desired = {**desired, "data": existing.get("data") or {}}
     children[action.key] = await state.kube.patch(
-        action.kind, ns, action.name, reconcile.merge_patch(action.body, existing))
+        action.kind, ns, action.name, reconcile.merge_patch(desired, existing))
     cluster = (body["metadata"]["namespace"], body["metadata"]["name"])
     if state.children_cache is not None:
         state.children_cache.wrote(cluster, action.key, None, children[action.key])

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import datetime
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,17 @@ from gpuproxy_operator.api.cluster import GpuProxyCluster, InvalidSpecError, par
 from gpuproxy_operator.autoscaling import ownership
 from gpuproxy_operator.autoscaling.kube_adapter import list_autoscalers
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.builders.images import OperandImages, with_images
+from gpuproxy_operator.builders.redis_auth import (
+    build_generated_redis_secret,
+    generated_secret_name,
+    needs_generated_secret,
+)
 from gpuproxy_operator.cache import ChildCache
 from gpuproxy_operator.kube import KubeClient
 from gpuproxy_operator.naming import CLUSTER_LABEL, PREFIX, child_name
 from gpuproxy_operator.operator_metrics import OperatorMetrics
+from gpuproxy_operator.platform import Platform
 
 ClusterKey = tuple[str, str]  # (namespace, name)
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
@@ -70,6 +78,8 @@ class OperatorState:
     lease_kube: KubeClient | None = None  # the leader election's own client
     clusters: dict[ClusterKey, dict[str, Any]] = field(default_factory=dict)  # latest CR bodies
     concurrency: int = 4  # reconciles at once, all clusters together (a restart, a resync)
+    # The admin's choices from the chart: default images, the operator's pods, node tuning.
+    platform: Platform = field(default_factory=Platform)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Made here, not on first use: kopf's per-object copies of the memo must share it.
     _slots: asyncio.Semaphore = field(init=False, repr=False)
@@ -176,6 +186,22 @@ def _credential_dependent(cluster: GpuProxyCluster, inputs: BuildInputs) -> set[
     return {k for k in without.keys() | with_some.keys() if without.get(k) != with_some.get(k)}
 
 
+def _with_redis_password(cluster: GpuProxyCluster, images: OperandImages,
+                         desired: list[dict[str, Any]], hold: set[reconcile.Key],
+                         children: dict[reconcile.Key, dict[str, Any]]
+                         ) -> tuple[list[dict[str, Any]], set[reconcile.Key]]:
+    """The bundled Redis' generated password Secret: created first (Redis and the proxies
+    mount it) with a random password while it does not exist, and afterwards never changed
+    (held), so a reconcile never rotates the password under running pods."""
+    if not needs_generated_secret(cluster):
+        return desired, hold  # a generated Secret left over is deleted as no longer wanted
+    key = ("Secret", generated_secret_name(cluster))
+    if key in children:
+        return desired, hold | {key}
+    secret = build_generated_redis_secret(with_images(cluster, images), secrets.token_urlsafe(32))
+    return [secret, *desired], hold
+
+
 async def _list_or_error(api: kube.KubeClient, kind: str, ns: str, cluster: str
                          ) -> list[dict[str, Any]] | Exception:
     """A list call whose failure is a value: the gathered tasks never end in an exception, which
@@ -269,16 +295,18 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
         children, missing = await _observe(state, cluster)
         creds, cred_problem = await _credentials(state, cluster)
         owned = await _proxy_replicas(api, cluster, body, children)
-        inputs = BuildInputs(creds, owned.replicas)
+        inputs = BuildInputs(creds, owned.replicas, state.platform.images,
+                             state.platform.operator)
         desired = build_all(cluster, inputs)  # everything is built before the first write
         # An unusable Secret must not blank the userlist or roll PgBouncer: keep the last good.
         hold = _credential_dependent(cluster, inputs) if cred_problem else set()
+        desired, hold = _with_redis_password(cluster, inputs.images, desired, hold, children)
     except InvalidSpecError as exc:
         # The builders also reject input from other objects (the credentials Secret): name it.
         problems = exc.problems if exc.obj.startswith(KIND) else [
             (f"{exc.obj} {path}", reason) for path, reason in exc.problems]
         obs = status.Observation(generation, paused=bool((body.get("spec") or {}).get("paused")),
-                                 invalid=problems)
+                                 invalid=problems, node_tuning=state.platform.node_tuning)
         await _write_status(state, body, obs, logger)
         return Outcome("invalid", str(exc))
 
@@ -312,7 +340,7 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
         generation, paused=cluster.spec.paused, cluster=cluster, children=children,
         desired=desired, credentials_problem=cred_problem, missing_apis=missing, errors=errors,
         applied=applied, withheld=len(actions) if cluster.spec.paused else 0,
-        replicas_owner=owned.status_fields())
+        replicas_owner=owned.status_fields(), node_tuning=state.platform.node_tuning)
     await _write_status(state, body, obs, logger)
     if cluster.spec.paused:
         return Outcome("paused", f"{len(actions)} change(s) withheld")

@@ -107,7 +107,7 @@ async def reconcile_handler(namespace: str | None, name: str, memo: Any, retry: 
     state = state_of(memo)
     assert namespace is not None  # GpuProxyCluster is namespaced
     _mark_indexed(state)
-    hint = cache.plain(body) if body is not None else None  # fresh: this event's body
+    hint = kube.plain(body) if body is not None else None  # fresh: this event's body
     try:
         outcome = await engine.request_reconcile(state, (namespace, name), "spec", logger, hint)
     except kube.Transient as exc:
@@ -141,7 +141,7 @@ def track_cluster(type: str, body: kopf.Body, namespace: str | None, name: str, 
     if type == "DELETED":
         state.forget((namespace, name), uid)
     else:
-        state.clusters[(namespace, name)] = cache.plain(body)
+        state.clusters[(namespace, name)] = kube.plain(body)
 
 
 def _index_child(body: kopf.Body, namespace: str | None, labels: kopf.Labels,

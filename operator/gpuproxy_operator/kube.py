@@ -75,6 +75,9 @@ _KINDS = [
 ]
 REGISTRY: dict[str, ResourceKind] = {k.kind: k for k in _KINDS}
 CLUSTER = REGISTRY[KIND]
+# Kinds no builder emits any more, observed only so reconcile deletes what an older operator
+# created (the per-cluster node-tuning DaemonSet): RBAC grants them no create or patch.
+CLEANUP_ONLY_KINDS: tuple[str, ...] = ("DaemonSet",)
 # The kinds a GpuProxyCluster owns, in apply order; reconcile observes exactly these.
 CHILD_KINDS: tuple[str, ...] = (
     "ServiceAccount", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet",

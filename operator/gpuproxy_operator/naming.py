@@ -14,6 +14,8 @@ CONFIG_HASH_ANNOTATION = f"{PREFIX}/config-hash"
 # On every child reconcile wrote: the content it applied last (without Secret/ConfigMap data),
 # so a key removed from the desired body can be removed (nulled) by the next merge patch.
 LAST_APPLIED_ANNOTATION = f"{PREFIX}/last-applied"
+# On a child whose data the operator generated once (a random password): never rewritten.
+GENERATED_ONCE_ANNOTATION = f"{PREFIX}/generated-once"
 CLUSTER_LABEL = f"{PREFIX}/cluster"
 MANAGED_BY = "gpuproxy-operator"
 PART_OF = "gpuproxy"

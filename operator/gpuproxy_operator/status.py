@@ -18,6 +18,9 @@ OWN_CONDITIONS = ("Ready", "Progressing", "Degraded", "Paused", "ProxyReady", "P
 OWN_FIELDS = ("phase", "observedGeneration", "replicas", "readyReplicas", "selector", "endpoints",
               "replicasOwner", "replicasOwnerMessage", "handoverSpecReplicas")
 COMPONENT_CONDITIONS = ("ProxyReady", "PgBouncerReady", "RedisReady", "NodeTuningReady")
+# What Ready waits for. Node tuning is the platform's and the proxy serves without it (at the
+# kernel's defaults), so NodeTuningReady informs but never holds Ready back.
+READY_GATES = ("ProxyReady", "PgBouncerReady", "RedisReady")
 
 Children = Mapping[tuple[str, str], Mapping[str, Any]]
 
@@ -40,6 +43,8 @@ class Observation:
     # The replica owner's status fields (autoscaling/ownership.py); a None value is written as
     # null (removed). Empty when the spec is invalid: the fields stay as they are.
     replicas_owner: Mapping[str, Any] = field(default_factory=dict)
+    # `<namespace>/<name>` of the platform's node-tuning DaemonSet (the chart's), None: absent.
+    node_tuning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,20 +107,35 @@ def component_conditions(obs: Observation) -> list[Cond]:
         red = _workload(kids.get(("StatefulSet", child_name(name, "redis"))), "Redis StatefulSet",
                         _pods_hint(ns, name, "redis"))
         out.append(Cond("RedisReady", red.status, red.reason, red.message))
-    if not c.spec.node_tuning.enabled:
-        out.append(Cond("NodeTuningReady", True, "Disabled", "spec.nodeTuning.enabled is false"))
-    else:
-        nt = _workload(kids.get(("DaemonSet", child_name(name, "node-tuning"))),
-                       "node-tuning DaemonSet", _pods_hint(ns, name, "node-tuning") + (
-                           # hostNetwork + a privileged init container: the "restricted" and
-                           # "baseline" Pod Security levels refuse the pods, silently for us.
-                           f"; no pods at all usually means Pod Security admission refused them "
-                           f"(see `kubectl -n {ns} get events`): label the namespace "
-                           "pod-security.kubernetes.io/enforce=privileged or set "
-                           "spec.nodeTuning.enabled: false"))
-        out.append(Cond("NodeTuningReady", nt.status, nt.reason, nt.message))
+    out.append(_node_tuning(obs))
     out.append(_alerts(obs))
     return out
+
+
+def _node_tuning(obs: Observation) -> Cond:
+    """Whether the platform provides what spec.nodeTuning asks for; legacy fields are named
+    here (a warning, not an error: an older CRD defaulted them into every stored cluster)."""
+    assert obs.cluster is not None
+    nt = obs.cluster.spec.node_tuning
+    ignored = nt.ignored_fields()
+    note = ("; ignored: " + ", ".join(f"spec.nodeTuning.{f}" for f in ignored)
+            + " (node tuning is the platform's: the operator chart's nodeTuning values choose "
+            "the image, sysctls and nodes); remove them from the spec") if ignored else ""
+    if not nt.enabled:
+        return Cond("NodeTuningReady", True, "NotRequested",
+                    "spec.nodeTuning.enabled is false" + note)
+    if obs.node_tuning is None:
+        return Cond("NodeTuningReady", False, "NotInstalled",
+                    "spec.nodeTuning.enabled asks for tuned nodes, but this operator's "
+                    "installation has no node tuning: the platform admin enables it with the "
+                    "chart value nodeTuning.enabled=true (or tunes the nodes through their "
+                    "image); the proxy runs meanwhile with the nodes' kernel defaults. Set "
+                    "spec.nodeTuning.enabled: false to silence this" + note)
+    ns, name = obs.node_tuning.partition("/")[::2]
+    return Cond("NodeTuningReady", True, "ProvidedByPlatform",
+                f"the platform's node-tuning DaemonSet {obs.node_tuning} tunes the nodes "
+                f"(`kubectl -n {ns} rollout status daemonset/{name}`); the proxy pods set "
+                "their own network namespace's safe sysctls" + note)
 
 
 def _alerts(obs: Observation) -> Cond:
@@ -147,7 +167,7 @@ def summary_conditions(obs: Observation, components: list[Cond]) -> list[Cond]:
     if obs.credentials_problem:
         degraded.append(("CredentialsUnavailable", obs.credentials_problem))
     degraded.extend(obs.errors)
-    core = [cond for cond in components if cond.type in COMPONENT_CONDITIONS]
+    core = [cond for cond in components if cond.type in READY_GATES]
     waiting = [cond for cond in core if cond.status is not True]
     ready = not waiting and not obs.invalid
     out = [

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gpuproxy_operator.api.cluster import InvalidSpecError, parse_cluster
-from gpuproxy_operator.api.components import GUIDE_SYSCTLS
+from gpuproxy_operator.sysctls import GUIDE_SYSCTLS
 
 
 def body(**spec: Any) -> dict[str, Any]:
@@ -54,7 +54,9 @@ def test_defaults_are_the_guides_numbers() -> None:
     assert spec.proxy.upstream.max_request_seconds == 600
     assert spec.proxy.termination_grace_period_seconds is None
     assert (redis.io_threads, redis.persistence) == (4, False)
-    assert spec.node_tuning.sysctls == GUIDE_SYSCTLS
+    # Node tuning is only asked for; the sysctls are the chart's (nothing stored in the CR).
+    assert spec.node_tuning.enabled
+    assert spec.node_tuning.sysctls is None
     assert GUIDE_SYSCTLS["net.ipv4.tcp_rmem"] == "4096 87380 10485760"
     assert len(GUIDE_SYSCTLS) == 21
     rule = spec.monitoring.prometheus_rule

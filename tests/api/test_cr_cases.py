@@ -104,6 +104,23 @@ HAND_WRITTEN = [
            spec__proxy__terminationGracePeriodSeconds=20,
            spec__proxy__shutdown={"drainDelaySeconds": 0}),
     change("resources-unset-are-derived", None, spec__redis={"resources": {}}),
+    # What an older CRD stored in every cluster: accepted, ignored, named in NodeTuningReady.
+    change("legacy-node-tuning-fields", None, spec__nodeTuning={
+        "enabled": True, "image": "busybox:1.37",
+        "sysctls": {"net.core.somaxconn": "65535", "rm -rf": "1"},
+        "nodeSelector": {"a": "b"}, "tolerations": [{"operator": "Exists"}]}),
+    change("images-pinned-by-digest", None,
+           spec__proxy__image="registry.example/gpuproxy-proxy@sha256:" + "a" * 64,
+           spec__pgbouncer__image="registry.example/pgbouncer:1.24",
+           spec__redis__image="registry.example/redis:7.4"),
+    change("proxy-network-policy", None, spec__proxy__networkPolicy={
+        "clientCidrs": ["10.0.0.0/8", "fd00::/8"], "clientNamespaces": ["ingress"],
+        "metricsFrom": [{"namespaceSelector": {"kubernetes.io/metadata.name": "monitoring"}},
+                        {"podSelector": {"app": "prom"}}]}),
+    change("proxy-network-policy-off", None, spec__proxy__networkPolicy={"enabled": False}),
+    change("external-redis-with-password", None, spec__redis={
+        "mode": "external", "url": "rediss://r:6380/0",
+        "passwordSecretRef": {"name": "redis", "key": "password"}}),
     # One row per cross-field (CEL) rule.
     change("min-above-max", "minReplicas must be less than or equal to maxReplicas",
            spec__autoscaling__minReplicas=5, spec__autoscaling__maxReplicas=4),
@@ -131,8 +148,11 @@ HAND_WRITTEN = [
            spec__proxy__shutdown={"drainDelaySeconds": 60}),
     change("empty-policies-not-disabled", "policies must not be empty",
            spec__autoscaling__behavior__scaleUp__policies=[]),
-    change("sysctl-key-not-a-kernel-name", "",
-           spec__nodeTuning__sysctls={"net.core.somaxconn": "1024", "rm -rf": "1"}),
+    change("network-peer-without-selectors", "a peer needs namespaceSelector or podSelector",
+           spec__proxy__networkPolicy={"metricsFrom": [{}]}),
+    change("client-cidr-not-a-cidr", "", spec__proxy__networkPolicy={"clientCidrs": ["10.0.0.0"]}),
+    change("client-namespace-not-a-name", "",
+           spec__proxy__networkPolicy={"clientNamespaces": ["Not_A_Name"]}),
     change("name-of-41-characters", "", metadata__name="a" * 41),
     change("name-with-a-dot", "", metadata__name="a.b"),
     change("duplicate-backend-names", "",

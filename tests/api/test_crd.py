@@ -74,5 +74,9 @@ def test_map_lists_and_defaults() -> None:
     assert spec["pgbouncer"]["properties"]["maxClientConn"]["default"] == 100000
     assert spec["proxy"]["properties"]["connectionsPerReplica"]["default"] == 100000
     assert spec["autoscaling"]["properties"]["targetConnections"]["default"] == 1000000
-    sysctls = spec["nodeTuning"]["properties"]["sysctls"]["default"]
-    assert sysctls["net.core.somaxconn"] == "65535"
+    # Node tuning is only asked for (the legacy fields have no default any more), and images
+    # are the operator's: nothing of them is stored in a CR by defaulting.
+    tuning = spec["nodeTuning"]["properties"]
+    assert [name for name, prop in tuning.items() if "default" in prop] == ["enabled"]
+    for component in ("proxy", "pgbouncer", "redis"):
+        assert "default" not in spec[component]["properties"]["image"]

@@ -25,7 +25,23 @@ def test_render_prints_every_child(capsys: pytest.CaptureFixture[str]) -> None:
         "Secret", "Service", "ServiceAccount", "ServiceMonitor", "StatefulSet",
     ]
     assert all(d["metadata"]["ownerReferences"][0]["name"] == "demo" for d in docs)
-    assert err == ""
+    # The random Redis password is made by the operator, once, not by render.
+    assert err == ("note: the operator creates Secret default/demo-redis-auth (the bundled "
+                   "Redis' password, random) on its first reconcile; it is not rendered\n")
+
+
+def test_render_warns_about_ignored_node_tuning_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = list(yaml.safe_load_all(MINIMAL.read_text()))
+    [cluster] = [d for d in docs if d["kind"] == "GpuProxyCluster"]
+    cluster["spec"]["nodeTuning"] = {"image": "busybox:1.37", "sysctls": {"a.b": "1"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    assert main(["render", "-f", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "DaemonSet" not in {d["kind"] for d in yaml.safe_load_all(out)}
+    assert "spec.nodeTuning.image, spec.nodeTuning.sysctls are ignored" in err
 
 
 def test_render_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,7 +68,7 @@ def test_rendered_cluster_parses_and_builds() -> None:
     parsed = parse_cluster(cluster_body)
     assert parsed.metadata.name == "prod"
     children = build_all(parsed, BuildInputs(DatabaseCredentials("gpuproxy", "pw")))
-    assert {"Deployment", "StatefulSet", "DaemonSet"} <= {m["kind"] for m in children}
+    assert {"Deployment", "StatefulSet", "NetworkPolicy"} <= {m["kind"] for m in children}
 
 
 def test_cluster_waits_for_the_crd_on_a_first_install() -> None:

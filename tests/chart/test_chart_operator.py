@@ -63,7 +63,8 @@ def test_operator_deployment_shape() -> None:
 def test_leader_election_args_and_the_pod_name_as_identity(
         monkeypatch: pytest.MonkeyPatch) -> None:
     (container,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]
+           if "valueFrom" in e}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     monkeypatch.setenv("POD_NAME", "gp-gpuproxy-operator-7d9f-abcde")
     monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)

@@ -256,7 +256,15 @@ def child_resources() -> set[tuple[str, str]]:
                       BuildInputs(DatabaseCredentials("gpuproxy", "pw")))
     kinds = {m["kind"] for m in built} | set(kube.CHILD_KINDS)
     assert {m["kind"] for m in built} <= set(kube.CHILD_KINDS), "a built kind is not observed"
-    return {(kube.REGISTRY[k].group, kube.REGISTRY[k].plural) for k in kinds}
+    assert not {m["kind"] for m in built} & set(kube.CLEANUP_ONLY_KINDS), "built, not cleanup"
+    return {(kube.REGISTRY[k].group, kube.REGISTRY[k].plural) for k in kinds
+            if k not in kube.CLEANUP_ONLY_KINDS}
+
+
+def cleanup_only_needs() -> set[Grant]:
+    """Kinds reconcile only observes and deletes (left over from older operators)."""
+    return {(kube.REGISTRY[k].group, kube.REGISTRY[k].plural, verb)
+            for k in kube.CLEANUP_ONLY_KINDS for verb in ("get", "list", "watch", "delete")}
 
 
 LEASES = "coordination.k8s.io"
@@ -275,8 +283,15 @@ def needed(code_calls: set[Grant]) -> tuple[set[Grant], set[Grant]]:
     # (within this test's scenario) it can use on any of them.
     child_verbs = {verb for group, res, verb in code_calls if (group, res) in children}
     namespaced = {(g, r, v) for g, r in children for v in child_verbs}
-    namespaced |= code_calls | kopf_needs() | KOPF_EVENTS | OWNER_FINALIZERS
+    namespaced |= code_calls | kopf_needs() | KOPF_EVENTS | OWNER_FINALIZERS | cleanup_only_needs()
     return namespaced, set(KOPF_CLUSTER_SCOPED)
+
+
+def operator_roles(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The roles bound to the operator, without the tenants' aggregated ones."""
+    return [r for r in by_kind(manifests, kind)
+            if not any(k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+                       for k in r["metadata"].get("labels", {}))]
 
 
 def grants(roles: list[dict[str, Any]]) -> set[Grant]:
@@ -309,7 +324,7 @@ def test_no_wildcards_anywhere() -> None:
 
 def test_cluster_wide_install_grants_exactly_what_the_code_uses(code_calls: set[Grant]) -> None:
     namespaced, cluster_scoped = needed(code_calls)
-    granted = grants(by_kind(render(), "ClusterRole"))
+    granted = grants(operator_roles(render(), "ClusterRole"))
     assert sorted((namespaced | cluster_scoped) - granted) == [], "missing grants"
     assert sorted(granted - namespaced - cluster_scoped) == [], "grants the code never uses"
 
@@ -323,7 +338,7 @@ def test_namespaced_install_grants_per_namespace(code_calls: set[Grant]) -> None
         granted = grants([role])
         assert sorted(namespaced - granted) == [], role["metadata"]["namespace"]
         assert sorted(granted - namespaced) == [], role["metadata"]["namespace"]
-    reads = grants(by_kind(manifests, "ClusterRole"))
+    reads = grants(operator_roles(manifests, "ClusterRole"))
     assert reads == cluster_scoped | KOPF_NAMESPACE_OBSERVER
     assert all(verb in ("get", "list", "watch") for _, _, verb in reads)
 
@@ -342,7 +357,7 @@ def test_leases_are_granted_in_the_release_namespace_only(
     (role,) = leader_election_roles(manifests)
     assert role["metadata"]["namespace"] == NAMESPACE
     assert grants([role]) == needs
-    others = [r for r in by_kind(manifests, "ClusterRole") + by_kind(manifests, "Role")
+    others = [r for r in operator_roles(manifests, "ClusterRole") + by_kind(manifests, "Role")
               if r is not role]
     assert not {g for g in grants(others) if g[0] == LEASES}
     assert leader_election_roles(render(values, ("leaderElection.enabled=false",
@@ -354,7 +369,7 @@ def test_bindings_bind_the_operator_service_account() -> None:
         manifests = render(values, sets)
         sa = one_sa(manifests)
         roles = {(r["kind"], r["metadata"]["name"], r["metadata"].get("namespace"))
-                 for r in by_kind(manifests, "ClusterRole") + by_kind(manifests, "Role")}
+                 for r in operator_roles(manifests, "ClusterRole") + by_kind(manifests, "Role")}
         bindings = by_kind(manifests, "ClusterRoleBinding") + by_kind(manifests, "RoleBinding")
         assert len(bindings) == len(roles)
         for binding in bindings:

@@ -65,6 +65,7 @@ def test_default_install_is_cluster_wide_with_crd() -> None:
         "Deployment", "Service", "ServiceAccount",
         "PodDisruptionBudget", "Role", "RoleBinding",  # HA: the PDB and the Lease's Role
         "ConfigMap", "ConfigMap",  # the Grafana dashboards (proxy, operator)
+        "ClusterRole", "ClusterRole",  # tenants' edit and view, aggregated
     ])
     assert all(
         m["metadata"].get("namespace") == NAMESPACE

@@ -115,7 +115,7 @@ def _leaf_paths(node: Any, prefix: str = "", keep_objects: bool = False) -> set[
 
 
 # Values whose default is a whole object documented by one `# --` comment.
-WHOLE_OBJECT_VALUES = {"resources", "podSecurityContext", "securityContext"}
+WHOLE_OBJECT_VALUES = {"resources", "podSecurityContext", "securityContext", "nodeTuning.sysctls"}
 
 
 def _has_doc_comment(lines: list[str], index: int) -> bool:

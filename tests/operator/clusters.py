@@ -85,10 +85,7 @@ def production_body() -> dict[str, Any]:
                 "passwordSecretRef": {"name": "gpuproxy-redis", "key": "password"},
                 "persistence": True, "storageClassName": "fast-ssd",
             },
-            "nodeTuning": {
-                "nodeSelector": {"node-role/proxy": "true"},
-                "tolerations": [{"operator": "Exists"}],
-            },
+            "nodeTuning": {"enabled": True},
             "monitoring": {
                 "prometheusRule": {"labels": {"release": "kube-prometheus-stack"}},
                 "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},

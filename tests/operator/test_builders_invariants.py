@@ -19,7 +19,6 @@ from tests.operator.clusters import (
     production_body,
 )
 
-from gpuproxy_operator.api.components import GUIDE_SYSCTLS
 from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, SPEC_HASH_ANNOTATION
@@ -89,14 +88,14 @@ def test_every_pod_is_hardened_and_has_probes_and_resources(item: tuple[str, Man
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_the_tuning_init_container_is_the_only_privileged_container() -> None:
+def test_no_child_runs_a_privileged_container() -> None:
+    """Node tuning, the one privileged workload, is the platform's (the chart's DaemonSet)."""
     privileged = [
         (m["kind"], c["name"])
         for ms in ALL.values() for m in ms for t in pod_templates(m)
         for c in _containers(t["spec"]) if c["securityContext"].get("privileged")
     ]
-    assert privileged
-    assert set(privileged) == {("DaemonSet", "apply-sysctls")}
+    assert privileged == []
 
 
 def test_same_input_gives_byte_identical_yaml() -> None:
@@ -113,7 +112,7 @@ def _reversed(mapping: dict[str, Any]) -> dict[str, Any]:
 def test_map_order_in_the_spec_does_not_change_the_output() -> None:
     body = production_body()
     spec = body["spec"]
-    spec["nodeTuning"]["sysctls"] = dict(GUIDE_SYSCTLS)
+    spec["proxy"]["networkPolicy"] = {"metricsFrom": [{"podSelector": {"a": "1", "b": "2"}}]}
     spec["proxy"]["service"]["annotations"] = {"a": "1", "b": "2", "c": "3"}
     spec["proxy"]["podAnnotations"] = {"a": "1", "b": "2"}
     spec["proxy"]["nodeSelector"] = {"a": "1", "b": "2"}
@@ -122,7 +121,8 @@ def test_map_order_in_the_spec_does_not_change_the_output() -> None:
     spec["monitoring"]["prometheusRule"]["labels"] = {"a": "1", "b": "2"}
     reordered = copy.deepcopy(body)
     rspec = reordered["spec"]
-    rspec["nodeTuning"]["sysctls"] = _reversed(rspec["nodeTuning"]["sysctls"])
+    peer = rspec["proxy"]["networkPolicy"]["metricsFrom"][0]
+    peer["podSelector"] = _reversed(peer["podSelector"])
     rspec["proxy"]["service"]["annotations"] = _reversed(rspec["proxy"]["service"]["annotations"])
     rspec["proxy"]["podAnnotations"] = _reversed(rspec["proxy"]["podAnnotations"])
     rspec["proxy"]["nodeSelector"] = _reversed(rspec["proxy"]["nodeSelector"])
@@ -148,8 +148,6 @@ def _template_hash(manifests: list[Manifest], kind: str, name: str) -> str:
         ("Deployment", "mini-proxy", ("proxy", "rateLimits"), {"perIp": 50}, False),
         ("Deployment", "mini-pgbouncer", ("pgbouncer", "defaultPoolSize"), 100, False),
         ("StatefulSet", "mini-redis", ("redis", "maxmemory"), "2gb", True),
-        ("DaemonSet", "mini-node-tuning", ("nodeTuning", "sysctls"), {"net.core.somaxconn": "1"},
-         True),
     ],
 )
 def test_a_changed_configmap_rolls_only_what_cannot_reload_it(
@@ -189,7 +187,7 @@ def test_proxy_replicas_are_not_part_of_the_spec_hash() -> None:
 
 def test_apply_order() -> None:
     kinds = [m["kind"] for m in ALL["production-100k"]]
-    order = ["ServiceAccount", "ConfigMap", "Secret", "Service", "DaemonSet", "StatefulSet",
+    order = ["ServiceAccount", "ConfigMap", "Secret", "Service", "StatefulSet",
              "Deployment", "PodDisruptionBudget", "NetworkPolicy", "PrometheusRule",
              "ServiceMonitor"]
     assert kinds == sorted(kinds, key=order.index)
@@ -211,6 +209,7 @@ def test_disabled_components_produce_no_objects() -> None:
         # PgBouncer's budget is not optional: its two pods are what keeps metering up.
         ("PodDisruptionBudget", "lean-pgbouncer"),
         ("NetworkPolicy", "lean-pgbouncer"),
+        ("NetworkPolicy", "lean-proxy"),
     }
     assert not [m for m in ALL["lean"] if m["metadata"]["labels"][
         "app.kubernetes.io/component"] in ("redis", "node-tuning", "monitoring")]

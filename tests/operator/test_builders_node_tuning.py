@@ -1,122 +1,133 @@
-"""Node tuning: the sysctl file pinned to the guide's 99-gpuproxy-100k.conf, the DaemonSet's
-host-network privileged init container, and its readiness check run against this machine."""
+"""Node tuning is the platform's, never a tenant's: no GpuProxyCluster (old fields included)
+makes the operator build a privileged or host-network pod, the DaemonSet an older operator
+created is deleted, legacy fields are reported, and the proxy pods set only safe per-netns
+sysctls themselves."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
+import copy
 from typing import Any
 
 import pytest
-from tests.operator.clusters import by_key, cluster, minimal_body, production_body
+from tests.operator.clusters import (
+    CREDENTIALS,
+    by_key,
+    cluster,
+    minimal_body,
+    pod_templates,
+    production_body,
+)
 
+from gpuproxy_operator import reconcile, status
 from gpuproxy_operator.builders import BuildInputs, build_all
-from gpuproxy_operator.builders.common import Manifest
-from gpuproxy_operator.builders.node_tuning import SYSCTL_DIR, SYSCTL_FILE, VERIFY_SCRIPT
+from gpuproxy_operator.builders.common import owner_reference
+from gpuproxy_operator.sysctls import (
+    GUIDE_SYSCTLS,
+    HOST_WIDE_SYSCTLS,
+    NODE_TUNING_SYSCTLS,
+    PER_NETNS_SYSCTLS,
+    SAFE_POD_SYSCTLS,
+)
 
-# The guide's /etc/sysctl.d/99-gpuproxy-100k.conf, comments dropped and lines sorted.
-GUIDE_SYSCTL_FILE = """\
-net.core.default_qdisc = fq
-net.core.netdev_max_backlog = 65536
-net.core.rmem_default = 10485760
-net.core.rmem_max = 10485760
-net.core.somaxconn = 65535
-net.core.wmem_default = 10485760
-net.core.wmem_max = 10485760
-net.ipv4.ip_local_port_range = 1024 65535
-net.ipv4.tcp_congestion_control = bbr
-net.ipv4.tcp_fastopen = 3
-net.ipv4.tcp_fin_timeout = 15
-net.ipv4.tcp_keepalive_intvl = 10
-net.ipv4.tcp_keepalive_probes = 3
-net.ipv4.tcp_keepalive_time = 60
-net.ipv4.tcp_max_syn_backlog = 65536
-net.ipv4.tcp_max_tw_buckets = 2000000
-net.ipv4.tcp_mem = 786432 1048576 26777216
-net.ipv4.tcp_rmem = 4096 87380 10485760
-net.ipv4.tcp_slow_start_after_idle = 0
-net.ipv4.tcp_tw_reuse = 1
-net.ipv4.tcp_wmem = 4096 65536 10485760
-"""
+# What an older CRD stored in every cluster (its defaults), plus what users set then.
+LEGACY_NODE_TUNING: dict[str, Any] = {
+    "enabled": True,
+    "image": "attacker.example/rootkit:1",
+    "sysctls": {**GUIDE_SYSCTLS, "kernel.core_pattern": "|/tmp/x"},
+    "nodeSelector": {"node-role/proxy": "true"},
+    "tolerations": [{"operator": "Exists"}],
+}
 
 
-def _objects(body: dict[str, Any]) -> dict[tuple[str, str], Manifest]:
-    return by_key(build_all(cluster(body), BuildInputs()))
+def legacy_body(base: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(base)
+    body["spec"]["nodeTuning"] = copy.deepcopy(LEGACY_NODE_TUNING)
+    return body
 
 
-def test_sysctl_file_is_the_guides() -> None:
-    cm = _objects(minimal_body())[("ConfigMap", "mini-node-tuning")]
-    assert cm["data"] == {"99-gpuproxy-100k.conf": GUIDE_SYSCTL_FILE}
+@pytest.mark.parametrize("make", [minimal_body, production_body])
+def test_no_cluster_makes_the_operator_build_a_privileged_or_host_pod(make: Any) -> None:
+    manifests = build_all(cluster(legacy_body(make())), BuildInputs(CREDENTIALS))
+    assert not [m for m in manifests if m["kind"] == "DaemonSet"]
+    for manifest in manifests:
+        for template in pod_templates(manifest):
+            pod = template["spec"]
+            assert not pod.get("hostNetwork"), manifest["kind"]
+            assert not pod.get("hostPID"), manifest["kind"]
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                assert c["securityContext"]["privileged"] is False, c["name"]
+                assert c["securityContext"]["runAsNonRoot"] is True, c["name"]
+                assert "attacker" not in c["image"]
 
 
-def test_custom_sysctls_replace_the_defaults_sorted() -> None:
+def test_the_daemonset_an_older_operator_created_is_deleted() -> None:
+    """Its owner reference makes it ours: reconcile deletes it (and its ConfigMap) as no
+    longer wanted, also for a cluster that still asks for node tuning."""
+    parsed = cluster(legacy_body(production_body()))
+    owner = owner_reference(parsed)
+    observed = {
+        ("DaemonSet", "prod-node-tuning"): {"kind": "DaemonSet", "metadata": {
+            "name": "prod-node-tuning", "ownerReferences": [owner]}},
+        ("ConfigMap", "prod-node-tuning"): {"kind": "ConfigMap", "metadata": {
+            "name": "prod-node-tuning", "ownerReferences": [owner]}},
+    }
+    plan = reconcile.plan(build_all(parsed, BuildInputs(CREDENTIALS)), observed,
+                          parsed.metadata.uid)
+    deleted = {(a.kind, a.name) for a in plan.actions if a.verb == "delete"}
+    assert deleted == set(observed)
+
+
+def _node_tuning_condition(body: dict[str, Any], installed: str | None) -> dict[str, Any]:
+    parsed = cluster(body)
+    obs = status.Observation(1, cluster=parsed, node_tuning=installed)
+    new = status.compute_status({}, obs, "2026-01-01T00:00:00Z")
+    return {c["type"]: c for c in new["conditions"]}["NodeTuningReady"]
+
+
+def test_legacy_fields_are_accepted_and_named_in_a_warning() -> None:
+    """Not an error: an older CRD defaulted image and sysctls into every stored cluster, so
+    refusing them would make every existing cluster invalid on upgrade."""
+    cond = _node_tuning_condition(legacy_body(minimal_body()), "ops/gp-node-tuning")
+    assert cond["status"] == "True"
+    for field in ("image", "sysctls", "nodeSelector", "tolerations"):
+        assert f"spec.nodeTuning.{field}" in cond["message"]
+    assert "remove them" in cond["message"]
+    clean = _node_tuning_condition(minimal_body(), "ops/gp-node-tuning")
+    assert "ignored" not in clean["message"]
+    assert clean["reason"] == "ProvidedByPlatform"
+
+
+def test_a_request_without_platform_tuning_is_reported_but_never_holds_ready() -> None:
     body = minimal_body()
-    body["spec"]["nodeTuning"] = {"sysctls": {"net.ipv4.tcp_fin_timeout": "30",
-                                              "net.core.somaxconn": "4096"}}
-    cm = _objects(body)[("ConfigMap", "mini-node-tuning")]
-    assert cm["data"]["99-gpuproxy-100k.conf"] == (
-        "net.core.somaxconn = 4096\nnet.ipv4.tcp_fin_timeout = 30\n"
-    )
+    cond = _node_tuning_condition(body, None)
+    assert (cond["status"], cond["reason"]) == ("False", "NotInstalled")
+    assert "nodeTuning.enabled=true" in cond["message"]
+    parsed = cluster(body)
+    ready = {"status": {"readyReplicas": 1, "updatedReplicas": 1, "replicas": 1}}
+    children: dict[tuple[str, str], Any] = {
+        (kind, name): {"kind": kind, "spec": {"replicas": 1}, **ready}
+        for kind, name in (("Deployment", "mini-proxy"), ("Deployment", "mini-pgbouncer"),
+                           ("StatefulSet", "mini-redis"))}
+    obs = status.Observation(1, cluster=parsed, children=children)
+    conds = {c["type"]: c for c in status.compute_status({}, obs, "t")["conditions"]}
+    assert conds["NodeTuningReady"]["status"] == "False"
+    assert conds["Ready"]["status"] == "True"
 
 
-def test_daemonset_tunes_the_host_namespace_with_one_privileged_init_container() -> None:
-    ds = _objects(production_body())[("DaemonSet", "prod-node-tuning")]
-    assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
-    pod = ds["spec"]["template"]["spec"]
-    assert pod["hostNetwork"] is True
-    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
-    assert pod["nodeSelector"] == {"node-role/proxy": "true"}
-    assert pod["tolerations"] == [{"operator": "Exists"}]
-    [init] = pod["initContainers"]
-    assert init["command"] == ["sysctl", "-p", f"{SYSCTL_DIR}/{SYSCTL_FILE}"]
-    assert init["securityContext"]["privileged"] is True
-    [main] = pod["containers"]
-    assert main["command"] == ["sleep", "2147483647"]
-    assert main["securityContext"]["privileged"] is False
-    assert main["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert main["resources"]["limits"] == {"cpu": "10m", "memory": "16Mi"}
-    for c in (init, main):
-        assert c["volumeMounts"] == [
-            {"name": "sysctls", "mountPath": SYSCTL_DIR, "readOnly": True}
-        ]
-    assert pod["volumes"] == [{"name": "sysctls", "configMap": {"name": "prod-node-tuning"}}]
+def test_proxy_pods_set_only_safe_per_netns_sysctls_at_the_guides_values() -> None:
+    body = legacy_body(production_body())
+    body["spec"]["nodeTuning"]["sysctls"]["net.ipv4.tcp_fin_timeout"] = "99"
+    dep = by_key(build_all(cluster(body), BuildInputs(CREDENTIALS)))[("Deployment", "prod-proxy")]
+    sysctls = dep["spec"]["template"]["spec"]["securityContext"]["sysctls"]
+    assert {s["name"]: s["value"] for s in sysctls} == {k: GUIDE_SYSCTLS[k]
+                                                        for k in SAFE_POD_SYSCTLS}
 
 
-def test_disabled_node_tuning_builds_nothing() -> None:
-    body = minimal_body()
-    body["spec"]["nodeTuning"] = {"enabled": False}
-    assert not [k for k in _objects(body) if k[1] == "mini-node-tuning"]
-
-
-def _run_verify(conf: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    if shutil.which("sysctl") is None:
-        pytest.fail("sysctl is not installed (Debian package procps)")
-    path = tmp_path / SYSCTL_FILE
-    path.write_text(conf)
-    script = VERIFY_SCRIPT.replace(f"{SYSCTL_DIR}/{SYSCTL_FILE}", str(path))
-    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False,
-                          timeout=30)
-
-
-def _current(key: str) -> str:
-    out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, check=True)
-    return " ".join(out.stdout.split())
-
-
-def test_readiness_script_passes_when_the_settings_hold(tmp_path: Path) -> None:
-    """Multi-value settings print tab-separated; the script compares them word by word."""
-    keys = ("net.ipv4.ip_local_port_range", "net.core.somaxconn")
-    conf = "".join(f"{k} = {_current(k)}\n" for k in keys) + "\n"
-    result = _run_verify(conf, tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_readiness_script_fails_and_names_the_drifted_setting(tmp_path: Path) -> None:
-    current = _current("net.ipv4.ip_local_port_range")
-    wanted = "1024 65535" if current != "1024 65535" else "2048 65000"
-    conf = f"net.core.somaxconn = {_current('net.core.somaxconn')}\n"
-    conf += f"net.ipv4.ip_local_port_range = {wanted}\n"
-    result = _run_verify(conf, tmp_path)
-    assert result.returncode == 1
-    assert "net.ipv4.ip_local_port_range" in result.stdout
+def test_every_allowed_sysctl_is_classified_per_netns_or_host_wide() -> None:
+    assert set(NODE_TUNING_SYSCTLS) == PER_NETNS_SYSCTLS | HOST_WIDE_SYSCTLS
+    assert not PER_NETNS_SYSCTLS & HOST_WIDE_SYSCTLS
+    assert set(SAFE_POD_SYSCTLS) <= PER_NETNS_SYSCTLS
+    assert {"net.core.somaxconn", "net.ipv4.ip_local_port_range"} <= PER_NETNS_SYSCTLS
+    assert {"fs.file-max", "fs.nr_open", "net.core.rmem_max"} <= HOST_WIDE_SYSCTLS
+    assert all(k.startswith("net.ipv4.tcp_") for k in PER_NETNS_SYSCTLS
+               if k.startswith("net.ipv4.") and k != "net.ipv4.ip_local_port_range")

@@ -132,7 +132,7 @@ def test_deployment_strategy_probes_and_lifecycle() -> None:
     assert "lifecycle" not in c
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts == {"/etc/gpuproxy/config": "config", "/etc/gpuproxy/secrets/db": "secret-db",
-                      "/tmp": "tmp"}
+                      "/etc/gpuproxy/secrets/redis": "secret-redis", "/tmp": "tmp"}
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "mini-proxy"
     assert "emptyDir" in volumes["tmp"]
@@ -150,9 +150,10 @@ def test_pod_security_context_and_safe_sysctls() -> None:
         {"name": "net.ipv4.tcp_keepalive_probes", "value": "3"},
         {"name": "net.ipv4.tcp_keepalive_time", "value": "60"},
     ]
+    # The legacy spec.nodeTuning.sysctls no longer reach the pods (ignored, reported).
     body = minimal_body()
     body["spec"]["nodeTuning"] = {"sysctls": {"net.core.somaxconn": "65535"}}
-    assert "sysctls" not in _pod(body)["spec"]["securityContext"]
+    assert _pod(body)["spec"]["securityContext"]["sysctls"] == sc["sysctls"]
 
 
 def test_secrets_are_mounted_files_named_in_the_config() -> None:
@@ -189,10 +190,11 @@ def test_secrets_are_mounted_files_named_in_the_config() -> None:
         directory, _, name = path.rpartition("/")
         [mount] = [m for m in mounts.values() if m["mountPath"] == directory]
         assert name in [i["path"] for i in volumes[mount["name"]]["items"]]
-    # Only what the spec references.
+    # What the spec references, and the bundled Redis' generated password.
     assert _config(minimal_body()).secret_files == SecretFilesConfig(
         db_user="/etc/gpuproxy/secrets/db/username",
         db_password="/etc/gpuproxy/secrets/db/password",
+        redis_password="/etc/gpuproxy/secrets/redis/password",
     )
 
 

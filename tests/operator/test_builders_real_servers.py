@@ -150,7 +150,8 @@ def test_rendered_redis_conf_runs_in_redis_server(persistence: bool) -> None:
             assert config["tcp-backlog"] == "65535"
             assert config["timeout"] == "300"
             assert config["io-threads"] == "4"
-            assert config["protected-mode"] == "no"
+            # On: the password, not only the NetworkPolicy, keeps other clients out.
+            assert config["protected-mode"] == "yes"
             assert config["appendonly"] == "no"
             assert config["save"] == ("900 1 300 10 60 10000" if persistence else "")
         finally:

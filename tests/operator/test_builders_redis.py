@@ -11,11 +11,12 @@ from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 
 # The guide's redis.conf, in its order, plus what the operator adds for Kubernetes; maxmemory
-# holds the rate-limit counters only (the guide's 16gb is sized for a dedicated host).
+# holds the rate-limit counters only (the guide's 16gb is sized for a dedicated host). Protected
+# mode stays on: every client authenticates.
 GUIDE_REDIS_CONF = """\
 bind 0.0.0.0
 port 6379
-protected-mode no
+protected-mode yes
 tcp-backlog 65535
 timeout 300
 tcp-keepalive 60
@@ -71,8 +72,12 @@ def test_statefulset_cache_only() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["data"] == {"name": "data", "emptyDir": {}}
     [c] = pod["containers"]
-    assert [c["command"], c["args"]] == [["redis-server"], ["/etc/redis/redis.conf"]]
-    assert "env" not in c
+    # Without a passwordSecretRef: the Secret the operator generates once (engine).
+    assert [c["command"], c["args"]] == [
+        ["redis-server"], ["/etc/redis/redis.conf", "--requirepass", "$(REDIS_PASSWORD)"]]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env == {"REDIS_PASSWORD": {"name": "mini-redis-auth", "key": "password"},
+                   "REDISCLI_AUTH": {"name": "mini-redis-auth", "key": "password"}}
     assert c["livenessProbe"]["tcpSocket"] == {"port": "redis"}
     assert "PONG" in c["readinessProbe"]["exec"]["command"][-1]
     headless = objs[("Service", "mini-redis-headless")]["spec"]

@@ -11,7 +11,12 @@ import pytest
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.autoscaling.kube_adapter import HPA
-from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, OperandImages, build_all
+from gpuproxy_operator.builders.images import with_images
+from gpuproxy_operator.builders.redis_auth import (
+    build_generated_redis_secret,
+    needs_generated_secret,
+)
 from gpuproxy_operator.naming import CLUSTER_LABEL, CONFIG_HASH_ANNOTATION, SPEC_HASH_ANNOTATION
 from gpuproxy_operator.reconcile import contains
 from tests.reconcile.conftest import (
@@ -27,7 +32,14 @@ CREDS = DatabaseCredentials("app", "s3cret")
 
 
 def desired(body: dict[str, Any], **inputs: Any) -> list[dict[str, Any]]:
-    return build_all(parse_cluster(body), BuildInputs(CREDS, **inputs))
+    """What reconcile creates: every built child, and the bundled Redis' generated password
+    Secret (its random data is not compared)."""
+    parsed = parse_cluster(body)
+    out = build_all(parsed, BuildInputs(CREDS, **inputs))
+    if needs_generated_secret(parsed):
+        secret = build_generated_redis_secret(with_images(parsed, OperandImages()), "random")
+        out.append({k: v for k, v in secret.items() if k != "data"})
+    return out
 
 
 def replicas(cluster: Cluster, name: str = "demo-proxy") -> int:

@@ -92,3 +92,24 @@ as a JSON list so templates can range over `fromJsonArray`.
 {{- list .Release.Namespace | toJson }}
 {{- end }}
 {{- end }}
+
+{{/* An image reference from {repository, tag, digest}: repository@digest when a digest is set,
+else repository:tag (the second argument when the tag is empty). */}}
+{{- define "gpuproxy-operator.imageRef" -}}
+{{- $image := index . 0 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default (index . 1) $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The operator pods' selector labels as key=value,... (GPUPROXY_OPERATOR_POD_LABELS): the
+proxy NetworkPolicy admits them on the admin port (/stats for the autoscaler). */}}
+{{- define "gpuproxy-operator.podLabelList" -}}
+{{- $pairs := list }}
+{{- range $key, $value := include "gpuproxy-operator.selectorLabels" . | fromYaml }}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}

@@ -30,10 +30,15 @@ derives the needs from the operator's code and fails when a rule here is missing
 # when a component is switched off. get: ownership check on a name conflict, the autoscaler's
 # read of the proxy Deployment. Secrets are also listed and watched one by one (fieldSelector
 # metadata.name) for the database credentials Secret (spec.database.credentialsSecret).
-# Proxy and PgBouncer Deployments, the bundled Redis StatefulSet, the node-tuning DaemonSet.
+# Proxy and PgBouncer Deployments, the bundled Redis StatefulSet.
 - apiGroups: ["apps"]
-  resources: ["deployments", "statefulsets", "daemonsets"]
+  resources: ["deployments", "statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The per-cluster node-tuning DaemonSet older operators created: observed and deleted only (node
+# tuning is the chart's own DaemonSet now; the operator never creates privileged pods).
+- apiGroups: ["apps"]
+  resources: ["daemonsets"]
+  verbs: ["get", "list", "watch", "delete"]
 # Services, configuration, the PgBouncer userlist Secret and the proxy's ServiceAccount.
 - apiGroups: [""]
   resources: ["services", "configmaps", "secrets", "serviceaccounts"]
@@ -42,7 +47,7 @@ derives the needs from the operator's code and fails when a rule here is missing
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Network isolation of PgBouncer and Redis.
+# Network isolation of the proxy, PgBouncer and Redis.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

@@ -128,8 +128,9 @@ class DatabaseSpec(Model):
 class PgBouncerSpec(Model):
     """PgBouncer in transaction pooling mode in front of the database."""
 
-    image: str = "edoburu/pgbouncer:v1.24.1-p1"
-    """Container image providing the pgbouncer binary."""
+    image: str | None = None
+    """Container image providing the pgbouncer binary. Unset: the operator's default (the
+    chart's `images.pgbouncer`), so an operator upgrade also upgrades PgBouncer."""
     replicas: Annotated[int, Field(ge=1, le=100)] = 2
     """PgBouncer pods (two by default, so a restart or node drain never cuts off API-key
     lookups and metering). Each opens up to maxDbConnections to PostgreSQL: keep replicas x
@@ -186,9 +187,12 @@ class RedisSpec(Model):
     url: Annotated[str, Field(pattern=r"^rediss?://")] | None = None
     """redis:// or rediss:// URL of an external Redis (mode external)."""
     password_secret_ref: SecretKeyRef | None = None
-    """Password of the external Redis, or of the bundled one when set."""
-    image: str = "redis:7.4-alpine"
-    """Image of the bundled Redis."""
+    """Password of the external Redis (optional), or of the bundled one. Unset with the
+    bundled Redis: the operator creates the Secret `<cluster>-redis-auth` (key `password`)
+    once, with a random password, and never regenerates it."""
+    image: str | None = None
+    """Image of the bundled Redis. Unset: the operator's default (the chart's
+    `images.redis`)."""
     maxmemory: Annotated[str, Field(pattern=r"^[0-9]+(b|kb|mb|gb|k|m|g)?$")] = "1gb"
     """redis.conf maxmemory. The bundled Redis holds rate-limit counters only: 1gb keeps
     ~1.2M distinct clients' windows at the measured ~150 bytes per key (`plan` checks the
@@ -227,60 +231,34 @@ class RedisSpec(Model):
     )
 
 
-GUIDE_SYSCTLS: dict[str, str] = {
-    "net.core.somaxconn": "65535",
-    "net.core.netdev_max_backlog": "65536",
-    "net.ipv4.tcp_max_syn_backlog": "65536",
-    "net.ipv4.ip_local_port_range": "1024 65535",
-    "net.ipv4.tcp_fin_timeout": "15",
-    "net.ipv4.tcp_tw_reuse": "1",
-    "net.ipv4.tcp_max_tw_buckets": "2000000",
-    "net.core.rmem_max": "10485760",
-    "net.core.wmem_max": "10485760",
-    "net.core.rmem_default": "10485760",
-    "net.core.wmem_default": "10485760",
-    "net.ipv4.tcp_rmem": "4096 87380 10485760",
-    "net.ipv4.tcp_wmem": "4096 65536 10485760",
-    "net.ipv4.tcp_mem": "786432 1048576 26777216",
-    "net.ipv4.tcp_keepalive_time": "60",
-    "net.ipv4.tcp_keepalive_probes": "3",
-    "net.ipv4.tcp_keepalive_intvl": "10",
-    "net.ipv4.tcp_slow_start_after_idle": "0",
-    "net.ipv4.tcp_fastopen": "3",
-    "net.core.default_qdisc": "fq",
-    "net.ipv4.tcp_congestion_control": "bbr",
-}
-
-# `[.]` rather than an escaped dot, so the same text is valid inside a CEL string literal.
-SYSCTL_KEY = r"^[a-z0-9_]+([.][a-z0-9_-]+)+$"
-# Bounds what a CEL rule iterates, so the API server's cost estimate stays small.
+# Bounds the ignored legacy map, so an old CR stays valid and cheap to validate.
 MAX_SYSCTLS = 64
-SYSCTL_VALUE = r"^[A-Za-z0-9_ .:-]+$"
 
 
 class NodeTuningSpec(Model):
-    """A DaemonSet that applies the guide's kernel settings for many connections on nodes."""
+    """Whether this cluster wants tuned nodes. Node tuning is the platform's: the chart's
+    DaemonSet (values `nodeTuning.*`), never a pod the operator creates for a cluster."""
 
     enabled: bool = True
-    """Run the node-tuning DaemonSet."""
-    image: str = "busybox:1.37"
-    """Image providing `sysctl` and `sleep`."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    """Nodes to tune; empty tunes every node the tolerations allow."""
-    tolerations: list[Toleration] = Field(default_factory=list)
-    """Tolerations, e.g. for dedicated proxy nodes."""
-    sysctls: dict[
-        Annotated[str, Field(pattern=SYSCTL_KEY)], Annotated[str, Field(pattern=SYSCTL_VALUE)]
-    ] = Field(
-        default_factory=lambda: dict(GUIDE_SYSCTLS),
-        max_length=MAX_SYSCTLS,
-        # A CRD cannot constrain map keys with a pattern (no patternProperties): a CEL rule.
-        json_schema_extra={"x-kubernetes-validations": [{
-            "rule": f"self.all(k, k.matches('{SYSCTL_KEY}'))",
-            "message": "sysctls keys must be kernel parameter names such as net.core.somaxconn",
-        }]},
-    )
-    """Kernel settings (default: the guide's 99-gpuproxy-100k.conf)."""
+    """Ask for the platform's node tuning: the NodeTuningReady condition says whether the
+    operator's installation provides it (it does not gate Ready)."""
+    image: str | None = None
+    """Ignored (deprecated): the chart chooses the node-tuning image. Reported in the
+    NodeTuningReady condition while set; remove it."""
+    sysctls: dict[str, str] | None = Field(default=None, max_length=MAX_SYSCTLS)
+    """Ignored (deprecated): the chart's `nodeTuning.sysctls` allowlist applies. Reported in
+    the NodeTuningReady condition while set; remove it."""
+    node_selector: dict[str, str] | None = None
+    """Ignored (deprecated): the chart's `nodeTuning.nodeSelector` applies."""
+    tolerations: list[Toleration] | None = Field(default=None, max_length=64)
+    """Ignored (deprecated): the chart's `nodeTuning.tolerations` apply."""
+
+    def ignored_fields(self) -> list[str]:
+        """The legacy fields this spec still sets (an older CRD defaulted image and sysctls
+        into every stored cluster), as camelCase names."""
+        legacy = {"image": self.image, "sysctls": self.sysctls,
+                  "nodeSelector": self.node_selector, "tolerations": self.tolerations}
+        return [name for name, value in legacy.items() if value is not None]
 
 
 class PrometheusRuleSpec(Model):

@@ -135,6 +135,9 @@ def _factory_defaults(model: type[BaseModel], props: dict[str, Any]) -> None:
         value = factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
             value = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+        elif isinstance(value, list):
+            value = [v.model_dump(mode="json", by_alias=True, exclude_none=True)
+                     if isinstance(v, BaseModel) else v for v in value]
         props[alias]["default"] = value
 
 

@@ -20,7 +20,6 @@ from gpuproxy_operator.api.rules import CrossFieldRule
 # The proxy's own config types: the operator can only offer what the proxy understands.
 from gpuproxy_proxy.config import RedisFailureMode, Strategy
 
-DEFAULT_PROXY_IMAGE = "aiserve/gpuproxy-proxy:0.1.0"
 # A stopping pod's time after its drain delay and in-flight requests: stop accepting, flush
 # usage records and exit. Above the supervisor's own 15 s backstop for a stuck worker, so the
 # supervisor (which logs it), not the kubelet's SIGKILL, ends one.
@@ -188,11 +187,61 @@ class PodDisruptionBudgetSpec(Model):
     """Proxy pods that may be down at once during drains."""
 
 
+# An IPv4 or IPv6 CIDR as a NetworkPolicy ipBlock takes it.
+CIDR_PATTERN = r"^[0-9A-Fa-f:.]+/[0-9]{1,3}$"
+Cidr = Annotated[str, Field(pattern=CIDR_PATTERN, max_length=64)]
+# What kube-prometheus-stack's and the prometheus-operator's Prometheus pods carry.
+PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
+
+
+class NetworkPeer(Model):
+    """Pods allowed in, as in a NetworkPolicy peer: a namespace selector (matchLabels; {} is
+    every namespace) and/or a pod selector (matchLabels); one of them at least."""
+
+    namespace_selector: dict[str, str] | None = None
+    """Labels of the namespaces, e.g. {kubernetes.io/metadata.name: monitoring}; {} is every
+    namespace; unset: the cluster's own namespace."""
+    pod_selector: dict[str, str] | None = None
+    """Labels of the pods; unset: every pod of the selected namespaces."""
+
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: v["namespace_selector"] is not None or v["pod_selector"] is not None,
+            message="a peer needs namespaceSelector or podSelector",
+            cel="has(self.namespaceSelector) || has(self.podSelector)",
+        ),
+    )
+
+
+def _prometheus_peers() -> list[NetworkPeer]:
+    return [NetworkPeer(namespace_selector={}, pod_selector=dict(PROMETHEUS_POD_LABELS))]
+
+
+class ProxyNetworkPolicy(Model):
+    """The proxy pods' NetworkPolicy: who may connect to them, and where they may connect."""
+
+    enabled: bool = True
+    """Create it. Ingress: the client port from clientCidrs / clientNamespaces (both empty:
+    from anywhere), the admin port only from the operator's pods and metricsFrom. Egress: DNS,
+    the backends (an IP literal by address and port, a DNS name by port), PgBouncer and
+    Redis."""
+    client_cidrs: Annotated[list[Cidr], Field(max_length=64)] = Field(default_factory=list)
+    """Client source ranges (ipBlock), e.g. your load balancers' or nodes' ranges (a
+    LoadBalancer with externalTrafficPolicy Cluster shows node addresses)."""
+    client_namespaces: Annotated[list[Name], Field(max_length=64)] = Field(default_factory=list)
+    """Namespaces whose pods may be clients."""
+    metrics_from: Annotated[list[NetworkPeer], Field(max_length=16)] = Field(
+        default_factory=_prometheus_peers)
+    """Who may scrape the admin port (/metrics) besides the operator; default: pods labelled
+    app.kubernetes.io/name=prometheus in any namespace."""
+
+
 class ProxySpec(Model):
     """The proxy Deployment: the front door for client connections."""
 
-    image: str = DEFAULT_PROXY_IMAGE
-    """Container image of gpuproxy-proxy."""
+    image: str | None = None
+    """Container image of gpuproxy-proxy. Unset: the operator's default (the chart's
+    `images.proxy`), so an operator upgrade also upgrades the proxy."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """Image pull policy."""
     image_pull_secrets: list[Name] = Field(default_factory=list)
@@ -235,6 +284,8 @@ class ProxySpec(Model):
     """Client-facing Service."""
     pod_disruption_budget: PodDisruptionBudgetSpec = Field(default_factory=PodDisruptionBudgetSpec)
     """PodDisruptionBudget."""
+    network_policy: ProxyNetworkPolicy = Field(default_factory=ProxyNetworkPolicy)
+    """The proxy pods' NetworkPolicy."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the proxy pods must run on."""
     tolerations: list[Toleration] = Field(default_factory=list)

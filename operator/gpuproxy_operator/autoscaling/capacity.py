@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from gpuproxy_operator.api.base import Resources
 from gpuproxy_operator.api.cluster import GpuProxyClusterSpec
-from gpuproxy_operator.api.components import GUIDE_SYSCTLS
 from gpuproxy_operator.api.proxy import SHUTDOWN_MARGIN_SECONDS
 from gpuproxy_operator.autoscaling.policy import per_replica_target, replica_bounds
 from gpuproxy_operator.sizing import (
@@ -25,6 +24,7 @@ from gpuproxy_operator.sizing import (
     redis_bytes,
     redis_resources,
 )
+from gpuproxy_operator.sysctls import NODE_TUNING_SYSCTLS
 
 __all__ = ["KERNEL_KIB_PER_SOCKET", "MEMORY_SOURCE", "USER_KIB_PER_CONNECTION", "ComponentSize",
            "Plan", "plan", "quantity_bytes", "redis_bytes"]
@@ -40,13 +40,6 @@ FD_BASE = 1024
 # The proxy's database.pool_max_size default per worker (the operator does not override it).
 PROXY_DB_POOL_PER_WORKER = 10
 # Kernel settings the guide's file lacks but 1M connections through a Service need.
-EXTRA_SYSCTLS: dict[str, str] = {
-    "fs.nr_open": "1048576",
-    "fs.file-max": "4194304",
-    "net.netfilter.nf_conntrack_max": "2097152",
-}
-
-
 @dataclass(frozen=True)
 class ComponentSize:
     """What one component's pods request, for the plan's resources table."""
@@ -178,9 +171,9 @@ def plan(spec: GpuProxyClusterSpec, connections: int) -> Plan:
             f"rate-limit keys may need ~{redis_need / 1024**3:.1f} GiB, above "
             f"spec.redis.maxmemory {spec.redis.maxmemory}: LRU eviction would reset limits")
 
-    wanted = {**GUIDE_SYSCTLS, **EXTRA_SYSCTLS}
-    have = spec.node_tuning.sysctls if spec.node_tuning.enabled else {}
-    missing = {k: v for k, v in wanted.items() if k not in have}
+    # Asked for, they come from the platform's node tuning (the chart's DaemonSet sets all of
+    # them by default); not asked for, whoever tunes the nodes needs the list.
+    missing = {} if spec.node_tuning.enabled else dict(NODE_TUNING_SYSCTLS)
     sizes = [_size("proxy", replicas, proxy_res, proxy.resources),
              _size("pgbouncer", pgb.replicas, pgbouncer_resources(pgb), pgb.resources)]
     if spec.redis.mode == "bundled":

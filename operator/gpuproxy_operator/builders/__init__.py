@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
 from gpuproxy_operator.builders.common import Manifest
-from gpuproxy_operator.builders.inputs import BuildInputs, DatabaseCredentials
+from gpuproxy_operator.builders.images import OperandImages, with_images
+from gpuproxy_operator.builders.inputs import BuildInputs, DatabaseCredentials, OperatorPeer
 from gpuproxy_operator.builders.monitoring import build_prometheus_rule, build_service_monitor
 from gpuproxy_operator.builders.network_policies import (
     build_pgbouncer_network_policy,
+    build_proxy_network_policy,
     build_redis_network_policy,
-)
-from gpuproxy_operator.builders.node_tuning import (
-    build_node_tuning_configmap,
-    build_node_tuning_daemonset,
 )
 from gpuproxy_operator.builders.pgbouncer import (
     build_pgbouncer_configmap,
@@ -35,31 +33,33 @@ from gpuproxy_operator.builders.redis import (
     build_redis_statefulset,
 )
 
-__all__ = ["BuildInputs", "DatabaseCredentials", "Manifest", "build_all"]
+__all__ = ["BuildInputs", "DatabaseCredentials", "Manifest", "OperandImages", "OperatorPeer",
+           "build_all"]
 
 
 def build_all(cluster: GpuProxyCluster, inputs: BuildInputs) -> list[Manifest]:
     """Every child manifest in apply order: ServiceAccount, ConfigMaps, Secrets, Services,
     workloads, PodDisruptionBudget, NetworkPolicies, then the prometheus-operator objects
-    (last, since their CRDs may be missing and must not block the rest)."""
+    (last, since their CRDs may be missing and must not block the rest). Node tuning is
+    not among them: it is the platform's (the chart's DaemonSet), never a cluster's child."""
+    cluster = with_images(cluster, inputs.images)
     bundled_redis = cluster.spec.redis.mode == "bundled"
     candidates: list[Manifest | None] = [
         build_proxy_service_account(cluster),
         build_proxy_configmap(cluster),
         build_pgbouncer_configmap(cluster),
         build_redis_configmap(cluster) if bundled_redis else None,
-        build_node_tuning_configmap(cluster),
         build_pgbouncer_secret(cluster, inputs.database_credentials),
         build_proxy_service(cluster),
         build_proxy_metrics_service(cluster),
         build_pgbouncer_service(cluster),
         *(build_redis_services(cluster) if bundled_redis else []),
-        build_node_tuning_daemonset(cluster),
         build_redis_statefulset(cluster),
         build_pgbouncer_deployment(cluster),
         build_proxy_deployment(cluster, inputs.proxy_replicas),
         build_proxy_pdb(cluster),
         build_pgbouncer_pdb(cluster),
+        build_proxy_network_policy(cluster, inputs.operator),
         build_redis_network_policy(cluster),
         build_pgbouncer_network_policy(cluster),
         build_prometheus_rule(cluster),

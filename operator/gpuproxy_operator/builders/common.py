@@ -92,14 +92,21 @@ def resources(spec: Resources) -> dict[str, dict[str, str]]:
 
 
 def with_spec_hash(manifest: Manifest, *, ignore_replicas: bool = False) -> Manifest:
-    """Stamp SPEC_HASH_ANNOTATION: the hash of the body without that annotation (and without
-    `spec.replicas` when an autoscaler owns it, so scaling alone never looks like drift)."""
+    """Stamp SPEC_HASH_ANNOTATION: the hash of the body without that annotation, without a
+    Secret's data, and without `spec.replicas` when an autoscaler owns it (so scaling alone
+    never looks like drift)."""
     # A JSON round trip drops shared sub-objects (YAML would print them as &anchors).
     manifest = json.loads(json.dumps(manifest))
     body = json.loads(json.dumps(manifest))
     body["metadata"].get("annotations", {}).pop(SPEC_HASH_ANNOTATION, None)
     if ignore_replicas:
         body.get("spec", {}).pop("replicas", None)
+    if body.get("kind") == "Secret":
+        # Annotations are readable by more people than Secret data (and a plain hash of a
+        # password can be brute-forced offline): a Secret's data stays out of its hash. The
+        # planner compares the data itself (reconcile.contains) to notice a change.
+        for data_field in ("data", "stringData"):
+            body.pop(data_field, None)
     manifest["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = stable_hash(body)
     return manifest
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
 from gpuproxy_operator.builders.common import Manifest, metadata, selector, with_spec_hash
+from gpuproxy_operator.builders.images import proxy_image
 from gpuproxy_operator.builders.proxy_services import (
     METRICS_LABEL,
     METRICS_PORT_NAME,
@@ -139,7 +140,7 @@ def _metadata(cluster: GpuProxyCluster, extra_labels: dict[str, str]) -> dict[st
         cluster,
         child_name(cluster.metadata.name, "monitoring"),
         "monitoring",
-        cluster.spec.proxy.image,
+        proxy_image(cluster),
         extra_labels=dict(extra_labels),
     )
 

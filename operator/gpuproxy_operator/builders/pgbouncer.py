@@ -19,6 +19,7 @@ from gpuproxy_operator.builders.common import (
     tmp_volume,
     with_spec_hash,
 )
+from gpuproxy_operator.builders.images import pgbouncer_image
 from gpuproxy_operator.builders.inputs import DatabaseCredentials
 from gpuproxy_operator.builders.pgbouncer_config import (
     AUTH_DIR,
@@ -46,7 +47,7 @@ def build_pgbouncer_configmap(cluster: GpuProxyCluster) -> Manifest:
     return with_spec_hash({
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(cluster, name, "pgbouncer", cluster.spec.pgbouncer.image),
+        "metadata": metadata(cluster, name, "pgbouncer", pgbouncer_image(cluster)),
         "data": {INI_FILE: pgbouncer_ini(cluster), RUN_SCRIPT_FILE: RUN_SCRIPT},
     })
 
@@ -60,7 +61,7 @@ def build_pgbouncer_secret(
     return with_spec_hash({
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": metadata(cluster, name, "pgbouncer", cluster.spec.pgbouncer.image),
+        "metadata": metadata(cluster, name, "pgbouncer", pgbouncer_image(cluster)),
         "type": "Opaque",
         "data": userlist_secret_data(cluster, credentials),
     })
@@ -71,7 +72,7 @@ def build_pgbouncer_service(cluster: GpuProxyCluster) -> Manifest:
     return with_spec_hash({
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(cluster, name, "pgbouncer", cluster.spec.pgbouncer.image),
+        "metadata": metadata(cluster, name, "pgbouncer", pgbouncer_image(cluster)),
         "spec": {
             "type": "ClusterIP",
             "selector": selector(cluster, "pgbouncer"),
@@ -118,7 +119,7 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
         "containers": [
             {
                 "name": "pgbouncer",
-                "image": pb.image,
+                "image": pgbouncer_image(cluster),
                 "imagePullPolicy": "IfNotPresent",
                 # Not the image's entrypoint, which would generate its own config: ours
                 # reloads pgbouncer when the kubelet updates the ini or the userlist.
@@ -155,11 +156,11 @@ def build_pgbouncer_deployment(cluster: GpuProxyCluster) -> Manifest:
     pool settings and a password rotation reach the running pods by SIGHUP, without a roll."""
     pb = cluster.spec.pgbouncer
     name = child_name(cluster.metadata.name, "pgbouncer")
-    pod_labels = metadata(cluster, name, "pgbouncer", pb.image)["labels"]
+    pod_labels = metadata(cluster, name, "pgbouncer", pgbouncer_image(cluster))["labels"]
     return with_spec_hash({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(cluster, name, "pgbouncer", pb.image),
+        "metadata": metadata(cluster, name, "pgbouncer", pgbouncer_image(cluster)),
         "spec": {
             "replicas": pb.replicas,
             "selector": {"matchLabels": selector(cluster, "pgbouncer")},
@@ -187,7 +188,7 @@ def build_pgbouncer_pdb(cluster: GpuProxyCluster) -> Manifest:
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": metadata(cluster, child_name(cluster.metadata.name, "pgbouncer"),
-                             "pgbouncer", cluster.spec.pgbouncer.image),
+                             "pgbouncer", pgbouncer_image(cluster)),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector(cluster, "pgbouncer")},

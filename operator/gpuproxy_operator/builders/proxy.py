@@ -20,10 +20,12 @@ from gpuproxy_operator.builders.common import (
     tmp_volume,
     with_spec_hash,
 )
+from gpuproxy_operator.builders.images import proxy_image
 from gpuproxy_operator.builders.proxy_config import build_proxy_config, termination_grace_seconds
 from gpuproxy_operator.builders.proxy_secrets import secret_volume_mounts, secret_volumes
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
 from gpuproxy_operator.sizing import proxy_resources
+from gpuproxy_operator.sysctls import proxy_pod_sysctls
 from gpuproxy_proxy.config import ProxyConfig, restart_key
 
 PROXY_UID = 10001
@@ -31,15 +33,6 @@ PROXY_UID = 10001
 # read-only ConfigMap volume (a mount point there could not be created).
 CONFIG_DIR = "/etc/gpuproxy/config"
 CONFIG_FILE = "config.yaml"
-# Namespaced sysctls Kubernetes treats as safe: a pod may set them in its own network
-# namespace without node opt-in, so the proxy gets the guide's values even off tuned nodes.
-SAFE_POD_SYSCTLS = (
-    "net.ipv4.ip_local_port_range",
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_keepalive_time",
-    "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes",
-)
 
 
 def proxy_config_data(cluster: GpuProxyCluster) -> dict[str, str]:
@@ -55,7 +48,7 @@ def config_hash(cluster: GpuProxyCluster) -> str:
 
 
 def build_proxy_configmap(cluster: GpuProxyCluster) -> Manifest:
-    image = cluster.spec.proxy.image
+    image = proxy_image(cluster)
     return with_spec_hash({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -90,7 +83,7 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
     proxy = cluster.spec.proxy
     return {
         "name": "proxy",
-        "image": proxy.image,
+        "image": proxy_image(cluster),
         "imagePullPolicy": proxy.image_pull_policy,
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "ports": [
@@ -134,9 +127,9 @@ def _topology_spread(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
 
 def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
     proxy = cluster.spec.proxy
-    sysctls = {
-        k: v for k, v in cluster.spec.node_tuning.sysctls.items() if k in SAFE_POD_SYSCTLS
-    }
+    # The per-netns settings a node DaemonSet cannot give pods (each has its own network
+    # namespace): the safe ones, which every kubelet allows, set on the pod itself.
+    sysctls = proxy_pod_sysctls()
     pod: dict[str, Any] = {
         "serviceAccountName": child_name(cluster.metadata.name, "proxy"),
         "automountServiceAccountToken": False,
@@ -171,7 +164,7 @@ def build_proxy_deployment(cluster: GpuProxyCluster, replicas: int | None = None
     """The proxy Deployment; `replicas` is the autoscaler's decision (not in the spec hash)."""
     proxy = cluster.spec.proxy
     name = child_name(cluster.metadata.name, "proxy")
-    pod_meta = metadata(cluster, name, "proxy", proxy.image)
+    pod_meta = metadata(cluster, name, "proxy", proxy_image(cluster))
     annotations = {
         **proxy.pod_annotations,
         "prometheus.io/scrape": "true",
@@ -182,7 +175,7 @@ def build_proxy_deployment(cluster: GpuProxyCluster, replicas: int | None = None
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(cluster, name, "proxy", proxy.image),
+        "metadata": metadata(cluster, name, "proxy", proxy_image(cluster)),
         "spec": {
             "replicas": desired_replicas(cluster, replicas),
             "selector": {"matchLabels": selector(cluster, "proxy")},

@@ -9,6 +9,7 @@ from typing import Any
 
 from gpuproxy_operator.api.base import SecretKeyRef
 from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.builders.redis_auth import redis_password_ref
 
 SECRETS_DIR = "/etc/gpuproxy/secrets"
 # Owner and group read only; the pod's fsGroup makes the proxy's group own the files.
@@ -44,9 +45,9 @@ def secret_mounts(cluster: GpuProxyCluster) -> list[SecretMount]:
     mounts.append(SecretMount("secret-db", spec.database.credentials_secret, {
         "db_user": ("username", "username"), "db_password": ("password", "password"),
     }))
-    if spec.redis.password_secret_ref is not None:
-        mounts.append(_single("secret-redis", "redis_password", spec.redis.password_secret_ref,
-                              "password"))
+    redis_ref = redis_password_ref(cluster)
+    if redis_ref is not None:
+        mounts.append(_single("secret-redis", "redis_password", redis_ref, "password"))
     return mounts
 
 

@@ -13,6 +13,7 @@ from gpuproxy_operator.builders.common import (
     service_port,
     with_spec_hash,
 )
+from gpuproxy_operator.builders.images import proxy_image
 from gpuproxy_operator.naming import PREFIX, child_name
 
 METRICS_SUFFIX = "metrics"
@@ -40,7 +41,7 @@ def build_proxy_service(cluster: GpuProxyCluster) -> Manifest:
             cluster,
             child_name(cluster.metadata.name, "proxy"),
             "proxy",
-            proxy.image,
+            proxy_image(cluster),
             annotations=dict(sorted(svc.annotations.items())),
         ),
         "spec": spec,
@@ -57,7 +58,7 @@ def build_proxy_metrics_service(cluster: GpuProxyCluster) -> Manifest:
             cluster,
             child_name(cluster.metadata.name, "proxy", METRICS_SUFFIX),
             "proxy",
-            proxy.image,
+            proxy_image(cluster),
             extra_labels={METRICS_LABEL: "true"},
         ),
         "spec": {
@@ -73,9 +74,8 @@ def build_proxy_service_account(cluster: GpuProxyCluster) -> Manifest:
     return with_spec_hash({
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": metadata(
-            cluster, child_name(cluster.metadata.name, "proxy"), "proxy", cluster.spec.proxy.image
-        ),
+        "metadata": metadata(cluster, child_name(cluster.metadata.name, "proxy"), "proxy",
+                             proxy_image(cluster)),
         "automountServiceAccountToken": False,
     })
 
@@ -87,9 +87,8 @@ def build_proxy_pdb(cluster: GpuProxyCluster) -> Manifest | None:
     return with_spec_hash({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": metadata(
-            cluster, child_name(cluster.metadata.name, "proxy"), "proxy", cluster.spec.proxy.image
-        ),
+        "metadata": metadata(cluster, child_name(cluster.metadata.name, "proxy"), "proxy",
+                             proxy_image(cluster)),
         "spec": {
             "maxUnavailable": pdb.max_unavailable,
             "selector": {"matchLabels": selector(cluster, "proxy")},

@@ -19,7 +19,9 @@ from gpuproxy_operator.builders.common import (
     tmp_volume,
     with_spec_hash,
 )
+from gpuproxy_operator.builders.images import redis_image
 from gpuproxy_operator.builders.proxy_config import REDIS_PORT
+from gpuproxy_operator.builders.redis_auth import redis_password_ref
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
 from gpuproxy_operator.sizing import redis_resources
 
@@ -38,8 +40,10 @@ def redis_conf(cluster: GpuProxyCluster) -> str:
     lines = [
         "bind 0.0.0.0",
         "port 6379",
-        # The NetworkPolicy admits only the proxy pods; a password is optional on top.
-        "protected-mode no",
+        # Every client authenticates (requirepass from the password Secret), so protected
+        # mode, which refuses remote clients only while there is no password, stays on: the
+        # NetworkPolicy is a second line, not the only one.
+        "protected-mode yes",
         f"tcp-backlog {r.tcp_backlog}",
         f"timeout {r.timeout_seconds}",
         f"tcp-keepalive {r.tcp_keepalive_seconds}",
@@ -69,7 +73,7 @@ def build_redis_configmap(cluster: GpuProxyCluster) -> Manifest:
     return with_spec_hash({
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(cluster, name, "redis", cluster.spec.redis.image),
+        "metadata": metadata(cluster, name, "redis", redis_image(cluster)),
         "data": {CONF_FILE: redis_conf(cluster)},
     })
 
@@ -77,7 +81,7 @@ def build_redis_configmap(cluster: GpuProxyCluster) -> Manifest:
 def build_redis_services(cluster: GpuProxyCluster) -> list[Manifest]:
     """The client Service and the headless Service the StatefulSet needs for pod DNS."""
     name, headless = _names(cluster)
-    image = cluster.spec.redis.image
+    image = redis_image(cluster)
     out = []
     for svc_name, cluster_ip in ((name, None), (headless, "None")):
         spec: dict[str, Any] = {
@@ -101,10 +105,10 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
     r = cluster.spec.redis
     args = ["redis-server", f"{CONFIG_DIR}/{CONF_FILE}"]
     env: list[dict[str, Any]] = []
-    if r.password_secret_ref is not None:
+    ref = redis_password_ref(cluster)
+    if ref is not None:
         # The kubelet expands $(REDIS_PASSWORD) in args; no shell is involved.
         args += ["--requirepass", "$(REDIS_PASSWORD)"]
-        ref = r.password_secret_ref
         secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
         # REDISCLI_AUTH lets the readiness probe authenticate without the password in argv.
         env += [
@@ -116,7 +120,7 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
     tcp = {"tcpSocket": {"port": "redis"}, "timeoutSeconds": 2}
     container: dict[str, Any] = {
         "name": "redis",
-        "image": r.image,
+        "image": redis_image(cluster),
         "imagePullPolicy": "IfNotPresent",
         "command": args[:1],
         "args": args[1:],
@@ -147,7 +151,7 @@ def build_redis_statefulset(cluster: GpuProxyCluster) -> Manifest | None:
     if r.mode != "bundled":
         return None
     name, headless = _names(cluster)
-    pod_labels = metadata(cluster, name, "redis", r.image)["labels"]
+    pod_labels = metadata(cluster, name, "redis", redis_image(cluster))["labels"]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": name}},
         tmp_volume(),
@@ -187,6 +191,6 @@ def build_redis_statefulset(cluster: GpuProxyCluster) -> Manifest | None:
     return with_spec_hash({
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": metadata(cluster, name, "redis", r.image),
+        "metadata": metadata(cluster, name, "redis", redis_image(cluster)),
         "spec": spec,
     })

@@ -83,8 +83,8 @@ def render(p: Plan, source: str) -> str:
         *_resource_lines(p.resources),
         "",
         "Node sysctls needed" + (
-            " (all present in spec.nodeTuning.sysctls)" if not p.sysctls_missing
-            else " but not set by spec.nodeTuning" if p.node_tuning
+            ": from the platform's node tuning (the operator chart's nodeTuning.enabled; "
+            "NodeTuningReady says whether it is installed)" if p.node_tuning
             else " (spec.nodeTuning.enabled is false: set them on the nodes yourself)"),
     ]
     lines += [f"  {k} = {v}" for k, v in sorted(p.sysctls_missing.items())]

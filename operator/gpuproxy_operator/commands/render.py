@@ -14,6 +14,7 @@ import yaml
 from gpuproxy_operator.api.base import KIND
 from gpuproxy_operator.api.cluster import parse_cluster
 from gpuproxy_operator.builders import BuildInputs, DatabaseCredentials, build_all
+from gpuproxy_operator.builders.redis_auth import generated_secret_name, needs_generated_secret
 from gpuproxy_operator.commands.inputs import INPUT_ERRORS, read_documents, report_input_error
 
 
@@ -57,6 +58,21 @@ def render_documents(docs: list[Any]) -> list[dict[str, Any]]:
             print(
                 f"note: Secret {ns}/{cluster.spec.database.credentials_secret} is not in the "
                 "input, so the PgBouncer userlist Secret is not rendered",
+                file=sys.stderr,
+            )
+        ignored = cluster.spec.node_tuning.ignored_fields()
+        if ignored:
+            print(
+                f"warning: {KIND} {ns}/{cluster.metadata.name}: "
+                + ", ".join(f"spec.nodeTuning.{f}" for f in ignored)
+                + " are ignored (node tuning is the platform's: the operator chart's nodeTuning "
+                "values); remove them",
+                file=sys.stderr,
+            )
+        if needs_generated_secret(cluster):
+            print(
+                f"note: the operator creates Secret {ns}/{generated_secret_name(cluster)} (the "
+                "bundled Redis' password, random) on its first reconcile; it is not rendered",
                 file=sys.stderr,
             )
         manifests.extend(build_all(cluster, BuildInputs(database_credentials=credentials)))

@@ -41,15 +41,20 @@ def _yes(text: str) -> bool:
     return text.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _own_namespace() -> str:
-    """Where the Lease lives: the pod's namespace (downward API, or the service account's
-    mount), else `default` (a local run)."""
+def _pod_namespace() -> str | None:
+    """The operator pod's namespace (downward API, or the service account's mount); None
+    outside a cluster."""
     if os.environ.get("POD_NAMESPACE"):
         return os.environ["POD_NAMESPACE"]
     try:
-        return SA_NAMESPACE.read_text().strip() or "default"
+        return SA_NAMESPACE.read_text().strip() or None
     except OSError:
-        return "default"
+        return None
+
+
+def _own_namespace() -> str:
+    """Where the Lease lives: the pod's namespace, else `default` (a local run)."""
+    return _pod_namespace() or "default"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +145,7 @@ def lease_config(args: argparse.Namespace) -> LeaseConfig | None:
 def main(args: argparse.Namespace) -> int:
     import asyncio
 
-    from gpuproxy_operator import handlers, kube, operator_metrics
+    from gpuproxy_operator import handlers, kube, operator_metrics, platform
     from gpuproxy_operator.engine import OperatorState
     from gpuproxy_operator.ratelimit import TokenBucket
 
@@ -154,6 +159,11 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("gpuproxy_operator").error("leader election: " + "; ".join(problems))
         return 2
     namespaces = namespaces_from(args)
+    try:
+        installed = platform.from_env(os.environ, _pod_namespace())
+    except platform.PlatformConfigError as exc:
+        logging.getLogger("gpuproxy_operator").error(str(exc))
+        return 2
     metrics = operator_metrics.OperatorMetrics()
     agent = "gpuproxy-operator" + (f" ({election.identity})" if election is not None else "")
     state = OperatorState(
@@ -164,6 +174,7 @@ def main(args: argparse.Namespace) -> int:
         resync_seconds=args.resync_seconds,
         inactivity_timeout=args.watch_inactivity_timeout,
         concurrency=args.max_concurrent_reconciles,
+        platform=installed,
     )
     if handlers.load_autoscaling():
         logging.getLogger("gpuproxy_operator").info("autoscaling handlers loaded")
