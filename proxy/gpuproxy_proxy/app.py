@@ -7,29 +7,20 @@ from pathlib import Path
 from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
-from gpuproxy_proxy.auth.admin import add_admin_routes
 from gpuproxy_proxy.auth.authenticator import auth_ctx
 from gpuproxy_proxy.auth.secretfiles import secrets_ctx
 from gpuproxy_proxy.config import ProxyConfig, Secrets
 from gpuproxy_proxy.database.pool import db_ctx
-from gpuproxy_proxy.http.errors import json_error
-from gpuproxy_proxy.http.requestid import request_id_for
 from gpuproxy_proxy.limits.ratelimit import ratelimit_ctx
 from gpuproxy_proxy.metering.meter import metering_ctx
 from gpuproxy_proxy.observability.dependencies import dependencies_ctx
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.reload import CONFIG_PATH, reload_ctx
-from gpuproxy_proxy.routes import add_proxy_routes, pipeline_ctx
+from gpuproxy_proxy.routes import pipeline_ctx
 from gpuproxy_proxy.routing.backends import build_pool
 from gpuproxy_proxy.routing.health import health_ctx
 from gpuproxy_proxy.runtime import RUNTIME, Runtime, client_timeout
 from gpuproxy_proxy.upstream.forward import upstream_ctx
-
-
-async def _not_found(request: web.Request) -> web.Response:
-    return json_error(404, "not_found", f"no route for {request.method} {request.path}; the "
-                      "proxy serves /v1/* (OpenAI-compatible) and /admin/keys",
-                      request_id_for(request))
 
 
 def build_app(
@@ -39,7 +30,8 @@ def build_app(
     config_path: Path | None = None,
     worker_index: int = 0,
 ) -> web.Application:
-    app = web.Application(client_max_size=config.limits.max_body_bytes)
+    # No routes: the client port is served by http/frontend.py; the app holds the services.
+    app = web.Application()
     metrics = ProxyMetrics()
     app[CONFIG] = config
     app[SECRETS] = secrets
@@ -53,7 +45,4 @@ def build_app(
         db_ctx, auth_ctx, ratelimit_ctx, metering_ctx,
         upstream_ctx, health_ctx, pipeline_ctx, dependencies_ctx, reload_ctx, secrets_ctx,
     ])
-    add_proxy_routes(app)
-    add_admin_routes(app)
-    app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

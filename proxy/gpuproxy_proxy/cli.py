@@ -55,7 +55,7 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpuproxy-proxy",
-        description="OpenAI-compatible GPU inference proxy (aiohttp).",
+        description="OpenAI-compatible GPU inference proxy (asyncio, httptools).",
     )
     p.add_argument("--config", type=Path, help="YAML config file (the operator's ConfigMap)")
     p.add_argument("--workers", type=_bounded_int(1, 256),

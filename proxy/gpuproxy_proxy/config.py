@@ -46,6 +46,16 @@ class BackendConfig(_Frozen):
     health_path: str = "/health"
     labels: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _no_credentials_in_url(self) -> BackendConfig:
+        # They would travel in clear to the backend (and into logs); the CRD refuses them too.
+        if self.url.username is not None or self.url.password is not None:
+            raise ValueError(
+                f"backend {self.name!r}: url must not contain credentials (user:pass@); "
+                "remove them from the URL (the proxy never sends credentials taken from a "
+                "backend URL)")
+        return self
+
 
 class LoadBalancingConfig(_Frozen):
     strategy: Strategy = "least_connections"

@@ -84,8 +84,6 @@ def apply_config(app: web.Application, new: ProxyConfig,
         meter.reconfigure(config.metering)
     if (pipeline := app.get(PIPELINE)) is not None:
         pipeline.reconfigure(config)
-    # aiohttp reads the body limit from the app for each new request (private, no setter).
-    app._client_max_size = config.limits.max_body_bytes
     log.info("config reloaded: %d backends, strategy %s (generation %d)",
              len(config.backends), config.load_balancing.strategy, runtime.generation)
 

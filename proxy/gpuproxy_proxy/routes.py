@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,7 +21,8 @@ from gpuproxy_proxy.auth.principal import ANONYMOUS
 from gpuproxy_proxy.config import ProxyConfig
 from gpuproxy_proxy.http.errors import body_too_large, json_error
 from gpuproxy_proxy.http.exceptions import with_request_id
-from gpuproxy_proxy.http.requestid import request_id_for
+from gpuproxy_proxy.http.request import BodyTooLarge, Request
+from gpuproxy_proxy.http.response import Answer, Response
 from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
 from gpuproxy_proxy.metering.meter import USAGE_METER, UsageRecord
 from gpuproxy_proxy.routing.backends import BackendState
@@ -76,9 +76,9 @@ class Pipeline:
     def _in_flight_now(self) -> float:
         return float(self.runtime.in_flight)
 
-    async def handle(self, request: web.Request, route: str) -> web.StreamResponse:
+    async def handle(self, request: Request, route: str) -> Answer:
         runtime = self.runtime
-        request_id = request_id_for(request)
+        request_id = request.request_id
         if runtime.in_flight >= self.max_in_flight:
             # Fast refusal: queueing more work would only make every request slow.
             self.rejected_in_flight.inc()
@@ -109,8 +109,8 @@ class Pipeline:
             runtime.in_flight -= 1
             self._account(route, request_id, outcome, started)
 
-    async def _serve(self, request: web.Request, route: str, request_id: str,
-                     outcome: Outcome) -> web.StreamResponse:
+    async def _serve(self, request: Request, route: str, request_id: str,
+                     outcome: Outcome) -> Answer:
         try:
             outcome.principal = await self.auth.authenticate(request)
         except web.HTTPException as exc:
@@ -140,14 +140,14 @@ class Pipeline:
         if request.body_exists:
             try:
                 body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
+            except BodyTooLarge:
                 outcome.status = 413
                 return body_too_large(self.max_body, request_id, limit_headers)
         outcome.bytes_in = len(body)
         if route == "models":
             return await self.models(request, request_id, outcome, limit_headers)
         return await forward(request, self.runtime, self.pools, body, request_id, outcome,
-                             limit_headers, self.strip_credentials)
+                             limit_headers, self.strip_credentials, self.metering_on)
 
     def _account(self, route: str, request_id: str, outcome: Outcome,
                  started: float) -> None:
@@ -176,11 +176,11 @@ class Pipeline:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,
-            created_at=datetime.now(UTC),
+            created_unix=time.time(),
         ))
 
-    async def models(self, request: web.Request, request_id: str, outcome: Outcome,
-                     headers: dict[str, str]) -> web.Response:
+    async def models(self, request: Request, request_id: str, outcome: Outcome,
+                     headers: dict[str, str]) -> Answer:
         """The union of the healthy backends' /v1/models, de-duplicated by model id."""
         now = time.monotonic()
         config = self.runtime.config
@@ -211,9 +211,8 @@ class Pipeline:
         outcome.status = 200
         payload = json.dumps({"object": "list", "data": merged}).encode()
         outcome.bytes_out = len(payload)
-        resp = web.Response(body=payload, content_type="application/json", headers=headers)
-        resp.headers["X-Request-ID"] = request_id
-        return resp
+        return Response(200, payload, headers=[*headers.items(), ("X-Request-ID", request_id)],
+                        content_type="application/json")
 
     async def _backend_models(
         self, backend: BackendState, headers: Any, limit: aiohttp.ClientTimeout
@@ -241,22 +240,3 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: must run after the auth, rate-limit, metering and upstream contexts."""
     app[PIPELINE] = Pipeline(app)
     yield
-
-
-def _route_handler(route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await request.app[PIPELINE].handle(request, route)
-
-    handler.__name__ = f"proxy_{route}"
-    return handler
-
-
-def add_proxy_routes(app: web.Application) -> None:
-    """Only /v1/* is forwarded, always to a configured backend: the client picks no host."""
-    router = app.router
-    router.add_route("*", "/v1/chat/completions", _route_handler("chat_completions"))
-    router.add_route("*", "/v1/completions", _route_handler("completions"))
-    router.add_route("*", "/v1/embeddings", _route_handler("embeddings"))
-    router.add_get("/v1/models", _route_handler("models"), allow_head=False)
-    router.add_route("*", "/v1/{tail:.*}", _route_handler("other"))
-

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestClient, get_port_socket
 from tests.proxy.fakes import FakeBackend
+from yarl import URL
 
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.config import ProxyConfig, Secrets
+from gpuproxy_proxy.http.frontend import ClientPort
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -48,6 +52,36 @@ async def backends() -> AsyncIterator[list[FakeBackend]]:
         await backend.stop()
 
 
+class ProxyTestServer(BaseTestServer):
+    """aiohttp's TestServer contract (host, port, make_url, app, close) over the proxy's own
+    client port (http/frontend.py), so tests drive the front end production uses."""
+
+    def __init__(self, app: web.Application, *, host: str = "127.0.0.1") -> None:
+        super().__init__(host=host)
+        self.app = app
+        self.client_port = ClientPort(app)
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return self.client_port.runner
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        self.runner = self.client_port.runner
+        sock = get_port_socket(self.host, self.port or 0, socket.AF_INET)
+        self.host, self.port = sock.getsockname()[:2]
+        await self.client_port.start(sock)
+        self.scheme = "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+    async def close(self) -> None:
+        if self.started and not self.closed:
+            await self.client_port.close()
+            self._root = None
+            self.port = None
+            self._closed = True
+
+
 @pytest.fixture
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
     clients: list[TestClient[Any, Any]] = []
@@ -55,7 +89,7 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
     async def factory(config: ProxyConfig, secrets: Secrets | None = None,
                       **kwargs: Any) -> TestClient[Any, Any]:
         app = build_app(config, secrets or Secrets(), **kwargs)
-        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+        client: TestClient[Any, Any] = TestClient(ProxyTestServer(app))
         await client.start_server()
         clients.append(client)
         return client

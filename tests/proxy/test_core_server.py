@@ -373,20 +373,17 @@ async def test_idle_keepalive_connection_holds_no_request(
 ) -> None:
     import gc
 
-    from aiohttp import web
+    from gpuproxy_proxy.http.request import Request
 
-    from gpuproxy_proxy.http.lean_handler import LEAN_LOOP_ACTIVE
-
-    assert LEAN_LOOP_ACTIVE, "the lean request loop does not cover the installed aiohttp"
     backends.append(await FakeBackend("a").start())
     worker, port = await worker_factory(proxy_config(backends))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
     await asyncio.wait_for(reader.readuntil(b"}}"), timeout=30)
 
-    def requests_alive() -> list[web.Request]:
+    def requests_alive() -> list[Request]:
         gc.collect()
-        return [o for o in gc.get_objects() if isinstance(o, web.Request) and o.app is worker.app]
+        return [o for o in gc.get_objects() if isinstance(o, Request) and o.app is worker.app]
 
     # The handler may still be finishing after the last response byte: poll, do not sleep.
     await _until(lambda: not requests_alive(), "an idle connection still holds its request")

@@ -48,7 +48,7 @@ async def test_ready_stats_and_metrics(backends: list[FakeBackend],
         assert (await status.get("/ready")).status == 200
         await proxy.post("/v1/chat/completions", json={})
         stats = await (await status.get("/stats")).json()
-        assert stats["connections_active"] == 0  # the test server does not count connections
+        assert stats["connections_active"] == 1  # the test client's keep-alive connection
         assert stats["requests_in_flight"] == 0
         assert stats["workers"] == 1
         assert stats["backends"]["a"]["state"] == "healthy"

@@ -157,12 +157,14 @@ async def test_1xx_is_skipped_and_bodiless_answers_keep_the_connection(
     pools: UpstreamPools, servers: list[RawServer]
 ) -> None:
     async def reply(head: bytes, _: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        # Heads that announce no body (a HEAD or 304 answer announcing one is not reused:
+        # see test_upstream_strict_framing.py).
         if head.startswith(b"HEAD"):
-            return await _answer(w, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            return await _answer(w, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         if b"/nocontent" in head:
             return await _answer(w, b"HTTP/1.1 204 No Content\r\n\r\n")
         if b"/notmodified" in head:
-            return await _answer(w, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n")
+            return await _answer(w, b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")
         return await _answer(w, b"HTTP/1.1 100 Continue\r\n\r\n"
                                 b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nnew")
 

@@ -1,13 +1,17 @@
-"""Admin API on the client port: create, list and revoke API keys (admin token only)."""
+"""Admin API on the client port: create, list and revoke API keys (admin token only).
+
+The handlers read only what the lean Request and aiohttp's have in common (`AdminRequest`):
+the client port serves them (`ADMIN_HANDLERS`), and they mount on an aiohttp app too."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from gpuproxy_proxy.appkeys import CONFIG
 from gpuproxy_proxy.auth.apikeys import DatabaseUnavailable
@@ -20,18 +24,40 @@ from gpuproxy_proxy.http.exceptions import (
     unavailable,
     with_request_id,
 )
+from gpuproxy_proxy.http.request import BodyTooLarge
 from gpuproxy_proxy.http.requestid import request_id_for
 from gpuproxy_proxy.runtime import RUNTIME
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminRequest(Protocol):
+    @property
+    def app(self) -> web.Application: ...
+
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def query(self) -> MultiMapping[str]: ...
+
+    @property
+    def match_info(self) -> Mapping[str, str]: ...
+
+    async def json(self) -> Any: ...
+
+
+Handler = Callable[[AdminRequest], Awaitable[web.Response]]
 
 _MAX_FIELD_LEN = 200
 _MAX_LIST = 10_000
 
 
-def _require_admin(request: web.Request) -> None:
+def _require_admin(request: AdminRequest) -> None:
     auth = request.app[AUTHENTICATOR]
     if not auth.admin_enabled:
         raise forbidden("the admin API is disabled: set GPUPROXY_ADMIN_TOKEN to enable it")
@@ -59,7 +85,7 @@ def _db_down(exc: DatabaseUnavailable) -> web.HTTPException:
     return unavailable(f"the key database is unavailable ({exc}); retry shortly")
 
 
-async def create_key(request: web.Request) -> web.Response:
+async def create_key(request: AdminRequest) -> web.Response:
     _require_admin(request)
     try:
         body = await request.json()
@@ -79,7 +105,7 @@ async def create_key(request: web.Request) -> web.Response:
     return web.json_response({**key.public(), "key": plaintext}, status=201)
 
 
-async def list_keys(request: web.Request) -> web.Response:
+async def list_keys(request: AdminRequest) -> web.Response:
     _require_admin(request)
     user_id = request.query.get("user_id") or None
     include_revoked = request.query.get("include_revoked", "true").lower() != "false"
@@ -96,7 +122,7 @@ async def list_keys(request: web.Request) -> web.Response:
     return web.json_response({"keys": [k.public() for k in keys]})
 
 
-async def revoke_key(request: web.Request) -> web.Response:
+async def revoke_key(request: AdminRequest) -> web.Response:
     _require_admin(request)
     key_id = request.match_info["key_id"]
     try:
@@ -112,11 +138,11 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 def _with_request_id(handler: Handler) -> Handler:
     """Every answer of `handler` carries the request's id, errors in their JSON body too."""
-    async def wrapped(request: web.Request) -> web.StreamResponse:
+    async def wrapped(request: AdminRequest) -> web.Response:
         request_id = request_id_for(request)
         try:
             resp = await handler(request)
-        except web.HTTPRequestEntityTooLarge:
+        except (web.HTTPRequestEntityTooLarge, BodyTooLarge):
             # aiohttp's own 413 (client_max_size is limits.max_body_bytes) names no field.
             runtime = request.app.get(RUNTIME)  # the limit in force, after any reload
             config = request.app[CONFIG] if runtime is None else runtime.config
@@ -130,7 +156,17 @@ def _with_request_id(handler: Handler) -> Handler:
     return wrapped
 
 
+# By http/router.py's route kinds.
+ADMIN_HANDLERS: dict[str, Handler] = {
+    "admin_create": _with_request_id(create_key),
+    "admin_list": _with_request_id(list_keys),
+    "admin_revoke": _with_request_id(revoke_key),
+}
+
+
 def add_admin_routes(app: web.Application) -> None:
-    app.router.add_post("/admin/keys", _with_request_id(create_key))
-    app.router.add_get("/admin/keys", _with_request_id(list_keys))
-    app.router.add_delete("/admin/keys/{key_id}", _with_request_id(revoke_key))
+    """The admin API on an aiohttp app (the services' own tests)."""
+    app.router.add_post("/admin/keys", ADMIN_HANDLERS["admin_create"])
+    app.router.add_get("/admin/keys", ADMIN_HANDLERS["admin_list"])
+    app.router.add_delete("/admin/keys/{key_id}",
+                          ADMIN_HANDLERS["admin_revoke"])

@@ -22,9 +22,11 @@ from gpuproxy_proxy.auth.apikeys import (
 )
 from gpuproxy_proxy.auth.jwt_tokens import BadSignature, InvalidToken, JwtVerifier, looks_like_jwt
 from gpuproxy_proxy.auth.principal import ADMIN, ANONYMOUS, Principal
+from gpuproxy_proxy.auth.tokencache import VerifiedTokens
 from gpuproxy_proxy.config import AuthConfig, Secrets
 from gpuproxy_proxy.database.pool import DB_POOL, Database
 from gpuproxy_proxy.http.exceptions import forbidden, unauthorized, unavailable
+from gpuproxy_proxy.http.request import ClientRequest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 _MIN_JWT_SECRET_BYTES = 32
 
 
-def bearer_token(request: web.Request) -> str | None:
+def bearer_token(request: ClientRequest) -> str | None:
     """The credential from `Authorization: Bearer ...` or `X-API-Key`, else None."""
     header = request.headers.get("Authorization")
     if header:
@@ -57,6 +59,8 @@ class Authenticator:
         self._admin_token = secrets.admin_token.encode() if secrets.admin_token else None
         self._jwt = self._verifier(secrets.jwt_secret)
         self._previous_jwt: JwtVerifier | None = None
+        # Verified JWTs; emptied whenever what decides a token's validity changes.
+        self.verified = VerifiedTokens()
 
     def _verifier(self, secret: str | None) -> JwtVerifier | None:
         c = self.config
@@ -72,6 +76,7 @@ class Authenticator:
         self.keys.set_cache_seconds(config.api_key_cache_seconds)
         claims = ("jwt_issuer", "jwt_audience", "jwt_leeway_seconds")
         if any(getattr(old, f) != getattr(config, f) for f in claims):
+            self.verified.clear()
             self._jwt = self._verifier(self._jwt.secret if self._jwt else None)
             previous = self._previous_jwt
             if previous is not None and previous.not_after is not None:
@@ -85,6 +90,7 @@ class Authenticator:
         current = self._jwt
         if (current.secret if current else None) == secret:
             return
+        self.verified.clear()
         overlap = self.config.jwt_rotation_overlap_seconds
         if current is not None and overlap > 0:
             current.retire(time.time() + overlap)
@@ -97,19 +103,20 @@ class Authenticator:
 
     def set_admin_token(self, token: str | None) -> None:
         self._admin_token = token.encode() if token else None
+        self.verified.clear()  # a cached JWT must never shadow a new admin token
 
-    def _verify_jwt(self, token: str) -> str:
+    def _verify_jwt(self, token: str) -> tuple[str, float]:
         current, previous = self._jwt, self._previous_jwt
         if current is None and previous is None:
             raise unauthorized("JWT authentication is not configured on this proxy")
         try:
             if current is None:
                 raise BadSignature("the JWT signature is invalid")
-            return current.verify(token)
+            return current.verify_until(token)
         except BadSignature:
             if previous is None or not previous.usable():
                 raise
-            return previous.verify(token)
+            return previous.verify_until(token)
 
     @property
     def admin_enabled(self) -> bool:
@@ -121,7 +128,7 @@ class Authenticator:
             token.encode(), self._admin_token
         )
 
-    async def authenticate(self, request: web.Request) -> Principal:
+    async def authenticate(self, request: ClientRequest) -> Principal:
         """The caller's Principal; raises a JSON HTTPException (401/403/503) otherwise."""
         if not self.enabled:
             return ANONYMOUS
@@ -134,15 +141,22 @@ class Authenticator:
         return await self.authenticate_token(token)
 
     async def authenticate_token(self, token: str) -> Principal:
+        cached = self.verified.get(token)
+        if cached is not None:
+            return cached
         if self.is_admin_token(token):
             return ADMIN
         if looks_like_api_key(token):
             return await self._api_key(token)
         if looks_like_jwt(token):
             try:
-                return Principal(kind="jwt", user_id=self._verify_jwt(token))
+                subject, valid_until = self._verify_jwt(token)
             except InvalidToken as exc:
                 raise unauthorized(str(exc)) from exc
+            # One Principal per token: rate limiting keys its own caches on it.
+            principal = Principal(kind="jwt", user_id=subject)
+            self.verified.put(token, valid_until, principal)
+            return principal
         raise unauthorized("the credential is neither a valid API key nor a JWT")
 
     async def _api_key(self, token: str) -> Principal:

@@ -1,10 +1,8 @@
-"""HS256 JWT verification (exp/nbf/iss/aud with leeway) with a small cache of verified tokens."""
+"""HS256 JWT verification (exp/nbf/iss/aud with leeway); auth/tokencache.py caches results."""
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from typing import Any
 
 import jwt
 
@@ -22,11 +20,7 @@ def looks_like_jwt(token: str) -> bool:
 
 
 class JwtVerifier:
-    """Verifies HS256 tokens and returns the subject (user id).
-
-    Verified tokens are cached until their `exp` (bounded LRU) because clients resend the same
-    token on every request and HMAC + JSON decoding is a measurable share of the hot path.
-    """
+    """Verifies HS256 tokens and returns the subject (user id) and how long it stays valid."""
 
     def __init__(
         self,
@@ -34,16 +28,13 @@ class JwtVerifier:
         issuer: str | None = None,
         audience: str | None = None,
         leeway_seconds: int = 0,
-        max_cached: int = 10_000,
     ) -> None:
         self._secret = secret
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
-        self._max_cached = max_cached
         # Wall-clock end of this secret's validity once it has been rotated out; None = current.
         self.not_after: float | None = None
-        self._cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._options: jwt.types.Options = {
             "require": ["exp", "sub"] + (["iss"] if issuer else []) + (["aud"] if audience else []),
             "verify_aud": audience is not None,
@@ -62,13 +53,13 @@ class JwtVerifier:
 
     def verify(self, token: str) -> str:
         """The token's `sub`; raises InvalidToken."""
+        return self.verify_until(token)[0]
+
+    def verify_until(self, token: str) -> tuple[str, float]:
+        """The token's `sub` and the wall-clock time until which this verifier would accept
+        it again unchanged (0.0 when that cannot be promised); raises InvalidToken."""
         if not self.usable():
             raise BadSignature("the JWT is signed with a secret that has been rotated out")
-        hit = self._cache.get(token)
-        if hit is not None:
-            if hit[0] > time.time():
-                return hit[1]
-            del self._cache[token]
         try:
             claims = jwt.decode(
                 token,
@@ -96,14 +87,14 @@ class JwtVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("the JWT subject (sub) must be a non-empty string")
-        self._remember(token, float(claims["exp"]) + self._leeway, subject, claims.get("nbf"))
-        return subject
-
-    def _remember(self, token: str, valid_until: float, subject: str, nbf: Any) -> None:
-        # A token whose nbf is still ahead (accepted thanks to leeway) is not cached, so the
-        # cache never widens the validity window the checks above allowed.
-        if nbf is not None and float(nbf) > time.time():
-            return
-        self._cache[token] = (valid_until, subject)
-        if len(self._cache) > self._max_cached:
-            self._cache.popitem(last=False)
+        # PyJWT accepts while now < exp + leeway. A token whose nbf or iat is still ahead
+        # (accepted thanks to leeway) gets no promise, so a cache never widens the window.
+        now = time.time()
+        valid_until = float(claims["exp"]) + self._leeway
+        for claim in ("nbf", "iat"):
+            value = claims.get(claim)
+            if isinstance(value, int | float) and value > now:
+                valid_until = 0.0
+        if self.not_after is not None:
+            valid_until = min(valid_until, self.not_after)
+        return subject, valid_until

@@ -8,7 +8,7 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
-from aiohttp import web
+from gpuproxy_proxy.http.request import ClientRequest
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -35,7 +35,7 @@ def _networks(trusted: Iterable[str] | Iterable[IPNetwork]) -> tuple[IPNetwork, 
     return tuple(i for i in items if not isinstance(i, str))
 
 
-def client_ip(request: web.Request, trusted_proxies: Iterable[str] | Iterable[IPNetwork]) -> str:
+def client_ip(request: ClientRequest, trusted_proxies: Iterable[str] | Iterable[IPNetwork]) -> str:
     """The client's address: X-Forwarded-For is honoured only when the peer is a trusted proxy,
     walking right to left past trusted hops to the first untrusted one."""
     peer = request.remote or ""

@@ -16,31 +16,28 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from gpuproxy_proxy.limits.lua import SLIDING_WINDOW_LUA
+from gpuproxy_proxy.limits.scopes import Fragments, bulk
 
 _MAX_BATCH = 256
 _MAX_IN_FLIGHT = 2  # script calls on the wire at once: one being answered, one being filled
 
-# (scope keys, scope limits, future of (elapsed_ms, [allowed, cur_1, prev_1, ...]))
+# (scope count, the scopes' RESP fragments (ScopeSet.resp), future of
+# (elapsed_ms, [allowed, cur_1, prev_1, ...]))
 Reply = tuple[int, list[int]]
-Call = tuple[Sequence[str], Sequence[int], "asyncio.Future[Reply]"]
-
-
-def _bulk(raw: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(raw), raw)
+Call = tuple[int, Fragments, "asyncio.Future[Reply]"]
 
 
 def pack_batch(sha: bytes, window_seconds: int, batch: Sequence[Call]) -> bytes:
-    """EVALSHA sha numkeys keys... window count (n limits...)... in RESP."""
-    keys: list[bytes] = []
-    args: list[bytes] = [b"%d" % window_seconds, b"%d" % len(batch)]
-    for scope_keys, limits, _ in batch:
-        keys.extend(k.encode() for k in scope_keys)
-        args.append(b"%d" % len(limits))
-        args.extend(b"%d" % limit for limit in limits)
-    head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args))
-    parts = [head, _bulk(sha), _bulk(b"%d" % len(keys))]
-    parts.extend(map(_bulk, keys))
-    parts.extend(map(_bulk, args))
+    """EVALSHA sha numkeys keys... window count (n limits...)... in RESP, from the scope
+    sets' pre-encoded fragments."""
+    key_count = sum([c[0] for c in batch])
+    # ARGV: window, count, and per request its scope count plus one limit per scope.
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + 2 * key_count + 2 + len(batch))
+    parts = [head, bulk(sha), bulk(b"%d" % key_count)]
+    parts.extend([c[1][0] for c in batch])
+    parts.append(bulk(b"%d" % window_seconds))
+    parts.append(bulk(b"%d" % len(batch)))
+    parts.extend([c[1][1] for c in batch])
     return b"".join(parts)
 
 
@@ -63,12 +60,12 @@ class ScriptBatcher:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, keys: Sequence[str], limits: Sequence[int]) -> asyncio.Future[Reply]:
+    def call(self, scope_count: int, resp: Fragments, /) -> asyncio.Future[Reply]:
         """Queue one request's check; the future resolves to its counts or the Redis error
         (each script call is bounded by the timeout, so callers need no timer of their own)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
-        self._pending.append((keys, limits, future))
+        self._pending.append((scope_count, resp, future))
         if not self._scheduled and self._in_flight < _MAX_IN_FLIGHT:
             # call_soon: every request handled in this loop turn joins the same batch.
             self._scheduled = True

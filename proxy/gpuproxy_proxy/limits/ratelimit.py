@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 import redis.asyncio as aioredis
@@ -21,9 +21,11 @@ from redis.exceptions import RedisError
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
 from gpuproxy_proxy.auth.principal import Principal
 from gpuproxy_proxy.config import RateLimitConfig, RedisConfig, Secrets
-from gpuproxy_proxy.http.clientaddr import IPNetwork, client_ip, ip_scope_key, parse_networks
+from gpuproxy_proxy.http.clientaddr import IPNetwork, client_ip, parse_networks
 from gpuproxy_proxy.http.errors import json_error
+from gpuproxy_proxy.http.request import ClientRequest
 from gpuproxy_proxy.limits.batch import ScriptBatcher
+from gpuproxy_proxy.limits.scopes import ScopeSets, build_scopes
 from gpuproxy_proxy.limits.window import (
     UNLIMITED,
     LocalWindowLimiter,
@@ -113,6 +115,7 @@ class RateLimiter:
         # A client told to retry after N seconds is answered locally until then, so a flood
         # from one client costs this process a dict lookup instead of a Redis call.
         self._denied: dict[str, tuple[float, float, RateLimitDecision]] = {}
+        self._scope_sets = ScopeSets(config)
         self._apply(config)
         if redis_config is not None:
             self._redis, self._batcher = self._connect(secrets.redis_password)
@@ -126,6 +129,7 @@ class RateLimiter:
         )
         self._window_ms = config.window_seconds * 1000
         self._local = LocalWindowLimiter(config.window_seconds)
+        self._scope_sets.reset(config)
 
     def _connect(self, password: str | None) -> tuple[aioredis.Redis, ScriptBatcher]:
         assert self._redis_config is not None
@@ -174,7 +178,9 @@ class RateLimiter:
     def uses_redis(self) -> bool:
         return self._redis is not None
 
-    def client_ip(self, request: web.Request) -> str:
+    def client_ip(self, request: ClientRequest) -> str:
+        if not self.trusted:
+            return request.remote or ""  # the common case, without the general walk
         return client_ip(request, self.trusted)
 
     def redis_ready(self) -> bool:
@@ -182,18 +188,13 @@ class RateLimiter:
         return self._redis is None or not self._down
 
     def scopes(self, ip: str, principal: Principal) -> list[Scope]:
-        c = self.config
-        scopes = [Scope("ip", "rl:ip:" + ip_scope_key(ip), c.per_ip)]
-        if principal.user_id is not None:
-            scopes.append(Scope("user", "rl:user:" + principal.user_id, c.per_user))
-        if principal.api_key_id is not None:
-            scopes.append(Scope("api_key", "rl:key:" + principal.api_key_id, c.per_api_key))
-        return scopes
+        return list(build_scopes(self.config, ip, principal))
 
     async def check(self, client_ip: str, principal: Principal) -> RateLimitDecision:
         if not self.config.enabled:
             return UNLIMITED
-        scopes = self.scopes(client_ip, principal)
+        scope_set = self._scope_sets.get(client_ip, principal)
+        scopes = scope_set.scopes
         if self._redis is None:
             return self._count(self._local.check(scopes))
         if self._denied:
@@ -203,19 +204,17 @@ class RateLimiter:
         if self._down:
             return self._fallback(scopes)
         try:
-            elapsed, raw = await self._batcher.call(
-                [s.key for s in scopes], [s.limit for s in scopes]
-            )
+            elapsed, raw = await self._batcher.call(len(scopes), scope_set.resp)
         except _FAILURES as exc:
             self._mark_down(exc)
             return self._fallback(scopes)
-        counts = [(raw[1 + 2 * i], raw[2 + 2 * i]) for i in range(len(scopes))]
+        counts = list(zip(raw[1::2], raw[2::2], strict=True))
         decision = decide(scopes, raw[0] == 1, elapsed, counts, self._window_ms, "redis")
         if not decision.allowed:
             self._deny(scopes, decision)
         return self._count(decision)
 
-    def _deny(self, scopes: list[Scope], decision: RateLimitDecision) -> None:
+    def _deny(self, scopes: Sequence[Scope], decision: RateLimitDecision) -> None:
         key = next(s.key for s in scopes if s.name == decision.scope)
         now = time.monotonic()
         if len(self._denied) >= _MAX_DENIED:
@@ -227,7 +226,7 @@ class RateLimiter:
         if until > now:
             self._denied[key] = (until, now + decision.reset_seconds, decision)
 
-    def _still_denied(self, scopes: list[Scope]) -> RateLimitDecision | None:
+    def _still_denied(self, scopes: Sequence[Scope]) -> RateLimitDecision | None:
         now = time.monotonic()
         for scope in scopes:
             entry = self._denied.get(scope.key)
@@ -251,7 +250,7 @@ class RateLimiter:
                 counter.inc()
         return decision
 
-    def _fallback(self, scopes: list[Scope]) -> RateLimitDecision:
+    def _fallback(self, scopes: Sequence[Scope]) -> RateLimitDecision:
         mode = self.config.on_redis_failure
         if self._fallbacks is not None:
             self._fallbacks.inc()

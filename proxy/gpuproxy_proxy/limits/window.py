@@ -61,17 +61,20 @@ def decide(
     """Combine per-scope (cur, prev) counts into the most restrictive scope's decision."""
     weight = (window_ms - elapsed_ms) / window_ms
     reset = max(1, math.ceil((window_ms - elapsed_ms) / 1000))
+    if allowed:
+        # The hot path: find the tightest scope first, build one decision.
+        tightest: tuple[int, int, Scope] | None = None
+        for scope, (cur, prev) in zip(scopes, counts, strict=True):
+            remaining = max(0, math.floor(scope.limit - (prev * weight + cur)))
+            if tightest is None or (remaining, scope.limit) < tightest[:2]:
+                tightest = (remaining, scope.limit, scope)
+        if tightest is not None:
+            remaining, limit, scope = tightest
+            return RateLimitDecision(True, limit, remaining, reset, 0, scope.name, source)
     best: RateLimitDecision | None = None
     for scope, (cur, prev) in zip(scopes, counts, strict=True):
         estimate = prev * weight + cur
-        remaining = max(0, math.floor(scope.limit - estimate))
-        if allowed:
-            candidate = RateLimitDecision(
-                True, scope.limit, remaining, reset, 0, scope.name, source
-            )
-            if best is None or (remaining, scope.limit) < (best.remaining, best.limit):
-                best = candidate
-        elif estimate + 1 > scope.limit:
+        if estimate + 1 > scope.limit:
             wait = _retry_after_ms(scope.limit, cur, prev, elapsed_ms, window_ms)
             retry = max(1, math.ceil(wait / 1000))
             candidate = RateLimitDecision(False, scope.limit, 0, reset, retry, scope.name, source)

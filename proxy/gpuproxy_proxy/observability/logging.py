@@ -1,4 +1,5 @@
-"""JSON log lines (one object per line) carrying request ids, and an optional access log."""
+"""JSON log lines (one object per line) carrying request ids; the optional access log is
+written by http/frontend.py to the `gpuproxy.access` logger."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import os
 import sys
 import time
 from typing import Any
-
-from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from gpuproxy_proxy.config import LoggingConfig
 
@@ -76,21 +74,3 @@ def reconfigure_logging(config: LoggingConfig) -> None:
     for handler in root.handlers:
         if isinstance(handler, _ProcessHandler):
             handler.use(config)
-
-
-class JsonAccessLogger(AbstractAccessLogger):
-    """One line per request with its id (set by the pipeline on every response)."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "request",
-            extra={
-                "request_id": response.headers.get("X-Request-ID"),
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round(time * 1000.0, 3),
-                "remote": request.remote,
-                "bytes_out": response.body_length,
-            },
-        )

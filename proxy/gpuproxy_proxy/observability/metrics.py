@@ -6,6 +6,7 @@ from config, routes from a fixed list, status codes are grouped into classes).
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -83,7 +84,17 @@ class ProxyMetrics:
             "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
         )
         # gpuproxy_gc_pause_milliseconds is collected at scrape time by gcwatch.GcMonitor.
+        self.gc_frozen_objects = Gauge(
+            "gpuproxy_gc_frozen_objects",
+            "Objects in the garbage collector's permanent generation (gc.freeze); the periodic "
+            "reclaim keeps it bounded.", registry=r,
+        )
+        self.gc_frozen_objects.set_function(_frozen_objects)
         self.connections_rejected = Counter(
             "gpuproxy_connections_rejected", "Connections or requests refused by admission.",
             ["reason"], registry=r,
         )
+
+
+def _frozen_objects() -> float:
+    return float(gc.get_freeze_count())  # read at scrape time

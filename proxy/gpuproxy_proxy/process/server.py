@@ -1,6 +1,6 @@
 """One worker process: the client port (SO_REUSEPORT) and its status endpoints, GC control,
 heartbeats, the limits a reload changes, and the SIGTERM drain (lifecycle.py) applied to the
-connections (connections.py)."""
+connections (http/frontend.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from aiohttp import web
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import ProxyConfig, Secrets
-from gpuproxy_proxy.http.connections import AiohttpConnections, CappedServer, ProxyRunner
-from gpuproxy_proxy.observability.logging import JsonAccessLogger, reconfigure_logging
+from gpuproxy_proxy.http.frontend import ClientPort
+from gpuproxy_proxy.observability.logging import reconfigure_logging
 from gpuproxy_proxy.observability.status import GC_MONITOR, LocalSource, build_status_app
 from gpuproxy_proxy.process.gcwatch import (
     FullCollectionsOff,
@@ -34,10 +34,6 @@ from gpuproxy_proxy.process.lifecycle import DrainPlan, ProcessLifecycle, drain
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
 
 log = logging.getLogger("gpuproxy.server")
-
-# The runner's own shutdown wait, after the drain has already ended every connection.
-_CLEANUP_SECONDS = 5.0
-
 
 def raise_nofile_limit() -> int:
     """Raise the soft open-files limit to the hard limit; returns the new soft limit."""
@@ -84,19 +80,9 @@ class Worker:
                  worker_index: int = 0) -> None:
         self.config = config
         self.app = build_app(config, secrets, config_path=config_path, worker_index=worker_index)
-        kwargs: dict[str, Any] = {"access_log": None}
-        if config.logging.access_log:
-            kwargs = {"access_log_class": JsonAccessLogger,
-                      "access_log": logging.getLogger("gpuproxy.access")}
-        self.runner = ProxyRunner(
-            self.app, cap=config.limits.max_connections_per_worker, handle_signals=False,
-            # The drain (lifecycle.py) has ended every connection before the runner's cleanup.
-            shutdown_timeout=_CLEANUP_SECONDS,
-            keepalive_timeout=config.limits.keepalive_timeout_seconds,
-            # A client that hangs up cancels its handler, which closes the upstream request:
-            # the GPU stops generating for nobody.
-            handler_cancellation=True, **kwargs,
-        )
+        # A client that hangs up cancels its handler, which closes the upstream request: the
+        # GPU stops generating for nobody (http/protocol.py).
+        self.client_port = ClientPort(self.app)
         self.status_runner: web.AppRunner | None = None
         self.gc_monitor = GcMonitor(self.app[METRICS])
         self._full_gc_off = FullCollectionsOff()
@@ -111,14 +97,15 @@ class Worker:
         return self.app[RUNTIME]
 
     def _on_reload(self, old: ProxyConfig, new: ProxyConfig) -> None:
-        server = self.runner.server
-        if isinstance(server, CappedServer) and old.limits != new.limits:
-            server.apply_limits(new.limits)
+        # The connection limits are the Frontend's own listener.
         if old.logging != new.logging:
             reconfigure_logging(new.logging)
         if (old.limits.gc_freeze_interval_seconds != new.limits.gc_freeze_interval_seconds
                 and not self.runtime.draining):
             self._start_freezer(new.limits.gc_freeze_interval_seconds)
+
+    def _open_connections(self) -> int:
+        return self.runtime.connections_active
 
     def _start_freezer(self, interval: float) -> None:
         if self._freezer is not None:
@@ -126,15 +113,17 @@ class Worker:
             self._freezer = None
         if interval > 0:
             self._full_gc_off.disable()
-            self._freezer = asyncio.create_task(freeze_periodically(interval), name="gc-freeze")
+            self._freezer = asyncio.create_task(
+                freeze_periodically(interval, connections=self._open_connections),
+                name="gc-freeze")
         else:
             self._full_gc_off.restore()
 
     async def start(self, sock: socket.socket, *, admin: socket.socket | None = None,
                     status_path: Path | None = None) -> None:
         """Serve clients on `sock`; status on an admin TCP socket or a worker status socket."""
-        await self.runner.setup()
-        await web.SockSite(self.runner, sock, backlog=self.config.listen.backlog).start()
+        access = logging.getLogger("gpuproxy.access") if self.config.logging.access_log else None
+        await self.client_port.start(sock, self.config.listen.backlog, access)
         self.runtime.serving = True
         if admin is not None or status_path is not None:
             status_app = build_status_app([LocalSource(self.app)],
@@ -171,9 +160,10 @@ class Worker:
             self._freezer.cancel()
         self.gc_monitor.uninstall()
         self._full_gc_off.restore()
-        report = await drain(AiohttpConnections(self.runner, runtime),
-                             DrainPlan.from_limits(runtime.config.limits))
-        await self.runner.cleanup()
+        frontend = self.client_port.frontend
+        assert frontend is not None, "start() first"
+        report = await drain(frontend, DrainPlan.from_limits(runtime.config.limits))
+        await self.client_port.close()
         if self.status_runner is not None:
             await self.status_runner.cleanup()
         for task in self._tasks:  # heartbeats last: this loop ran until here

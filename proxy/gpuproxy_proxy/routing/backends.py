@@ -1,7 +1,9 @@
 """Per-backend state (in flight, latency EWMA, active health, passive ejection) and the pool.
 
 A pool is immutable once built; a config reload builds a new pool that reuses the state of
-unchanged backends, and the router swaps it in with one assignment.
+unchanged backends, and the router swaps it in with one assignment. Passive ejection counts
+transport failures only (a client can provoke any HTTP status), never takes more than half of
+the actively healthy backends out, and backs off exponentially while half-open probes fail.
 """
 
 from __future__ import annotations
@@ -16,15 +18,24 @@ from gpuproxy_proxy.config import BackendConfig, HealthCheckConfig, LoadBalancin
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.routing.balancer import Balancer, ewma, make_balancer
 
+# Passive ejection never takes more than this share of the actively healthy backends out of
+# rotation: with one or two of them left, failures keep them in (and they keep being tried).
+MAX_EJECTED_SHARE = 0.5
+# Each failed half-open probe doubles the ejection, up to this (or the configured ejection
+# period when that is longer).
+MAX_EJECTION_SECONDS = 300.0
+_MAX_DOUBLINGS = 20  # 2**20 periods is past any cap: no float overflow
+
 
 class BackendState:
     """Mutable state of one configured backend, shared by every request routed to it."""
 
     __slots__ = (
         "_healthy_gauge", "active_healthy", "check_failures",
-        "check_successes", "config", "consecutive_failures", "ejected_until", "ewma_ms",
-        "health_url", "host", "host_header", "in_flight", "last_check_error", "last_success",
-        "name", "origin", "path_prefix", "port", "probing", "scheme", "use_ssl", "weight",
+        "check_successes", "config", "consecutive_failures", "ejected_until", "ejections",
+        "ewma_ms", "health_url", "host", "host_header", "in_flight", "last_check_error",
+        "last_success", "name", "origin", "path_prefix", "peers", "port", "probing", "scheme",
+        "use_ssl", "weight",
     )
 
     def __init__(self, config: BackendConfig, metrics: ProxyMetrics) -> None:
@@ -37,7 +48,7 @@ class BackendState:
         self.host = url.raw_host or ""
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.use_ssl = url.scheme == "https"
-        self.host_header = url.raw_authority  # what aiohttp's client sent as Host
+        self.host_header = _host_header(url)
         # A backend URL may carry a prefix (http://host/base); client paths are appended to it.
         self.path_prefix = url.raw_path.rstrip("/")
         self.health_url = self.origin.with_path(
@@ -50,7 +61,11 @@ class BackendState:
         self.check_successes = 0
         self.consecutive_failures = 0
         self.ejected_until = 0.0
+        self.ejections = 0  # in a row without a good answer in between: the backoff exponent
         self.probing = False
+        # The backends of the pool this one is in (itself included), for the ejection cap;
+        # set by BackendPool. Alone, a backend is its pool's last one and never ejected.
+        self.peers: tuple[BackendState, ...] = (self,)
         self.last_check_error: str | None = None
         self.last_success = 0.0  # monotonic time of the last good answer to real traffic
         self._healthy_gauge = metrics.backend_healthy.labels(self.name)
@@ -99,24 +114,56 @@ class BackendState:
             self.probing = False  # the half-open probe proved nothing: let another one try
 
     # --- passive outlier detection ---------------------------------------------------------
+    def record_answer(self, status: int, latency_ms: float, alpha: float, now: float) -> None:
+        """The backend answered, with any status: its transport works, so this never ejects
+        (a client can provoke a 5xx) and it ends an ejection. Only answers below 500 feed the
+        latency EWMA: a fast error says nothing about how fast the backend serves."""
+        if status < 500:
+            self.record_success(latency_ms, alpha, now)
+        else:
+            self._answered()
+
     def record_success(self, latency_ms: float, alpha: float, now: float = 0.0) -> None:
         self.ewma_ms = ewma(self.ewma_ms, latency_ms, alpha)
         self.last_success = now
+        self._answered()
+
+    def _answered(self) -> None:
         self.consecutive_failures = 0
         if self.ejected_until:
             self.ejected_until = 0.0
+            self.ejections = 0
             self.probing = False
             self._publish()
 
     def record_failure(self, now: float, health: HealthCheckConfig) -> None:
+        """A transport failure (connect error or timeout, read timeout, broken or invalid
+        response): never call this for an HTTP status."""
         self.consecutive_failures += 1
-        if self.ejected_until and self.probing:
-            # The half-open probe failed: eject again for a full period.
-            self.probing = False
-            self.ejected_until = now + health.ejection_seconds
-        elif not self.ejected_until and self.consecutive_failures >= health.unhealthy_threshold:
+        if self.ejected_until:
+            if self.probing:
+                # The half-open probe failed: eject again, twice as long as the last time.
+                self.probing = False
+                self.ejections += 1
+                self.ejected_until = now + self.ejection_period(health)
+        elif (self.consecutive_failures >= health.unhealthy_threshold
+              and self._may_be_ejected()):
+            self.ejections = 1
             self.ejected_until = now + health.ejection_seconds
         self._publish()
+
+    def ejection_period(self, health: HealthCheckConfig) -> float:
+        """How long the current ejection lasts: the configured period, doubled for each
+        half-open probe that failed since, capped."""
+        base = health.ejection_seconds
+        doublings = min(max(self.ejections - 1, 0), _MAX_DOUBLINGS)
+        return min(base * 2.0 ** doublings, max(base, MAX_EJECTION_SECONDS))
+
+    def _may_be_ejected(self) -> bool:
+        # O(backends), but only when a failure streak reaches the threshold.
+        healthy = [p for p in self.peers if p.active_healthy]
+        ejected = sum(1 for p in healthy if p.ejected_until)
+        return ejected + 1 <= MAX_EJECTED_SHARE * len(healthy)
 
     # --- active health checks --------------------------------------------------------------
     def record_check(self, ok: bool, health: HealthCheckConfig, error: str | None = None) -> None:
@@ -157,6 +204,8 @@ class BackendPool:
 
     def __init__(self, backends: Sequence[BackendState], lb: LoadBalancingConfig) -> None:
         self.backends = tuple(backends)
+        for state in self.backends:
+            state.peers = self.backends
         self.by_name = {b.name: b for b in self.backends}
         self.strategy = lb.strategy
         self.balancer: Balancer = make_balancer(lb.strategy)
@@ -164,18 +213,32 @@ class BackendPool:
     def choose(self, exclude: BackendState | None = None) -> BackendState | None:
         now = time.monotonic()
         candidates = [b for b in self.backends if b is not exclude and b.available(now)]
+        if not candidates:
+            # Passive ejection never leaves nothing to route to (the cap can be outrun when
+            # active checks fail others later): all actively healthy backends, ejected or not.
+            candidates = [b for b in self.backends if b is not exclude and b.active_healthy]
         chosen = self.balancer.pick(candidates)
         if chosen is not None:
             chosen.acquire()
         return chosen
 
     def any_available(self) -> bool:
-        now = time.monotonic()
-        return any(b.available(now) or b.probing for b in self.backends)
+        """Whether `choose` can find a backend (passively ejected ones are the fallback)."""
+        return any(b.active_healthy for b in self.backends)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         return {b.name: b.snapshot(now) for b in self.backends}
+
+
+def _host_header(url: URL) -> str:
+    """host[:port] as sent in Host: never the URL's user:pass@ (config validation refuses
+    those; a URL built some other way must still not leak them to the backend)."""
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6 literal
+    port = url.explicit_port
+    return host if port is None else f"{host}:{port}"
 
 
 def build_pool(

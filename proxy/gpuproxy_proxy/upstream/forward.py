@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -23,12 +24,14 @@ from multidict import CIMultiDict
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.http.errors import error_body, json_error
+from gpuproxy_proxy.http.request import ClientRequest, Request
+from gpuproxy_proxy.http.response import Answer, Response, StreamResponse
 from gpuproxy_proxy.metering.usage import SseUsageScanner, Usage, usage_from_json
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import Runtime
+from gpuproxy_proxy.upstream.framing import ResponseHead
 from gpuproxy_proxy.upstream.pool import (
-    ResponseHead,
     UpstreamConnectError,
     UpstreamConnection,
     UpstreamConnectTimeout,
@@ -48,10 +51,17 @@ _HOP_BY_HOP = frozenset({
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect",
 })
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
+_REPLACED = frozenset({"x-forwarded-for", "x-request-id", "x-forwarded-proto"})
+# forward_pairs' skip sets as bytes, for forward_head's raw header names.
+_SKIP_RAW = frozenset(name.encode() for name in _HOP_BY_HOP | _REPLACED)
+_SKIP_RAW_CREDENTIALS = _SKIP_RAW | frozenset(name.encode() for name in _CREDENTIALS)
 _RESPONSE_SKIP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "content-length",
 })
+_RESPONSE_SKIP_OURS = _RESPONSE_SKIP | {"x-request-id"}
+# The skip set per set of our own header names: the same few (rate-limit headers) every time.
+_SKIP_FOR_EXTRA: dict[tuple[str, ...], frozenset[str]] = {}
 # Small bodies of known length are read whole: one write downstream and cheap usage parsing.
 _BUFFER_LIMIT = 64 * 1024
 # aiohttp's client sent an explicit zero length for these methods; backends may insist on it.
@@ -74,7 +84,7 @@ class Outcome:
     bytes_out: int = 0
     usage: Usage | None = None
     # The streamed response once its head is sent, so a request cut short can still end it.
-    stream: web.StreamResponse | None = None
+    stream: StreamResponse | None = None
     is_sse: bool = False
 
 
@@ -108,8 +118,15 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+class ForwardedRequest(ClientRequest, Protocol):
+    """What the forwarded headers are built from (the lean Request, or aiohttp's)."""
+
+    @property
+    def scheme(self) -> str: ...
+
+
 def forward_pairs(
-    request: web.Request, request_id: str, strip_credentials: bool
+    request: ForwardedRequest, request_id: str, strip_credentials: bool
 ) -> list[tuple[str, str]]:
     """The headers sent upstream: client headers minus hop-by-hop ones, plus X-Forwarded-*."""
     src = request.headers
@@ -124,52 +141,87 @@ def forward_pairs(
             continue
         if strip_credentials and lower in _CREDENTIALS:
             continue  # the proxy's own credentials are not the backend's business
-        if lower in ("x-forwarded-for", "x-request-id", "x-forwarded-proto"):
+        if lower in _REPLACED:
             continue
         out.append((key, value))
-    peer = request.remote or ""
-    prior = src.get("X-Forwarded-For")
-    out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
-    out.append(("X-Forwarded-Proto", src.get("X-Forwarded-Proto") or request.scheme))
-    out.append(("X-Request-ID", request_id))
+    out.extend(_proxy_headers(request, request_id))
     return out
 
 
+def _proxy_headers(request: ForwardedRequest, request_id: str) -> list[tuple[str, str]]:
+    src = request.headers
+    peer = request.remote or ""
+    prior = src.get("X-Forwarded-For")
+    return [("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
+            ("X-Forwarded-Proto", src.get("X-Forwarded-Proto") or request.scheme),
+            ("X-Request-ID", request_id)]
+
+
+def forward_head(request: Request, request_id: str, strip_credentials: bool) -> bytes:
+    """`forward_pairs` as the encoded header lines, built from the bytes the client sent
+    (names are ASCII tokens, llhttp checked; values pass through byte for byte)."""
+    skip = _SKIP_RAW_CREDENTIALS if strip_credentials else _SKIP_RAW
+    connection = request.headers.get("Connection")
+    if connection:
+        skip = skip | {token.strip().lower().encode("utf-8", "surrogateescape")
+                       for token in connection.split(",")}
+    lines = [b"%b: %b\r\n" % pair for pair in request.raw_headers
+             if pair[0].lower() not in skip]
+    src = request.headers
+    peer = request.remote or ""
+    prior = src.get("X-Forwarded-For")
+    # The same three headers as _proxy_headers, in one string.
+    ours = (f"X-Forwarded-For: {prior + ', ' + peer if prior else peer}\r\n"
+            f"X-Forwarded-Proto: {src.get('X-Forwarded-Proto') or request.scheme}\r\n"
+            f"X-Request-ID: {request_id}\r\n")
+    lines.append(ours.encode("utf-8", "surrogateescape"))
+    return b"".join(lines)
+
+
 def forward_headers(
-    request: web.Request, request_id: str, strip_credentials: bool
+    request: ForwardedRequest, request_id: str, strip_credentials: bool
 ) -> CIMultiDict[str]:
     """`forward_pairs` as a multidict, for the aiohttp client on the cold paths."""
     return CIMultiDict(forward_pairs(request, request_id, strip_credentials))
 
 
-def request_bytes(method: str, target: str, host: str, headers: Iterable[tuple[str, str]],
+def request_bytes(method: str, target: str, host: str, header_lines: bytes,
                   body: bytes) -> bytes:
-    """The whole request as one buffer: one write to the backend."""
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines.extend(f"{key}: {value}\r\n" for key, value in headers)
-    if body or method in _BODY_METHODS:
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    lines.append("\r\n")
-    # Header values came from aiohttp's parser as utf-8 with surrogateescape: same bytes back.
-    head = "".join(lines).encode("utf-8", "surrogateescape")
-    return head + body if body else head
+    """The whole request as one buffer (`header_lines` from forward_head): one write to the
+    backend."""
+    # The target was decoded as utf-8 with surrogateescape (http/protocol.py): same bytes back.
+    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8",
+                                                                       "surrogateescape")
+    length = (b"Content-Length: %d\r\n" % len(body)
+              if body or method in _BODY_METHODS else b"")
+    return b"".join((start, header_lines, length, b"\r\n", body))
 
 
 def _response_headers(
     upstream: Iterable[tuple[str, str]], request_id: str, extra: Mapping[str, str] | None
-) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in upstream:
-        if key.lower() not in _RESPONSE_SKIP:
-            out.add(key, value)
-    out["X-Request-ID"] = request_id
+) -> list[tuple[str, str]]:
+    """The backend's headers minus hop-by-hop ones (upstream/pool.py already dropped those
+    its Connection header names); ours (request id, rate limits) replace any of that name."""
+    skip = _RESPONSE_SKIP_OURS
     if extra:
-        out.update(extra)
+        names = tuple(extra)
+        skip = _SKIP_FOR_EXTRA.get(names) or _skip_for(names)
+    out = [(key, value) for key, value in upstream if key.lower() not in skip]
+    out.append(("X-Request-ID", request_id))
+    if extra:
+        out.extend(extra.items())
     return out
 
 
+def _skip_for(names: tuple[str, ...]) -> frozenset[str]:
+    skip = _RESPONSE_SKIP_OURS | {name.lower() for name in names}
+    if len(_SKIP_FOR_EXTRA) < 64:  # bounded: our header names come from a handful of sets
+        _SKIP_FOR_EXTRA[names] = skip
+    return skip
+
+
 async def forward(
-    request: web.Request,
+    request: Request,
     runtime: Runtime,
     pools: UpstreamPools,
     body: bytes,
@@ -177,7 +229,8 @@ async def forward(
     outcome: Outcome,
     extra_headers: Mapping[str, str] | None = None,
     strip_credentials: bool = True,
-) -> web.StreamResponse:
+    meter_usage: bool = True,
+) -> Answer:
     """Send the request to a backend chosen by the pool and relay the answer."""
     app = request.app
     metrics = app[METRICS]
@@ -197,9 +250,9 @@ async def forward(
         return json_error(503, "no_backend_available",
                           "no healthy backend is available; retry later", request_id,
                           {**(extra_headers or {}), **retry})
-    headers = forward_pairs(request, request_id, strip_credentials)
+    headers = forward_head(request, request_id, strip_credentials)
     method = request.method
-    path_qs = request.rel_url.raw_path_qs
+    path_qs = request.target
     retried = False
     while True:
         outcome.backend = backend.name
@@ -215,7 +268,7 @@ async def forward(
         except UpstreamConnectError as exc:
             # Nothing reached the backend: safe to try another one, once.
             timed_out = isinstance(exc, UpstreamConnectTimeout)
-            _fail(backend, metrics, "connect_timeout" if timed_out else "connect", runtime)
+            _fail(backend, metrics, exc.reason, runtime)
             if not retried and config.upstream.retry_on_connect_failure:
                 other = pool.choose(exclude=backend)
                 if other is not None:
@@ -234,14 +287,14 @@ async def forward(
                               f"could not connect to backend {backend.name!r}", request_id,
                               extra_headers)
         except UpstreamReadTimeout:
-            _fail(backend, metrics, "read_timeout", runtime)
+            _fail(backend, metrics, UpstreamReadTimeout.reason, runtime)
             outcome.status = 504
             return json_error(504, "upstream_timeout",
                               f"backend {backend.name!r} did not answer within "
                               f"{config.upstream.read_timeout_seconds:g}s", request_id,
                               extra_headers)
         except UpstreamError as exc:
-            _fail(backend, metrics, "error", runtime)
+            _fail(backend, metrics, exc.reason, runtime)
             log.warning("upstream request failed",
                         extra={"request_id": request_id, "backend": backend.name,
                                "error": repr(exc)})
@@ -254,7 +307,7 @@ async def forward(
             raise
     try:
         return await _relay(request, conn, head, backend, runtime, started, request_id, outcome,
-                            extra_headers)
+                            extra_headers, meter_usage)
     except asyncio.CancelledError:
         outcome.status = 499  # the client hung up (or the drain deadline passed)
         conn.abort()  # never hand a half-read connection back; the backend stops generating
@@ -271,18 +324,16 @@ def _fail(backend: BackendState, metrics: ProxyMetrics, reason: str, runtime: Ru
 
 
 async def _relay(
-    request: web.Request, conn: UpstreamConnection, head: ResponseHead, backend: BackendState,
+    request: Request, conn: UpstreamConnection, head: ResponseHead, backend: BackendState,
     runtime: Runtime, started: float, request_id: str, outcome: Outcome,
-    extra: Mapping[str, str] | None,
-) -> web.StreamResponse:
+    extra: Mapping[str, str] | None, meter_usage: bool,
+) -> Answer:
     status = head.status
     outcome.status = status
     now = time.monotonic()
     latency_ms = (now - started) * 1000.0
-    if status >= 500:
-        backend.record_failure(now, runtime.config.health_check)
-    else:
-        backend.record_success(latency_ms, runtime.config.load_balancing.ewma_alpha, now)
+    # Any answer proves the transport works; a 5xx a client can provoke must not eject.
+    backend.record_answer(status, latency_ms, runtime.config.load_balancing.ewma_alpha, now)
     headers = _response_headers(head.headers, request_id, extra)
     length = head.content_length
     content_type = head.content_type
@@ -292,20 +343,22 @@ async def _relay(
         try:
             payload = await conn.read_all()
         except UpstreamError as exc:
-            return _late_failure(backend, runtime, request_id, outcome, exc, extra)
+            return _late_failure(backend, runtime, request.app[METRICS], request_id, outcome,
+                                 exc, extra)
         outcome.bytes_out = len(payload)
-        if "json" in content_type:
+        if meter_usage and "json" in content_type:
             outcome.usage = usage_from_json(payload)
-        return web.Response(status=status, reason=reason, body=payload, headers=headers)
+        return Response(status, payload, headers=headers, reason=reason)
 
-    out = web.StreamResponse(status=status, reason=reason, headers=headers)
+    out = StreamResponse(status, reason, headers=headers)
     if length is not None:
         out.content_length = length
     if runtime.draining:
         out.force_close()  # the client should reconnect elsewhere after this stream
     await out.prepare(request)
     outcome.stream, outcome.is_sse = out, is_sse
-    scanner = SseUsageScanner() if is_sse else None
+    # Usage is looked for only when it is recorded; otherwise chunks pass untouched.
+    scanner = SseUsageScanner() if is_sse and meter_usage else None
     sent = 0
     try:
         while chunk := await conn.read():
@@ -323,7 +376,7 @@ async def _relay(
     except UpstreamError as exc:
         # Headers are gone already; cut the client connection so it sees an incomplete body.
         timed_out = isinstance(exc, TimeoutError)
-        reason_label = "stream_timeout" if timed_out else "stream_error"
+        reason_label = "stream_timeout" if timed_out else f"stream_{exc.reason}"
         backend.record_failure(time.monotonic(), runtime.config.health_check)
         request.app[METRICS].backend_failures.labels(backend.name, reason_label).inc()
         log.warning("upstream stream interrupted",
@@ -340,8 +393,8 @@ async def _relay(
     return out
 
 
-async def end_overlong(request: web.Request, outcome: Outcome, request_id: str,
-                       limit: float) -> web.StreamResponse:
+async def end_overlong(request: Request, outcome: Outcome, request_id: str,
+                       limit: float) -> Answer:
     """The request ran past upstream.max_request_seconds (its upstream side is closed): a 504,
     or for a stream already under way a final SSE error event, then the connection closes."""
     outcome.status = 504
@@ -368,10 +421,14 @@ async def end_overlong(request: web.Request, outcome: Outcome, request_id: str,
 
 
 def _late_failure(
-    backend: BackendState, runtime: Runtime, request_id: str, outcome: Outcome,
-    exc: BaseException, extra: Mapping[str, str] | None,
-) -> web.Response:
+    backend: BackendState, runtime: Runtime, metrics: ProxyMetrics, request_id: str,
+    outcome: Outcome, exc: UpstreamError, extra: Mapping[str, str] | None,
+) -> Answer:
+    # Counted and logged like a stream that breaks off: the head came, the body did not.
     backend.record_failure(time.monotonic(), runtime.config.health_check)
+    metrics.backend_failures.labels(backend.name, exc.reason).inc()
+    log.warning("upstream response broken off",
+                extra={"request_id": request_id, "backend": backend.name, "error": repr(exc)})
     if isinstance(exc, TimeoutError):
         outcome.status = 504
         return json_error(504, "upstream_timeout",

@@ -11,54 +11,66 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
-# Response heads bigger than this are refused (a backend answer, not an attack surface, but
-# unbounded buffering is never right).
+from gpuproxy_proxy.upstream.framing import (
+    CHUNKED,
+    LENGTH,
+    NONE,
+    UNTIL_CLOSE,
+    ResponseHead,
+    chunk_size_of,
+    parse_response_head,
+)
+
+# Response heads bigger than this are refused, counting every byte of the head (interim 1xx
+# heads included): a backend may be compromised or broken, and buffering must stay bounded.
 MAX_HEAD_BYTES = 64 * 1024
+# A chunk-size line (size and extensions) or a trailer line longer than this is refused.
+MAX_CHUNK_LINE = 4096
 # Above this many unread body bytes the upstream socket is paused until the caller catches up:
 # the caller awaits the client's drain, so a slow client slows the backend, not our memory.
 HIGH_WATER = 256 * 1024
 # Idle pooled connections older than this are closed (backends drop them around 60-75 s).
 IDLE_KEEP_SECONDS = 55.0
 
-_NO_BODY_STATUS = frozenset({204, 304})
 _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
-_LENGTH, _CHUNKED, _UNTIL_CLOSE, _NONE = 0, 1, 2, 3
 
 
 class UpstreamError(Exception):
-    """Base of the errors below."""
+    """Base of the errors below; `reason` is their label on gpuproxy_backend_failures_total."""
+
+    reason: ClassVar[str] = "error"
 
 
 class UpstreamConnectError(UpstreamError):
     """The connection could not be opened: nothing reached the backend."""
 
+    reason = "connect"
+
 
 class UpstreamConnectTimeout(UpstreamConnectError, TimeoutError):
     """Opening the connection (or waiting for a free pool slot) timed out."""
+
+    reason = "connect_timeout"
 
 
 class UpstreamReadTimeout(UpstreamError, TimeoutError):
     """The backend sent nothing for `read_timeout` seconds."""
 
+    reason = "read_timeout"
+
 
 class UpstreamDisconnected(UpstreamError):
     """The backend closed the connection before the response was complete."""
 
+    reason = "disconnected"
+
 
 class UpstreamProtocolError(UpstreamError):
-    """The backend's response is not valid HTTP/1.x."""
+    """The backend's response is not valid, unambiguous HTTP/1.x (RFC 9110/9112 framing)."""
 
-
-@dataclass(slots=True)
-class ResponseHead:
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    content_length: int | None
-    content_type: str
+    reason = "protocol"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -66,9 +78,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "_body", "_buf", "_buffered", "_chunk_left", "_chunk_line", "_chunk_trailer",
-        "_error", "_gone", "_head_waiter", "_is_head", "_length_left", "_mode", "_paused",
-        "_reusable", "_state", "_waiter", "closed", "got_bytes", "head", "idle_since", "last_io",
-        "loop", "pool", "transport",
+        "_error", "_gone", "_head_bytes", "_head_waiter", "_is_head", "_length_left", "_mode",
+        "_paused", "_reusable", "_state", "_waiter", "closed", "got_bytes", "head", "idle_since",
+        "last_io", "loop", "pool", "transport",
     )
 
     def __init__(self, pool: HostPool) -> None:
@@ -79,13 +91,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._gone = False
         self._state = _IDLE
         self._buf = b""
+        self._head_bytes = 0  # of the interim (1xx) heads already parsed for this request
         self._body: list[bytes] = []
         self._buffered = 0
         self._paused = False
         self._error: BaseException | None = None
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._mode = _NONE
+        self._mode = NONE
         self._length_left = 0
         self._chunk_left = 0
         self._chunk_line = b""
@@ -104,7 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         state = self._state
-        if state == _BODY and self._mode == _UNTIL_CLOSE and exc is None:
+        if state == _BODY and self._mode == UNTIL_CLOSE and exc is None:
             self._finish(reusable=False)
         elif state in (_HEAD, _BODY):
             self._fail(UpstreamDisconnected(
@@ -139,6 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Write the whole request; the future resolves with the response head."""
         self._state = _HEAD
         self._buf = b""
+        self._head_bytes = 0
         self._body = []
         self._buffered = 0
         self._error = None
@@ -217,91 +231,51 @@ class UpstreamConnection(asyncio.Protocol):
         while True:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(buf) > MAX_HEAD_BYTES:
+                if len(buf) + self._head_bytes > MAX_HEAD_BYTES:
                     self._protocol_error("response head too large")
                     return
                 self._buf = buf
                 return
+            size = end + 4
+            if size + self._head_bytes > MAX_HEAD_BYTES:
+                self._protocol_error("response head too large")
+                return
             try:
-                head, keep_alive = self._parse_head(buf[:end])
+                framed = parse_response_head(buf[:end], self._is_head)
             except (ValueError, UnicodeDecodeError) as exc:
                 self._protocol_error(f"bad response head: {exc}")
                 return
-            buf = buf[end + 4:]
+            head, keep_alive = framed.head, framed.keep_alive
+            buf = buf[size:]
             if 100 <= head.status < 200:
-                continue  # informational (100 Continue, 103 Early Hints): the real one follows
+                # Informational (100 Continue, 103 Early Hints): the real one follows.
+                self._head_bytes += size
+                continue
             break
         self._buf = b""
         self.head = head
         self._reusable = keep_alive
         self._state = _BODY
+        self._mode = framed.mode
+        if framed.mode == CHUNKED:
+            self._chunk_left = 0
+            self._chunk_line = b""
+            self._chunk_trailer = False
+        elif framed.mode == LENGTH:
+            self._length_left = head.content_length or 0
         waiter = self._head_waiter
         self._head_waiter = None
         if waiter is not None and not waiter.done():
             waiter.set_result(head)
-        if self._mode == _NONE or (self._mode == _LENGTH and self._length_left == 0):
+        if self._mode == NONE or (self._mode == LENGTH and self._length_left == 0):
+            # Bytes after a bodiless response are not the next response: never reuse then.
             self._finish(reusable=keep_alive and not buf)
         elif buf:
             self._feed_body(buf)
 
-    def _parse_head(self, raw: bytes) -> tuple[ResponseHead, bool]:
-        lines = raw.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        if not version.startswith(b"HTTP/1."):
-            raise ValueError(f"not an HTTP/1.x status line: {lines[0][:40]!r}")
-        code, _, reason = rest.partition(b" ")
-        status = int(code)
-        if not 100 <= status <= 599:
-            raise ValueError(f"status {status}")
-        headers: list[tuple[str, str]] = []
-        length: int | None = None
-        chunked = False
-        connection = b""
-        content_type = ""
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise ValueError(f"header line without colon: {line[:40]!r}")
-            key = name.strip().decode("ascii")
-            val = value.strip().decode("utf-8", "surrogateescape")
-            lower = key.lower()
-            if lower == "content-length":
-                if length is not None and int(val) != length:
-                    raise ValueError("conflicting Content-Length")
-                length = int(val)
-                if length < 0:
-                    raise ValueError("negative Content-Length")
-            elif lower == "transfer-encoding":
-                chunked = val.lower().rsplit(",", 1)[-1].strip() == "chunked"
-            elif lower == "connection":
-                connection = val.lower().encode()
-            elif lower == "content-type":
-                content_type = val
-            headers.append((key, val))
-        if version == b"HTTP/1.0":
-            keep_alive = b"keep-alive" in connection
-        else:
-            keep_alive = b"close" not in connection
-        if self._is_head or status in _NO_BODY_STATUS or status < 200:
-            self._mode = _NONE
-        elif chunked:
-            self._mode = _CHUNKED
-            self._chunk_left = 0
-            self._chunk_line = b""
-            self._chunk_trailer = False
-            length = None  # Transfer-Encoding wins over Content-Length (RFC 9112 6.3)
-        elif length is not None:
-            self._mode = _LENGTH
-            self._length_left = length
-        else:
-            self._mode = _UNTIL_CLOSE
-            keep_alive = False
-        reason_text = reason.decode("latin-1")
-        return ResponseHead(status, reason_text, headers, length, content_type), keep_alive
-
     def _feed_body(self, data: bytes) -> None:
         mode = self._mode
-        if mode == _LENGTH:
+        if mode == LENGTH:
             left = self._length_left
             size = len(data)
             if size >= left:
@@ -312,9 +286,9 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self._length_left = left - size
             self._push(data)
-        elif mode == _CHUNKED:
+        elif mode == CHUNKED:
             self._feed_chunked(data)
-        elif mode == _UNTIL_CLOSE:
+        elif mode == UNTIL_CLOSE:
             self._push(data)
         else:
             self._reusable = False
@@ -329,31 +303,37 @@ class UpstreamConnection(asyncio.Protocol):
                 self._push(data[pos:pos + take] if take != size or pos else data)
                 pos += take
                 left -= take
-                # At the end of the chunk data, its CRLF follows (skipped as a negative count).
+                # At the end of the chunk data, its CRLF follows (counted as -2, then -1).
                 self._chunk_left = left if left else -2
                 continue
             if left < 0:
                 skip = min(-left, size - pos)
+                if data[pos:pos + skip] != b"\r\n"[2 + left:2 + left + skip]:
+                    self._protocol_error("chunk data not followed by CRLF")
+                    return
                 pos += skip
                 self._chunk_left = left + skip
                 continue
             newline = data.find(b"\n", pos)
             if newline < 0:
                 self._chunk_line += data[pos:]
-                if len(self._chunk_line) > 4096:
+                if len(self._chunk_line) > MAX_CHUNK_LINE:
                     self._protocol_error("chunk size line too long")
                 return
-            line = self._chunk_line + data[pos:newline]
+            line = self._chunk_line + data[pos:newline] if self._chunk_line else data[pos:newline]
             self._chunk_line = b""
             pos = newline + 1
+            if len(line) > MAX_CHUNK_LINE or line[-1:] != b"\r":
+                self._protocol_error(f"bad chunk line {line[:40]!r}")
+                return
+            line = line[:-1]
             if self._chunk_trailer:
-                if not line.strip():
+                if not line:
                     self._finish(reusable=self._reusable and pos == size)
                     return
                 continue  # trailer fields are dropped, as aiohttp did
-            try:
-                chunk_size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
+            chunk_size = chunk_size_of(line)
+            if chunk_size < 0:
                 self._protocol_error(f"bad chunk size line {line[:40]!r}")
                 return
             if chunk_size == 0:
