@@ -1,7 +1,8 @@
-"""A fast fixed-response HTTP/1.1 backend for the benchmarks, plus an SSE streaming endpoint.
+"""A fast fixed-response HTTP/1.1 backend for the benchmarks, plus SSE streaming endpoints.
 
 A raw asyncio protocol on uvloop: a few microseconds of CPU per request, so the backend's
-cost is small and identical for every proxy under test.
+cost is small and identical for every proxy under test. `/v1/chat/completions` answers as an
+OpenAI server does (a chat completion with `usage`, or chunk events when `"stream": true`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import signal
 import socket
 from typing import cast
@@ -30,6 +32,20 @@ SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"
 )
+CHAT_PATH = b"/v1/chat/completions"
+_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
+CHAT_BODY = (
+    b'{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,'
+    b'"model":"bench-model","system_fingerprint":null,"choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"ok"},"logprobs":null,"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}'
+)
+CHAT_FIXED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(CHAT_BODY)).encode()
+    + b"\r\n\r\n"
+    + CHAT_BODY
+)
 # Bodies are never larger than this in the benchmarks; a bigger one closes the connection.
 MAX_BODY = 1 << 20
 
@@ -42,9 +58,28 @@ def _event(index: int) -> bytes:
     return b'data: {"choices":[{"index":0,"delta":{"content":"tok%d"}}]}\n\n' % index
 
 
+_CHUNK_HEAD = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+    b'"model":"bench-model","system_fingerprint":null,"choices":[{"index":0,'
+)
+
+
+def _chat_event(index: int, count: int) -> bytes:
+    """One `chat.completion.chunk`; the last one has finish_reason and the `usage` object."""
+    if index == count - 1:
+        return (
+            _CHUNK_HEAD + b'"delta":{},"logprobs":null,"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}\n\n'
+            % (count - 1, count + 4)
+        )
+    role = b'"role":"assistant",' if index == 0 else b""
+    delta = b'"delta":{%s"content":"tok%d"},' % (role, index)
+    return _CHUNK_HEAD + delta + b'"logprobs":null,"finish_reason":null}]}\n\n'
+
+
 class BenchProtocol(asyncio.Protocol):
-    """Answers pipelined keep-alive requests; a path with `sse` in it (`/v1/sse?n=N&delay_ms=D`)
-    streams N events."""
+    """Answers pipelined keep-alive requests; a path with `sse` in it (`/v1/sse?n=N&delay_ms=D`),
+    or a chat completion asking for `"stream": true`, streams N events."""
 
     def __init__(self, sse_default_n: int, sse_default_delay_ms: float) -> None:
         self.buf = b""
@@ -87,34 +122,40 @@ class BenchProtocol(asyncio.Protocol):
             total = end + 4 + length
             if len(self.buf) < total:
                 break
+            body = self.buf[end + 4 : total]
             self.buf = self.buf[total:]
             line_end = head.find(b"\r\n")
             target = head[: line_end if line_end >= 0 else None].split(b" ")[1]
-            if b"sse" in target.split(b"?", 1)[0]:
+            path = target.split(b"?", 1)[0]
+            chat = path == CHAT_PATH
+            if b"sse" in path or (chat and _STREAM_TRUE.search(body)):
                 if out:
                     transport.write(b"".join(out))
                     out.clear()
-                self.streaming = asyncio.get_running_loop().create_task(self._stream(target))
+                stream = self._stream(target, chat)
+                self.streaming = asyncio.get_running_loop().create_task(stream)
                 return
-            out.append(FIXED)
+            out.append(CHAT_FIXED if chat else FIXED)
         if out and transport is not None:
             transport.write(b"".join(out))
 
-    async def _stream(self, target: bytes) -> None:
+    async def _stream(self, target: bytes, chat: bool) -> None:
         query = parse_qs(urlsplit(target.decode("latin-1")).query)
-        count = int(query.get("n", [str(self.sse_n)])[0])
+        count = max(2, int(query.get("n", [str(self.sse_n)])[0]))
         delay = float(query.get("delay_ms", [str(self.sse_delay)])[0]) / 1000.0
         try:
             # The first event goes out with the headers: time-to-first-byte measured through a
             # proxy is then the proxy's own added latency plus loopback.
             if self.transport is None:
                 return
-            self.transport.write(SSE_HEAD + _chunk(_event(0)))
+            first = _chat_event(0, count) if chat else _event(0)
+            self.transport.write(SSE_HEAD + _chunk(first))
             for index in range(1, count):
                 await asyncio.sleep(delay)
                 if self.transport is None:
                     return
-                self.transport.write(_chunk(_event(index)))
+                event = _chat_event(index, count) if chat else _event(index)
+                self.transport.write(_chunk(event))
             if self.transport is not None:
                 self.transport.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         finally:

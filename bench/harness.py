@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import statistics
@@ -95,11 +96,25 @@ class Children:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(
-        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        user: int | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
+        """`user` (a uid) runs the child under that account, for servers that refuse root."""
         log = (self.log_dir / f"{name}.log").open("wb")
         proc = subprocess.Popen(  # noqa: S603 - argv is built by the benchmark itself
-            list(argv), stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            user=user,
+            group=None if user is None else pwd.getpwuid(user).pw_gid,
+            extra_groups=None if user is None else [],
         )
         log.close()
         self.procs.append((name, proc))
@@ -128,12 +143,23 @@ class Children:
         self.procs.clear()
 
 
-def code_version() -> str:
-    """The commit the proxy code comes from, and whether proxy/ has uncommitted edits."""
+def proxy_package_dir(source: Path | None) -> Path:
+    """The directory holding `gpuproxy_proxy` for a source tree: a checkout (or worktree) root
+    or its `proxy/` directory; None is this repository."""
+    root = REPO if source is None else source.resolve()
+    for candidate in (root / "proxy", root):
+        if (candidate / "gpuproxy_proxy" / "__init__.py").is_file():
+            return candidate
+    raise SystemExit(f"--proxy-source {root}: no gpuproxy_proxy package in it or in its proxy/")
+
+
+def code_version(source: Path | None = None) -> str:
+    """The commit the proxy code comes from, and whether its proxy/ has uncommitted edits."""
+    tree = proxy_package_dir(source).parent
 
     def git(*argv: str) -> str:
         done = subprocess.run(  # noqa: S603 - fixed git argv
-            ["git", "-C", str(REPO), *argv],  # noqa: S607 - git from PATH
+            ["git", "-C", str(tree), *argv],  # noqa: S607 - git from PATH
             capture_output=True,
             text=True,
             check=False,
@@ -141,7 +167,13 @@ def code_version() -> str:
         return done.stdout.strip()
 
     dirty = " + uncommitted edits in proxy/" if git("status", "--porcelain", "proxy") else ""
-    return f"{git('rev-parse', '--short', 'HEAD')}{dirty}, {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    when = time.strftime("%Y-%m-%d %H:%M %Z")
+    return f"{git('rev-parse', '--short', 'HEAD')}{dirty} ({tree}), {when}, {load_average()}"
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def median(values: Sequence[float]) -> float:

@@ -28,6 +28,7 @@ from harness import (
     PYTHON,
     Children,
     code_version,
+    load_average,
     median,
     percentile,
     process_tree,
@@ -268,17 +269,63 @@ def _metric_pairs(lines: list[str]) -> list[tuple[str, float]]:
     return pairs
 
 
+def print_summary(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"\n== summary: {args.per_worker * args.workers} idle connections over {args.workers} "
+        f"worker(s) per target, probe {args.probe_rate:g} req/s; {load_average()}"
+    )
+    print(
+        f"{'target':<16} {'held':>7} {'failed':>6} {'KiB/conn':>8} {'probe p99 w/o':>13} "
+        f"{'with':>7} {'ratio':>6} {'wrk p99 w/o':>11} {'with':>7} {'GC max ms':>9} "
+        f"{'opening':>8}"
+    )
+    for r in results:
+        load_w = r["load_without"]["p99_ms"] if r["load_without"] else math.nan
+        load_h = r["load_with"]["p99_ms"] if r["load_with"] else math.nan
+        gc_run = r["gc_pause_with"]["max_ms"] if r["gc_pause_with"]["processes"] else math.nan
+        opening = r["gc_pause_while_opening"]
+        gc_open = opening["window_max_ms"] if math.isfinite(gc_run) else math.nan
+        print(
+            f"{r['target']:<16} {r['opened']:>7} {r['failed']:>6} {r['kib_per_conn']:>8.2f} "
+            f"{r['probe_without']['p99_ms']:>13.2f} {r['probe_with']['p99_ms']:>7.2f} "
+            f"{r['p99_ratio']:>6.2f} {load_w:>11.2f} {load_h:>7.2f} {gc_run:>9.1f} {gc_open:>8.1f}"
+        )
+
+
+def start_target(
+    kids: Children, work: Path, target: str, backend: servers.Server, args: argparse.Namespace
+) -> servers.Server:
+    base, source = servers.split_side(target, args.sources_by_label)
+    conns = args.per_worker + 1000
+    if base == "nginx":
+        return servers.start_nginx(kids, work, backend.port, args.workers, conns)
+    if base == "proxy":
+        run = servers.ProxyRun(source=source or args.proxy_source)
+        return servers.start_gpuproxy(kids, work, target, backend.port, args.workers, run)
+    if base == "raw":
+        return servers.start_raw(kids, work, backend.port, args.workers)
+    if base == "naive":
+        return servers.start_naive(kids, work, backend.port, args.workers)
+    # The bench backend itself: the floor for a bare uvloop Protocol server.
+    return backend
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--per-worker", type=int, default=2000, help="idle connections / worker")
+    parser.add_argument(
+        "--total", type=int, help="idle connections in all (overrides --per-worker: total/workers)"
+    )
     parser.add_argument("--sources", type=int, default=4, help="source addresses 127.0.0.2..")
     parser.add_argument(
         "--targets",
         default="nginx,proxy",
-        help="comma list: nginx, proxy; references: naive (aiohttp), raw (raw_proxy.py), "
-        "backend (the bench backend itself)",
+        help="comma list: nginx, proxy (proxy@LABEL: the tree --source LABEL=DIR); references: "
+        "naive (aiohttp), raw (raw_proxy.py), backend (the bench backend itself)",
     )
+    parser.add_argument("--proxy-source", type=Path, help="tree of the `proxy` target")
+    parser.add_argument("--source", action="append", default=[], help="LABEL=DIR")
     parser.add_argument("--probe-rate", type=float, default=200.0, help="probe requests/s")
     parser.add_argument("--probe-seconds", type=float, default=10.0)
     parser.add_argument("--probe-conns", type=int, default=8)
@@ -288,12 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-hold", type=float, default=300.0, help="holders self-release")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    args.sources_by_label = servers.parse_sources(args.source)
+    if args.total is not None:
+        args.per_worker = math.ceil(args.total / args.workers)
     if not 1 <= args.per_worker <= 19000:
         parser.error("--per-worker must be 1-19000 (20000 open files per process here)")
     if args.per_worker * args.workers > 28000 * args.sources:
         parser.error("--sources: each source address gives at most 28k ports; add sources")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(targets) - {"nginx", "proxy", "naive", "raw", "backend"}
+    bases = {"nginx", "proxy", "naive", "raw", "backend"}
+    unknown = {t for t in targets if t.partition("@")[0] not in bases}
     if unknown:
         parser.error(f"--targets: unknown {sorted(unknown)}; use nginx, proxy, naive, raw, backend")
     if "backend" in targets and args.per_worker * args.workers > 19000:
@@ -303,36 +354,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpuproxy-idle-") as tmp:
         work = Path(tmp)
         kids = Children(work)
-        print(f"proxy code: {code_version()}", flush=True)
+        print(f"proxy code: {code_version(args.proxy_source)}", flush=True)
+        print(f"{args.per_worker * args.workers} idle connections, {args.workers} workers")
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         try:
             backend = servers.start_backend(kids)
-            conns = args.per_worker + 1000
             for target in targets:
-                if target == "nginx":
-                    server = servers.start_nginx(kids, work, backend.port, args.workers, conns)
-                elif target == "proxy":
-                    server = servers.start_gpuproxy(
-                        kids, work, "proxy-bare", backend.port, args.workers
-                    )
-                elif target == "raw":
-                    server = servers.start_raw(kids, work, backend.port, args.workers)
-                elif target == "naive":
-                    server = servers.start_naive(kids, work, backend.port, args.workers)
-                else:
-                    # The bench backend itself: the floor for a bare uvloop Protocol server.
-                    server = backend
+                server = start_target(kids, work, target, backend, args)
                 result = bench_target(server, args)
+                result["target"] = target
                 report(result)
                 results.append(result)
         finally:
             kids.close()
+    print_summary(results, args)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2
-            )
-        )
+        payload = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "code": code_version(args.proxy_source),
+            "results": results,
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Starts the servers under test on loopback: the fast backend, nginx, gpuproxy, Redis.
 
 Each starter writes its own temp config, launches through `Children` and waits for the port.
+gpuproxy runs from a chosen source tree (`--proxy-source`, `NAME@LABEL` sides): see `ProxyRun`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import BENCH_DIR, PYTHON, VENV_BIN, Children, free_port, wait_port
+from harness import BENCH_DIR, PYTHON, Children, free_port, proxy_package_dir, wait_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -30,15 +31,62 @@ class Server:
     gc_dir: Path | None = None
 
 
+@dataclass(frozen=True)
+class Database:
+    """Where the proxy's `database` section points (PgBouncer) and how to log in."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class ProxyRun:
+    """How one gpuproxy side runs: which source tree, which features, what upstream cap."""
+
+    source: Path | None = None  # a checkout root or its proxy/ dir; None = this repository
+    redis_port: int | None = None  # auth (JWT, API keys) + rate limits on when set
+    database: Database | None = None  # API keys in PostgreSQL, usage metering on
+    max_upstream: int = 1024  # upstream.max_connections_per_backend
+
+
+def split_side(name: str, sources: dict[str, Path]) -> tuple[str, Path | None]:
+    """`proxy-bare@old` -> ("proxy-bare", the tree `--source old=DIR` named); no @: default."""
+    base, _, label = name.partition("@")
+    if not label:
+        return base, None
+    if label not in sources:
+        raise SystemExit(f"side {name!r}: no --source {label}=DIR given")
+    return base, sources[label]
+
+
+def parse_sources(items: list[str]) -> dict[str, Path]:
+    """`--source LABEL=DIR` flags as a dict, each DIR checked to hold the proxy package."""
+    sources: dict[str, Path] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or "@" in label:
+            raise SystemExit(f"--source {item!r}: expected LABEL=DIR")
+        proxy_package_dir(Path(path))
+        sources[label] = Path(path)
+    return sources
+
+
 def gcwatch_env(
-    work: Path, name: str, env: dict[str, str] | None = None
+    work: Path, name: str, env: dict[str, str] | None = None, source: Path | None = None
 ) -> tuple[dict[str, str], Path]:
-    """Environment that loads bench/gcwatch/sitecustomize.py: GC pauses recorded per process."""
-    gc_dir = work / f"gc-{name}"
+    """Environment that loads bench/gcwatch/sitecustomize.py: GC pauses recorded per process.
+    With a proxy `source`, its package directory comes first on PYTHONPATH too."""
+    gc_dir = work / f"gc-{name.replace('@', '-')}"
     gc_dir.mkdir(exist_ok=True)
     env = dict(os.environ if env is None else env)
     prior = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(BENCH_DIR / "gcwatch") + (os.pathsep + prior if prior else "")
+    paths = [str(BENCH_DIR / "gcwatch")]
+    if source is not None:
+        paths.append(str(proxy_package_dir(source)))
+    env["PYTHONPATH"] = os.pathsep.join(paths) + (os.pathsep + prior if prior else "")
     env["BENCH_GC_DIR"] = str(gc_dir)
     return env, gc_dir
 
@@ -85,7 +133,9 @@ def start_backend(kids: Children, sse_events: int = 20, sse_delay_ms: float = 50
     return Server("backend", port, proc.pid)
 
 
-def nginx_conf(prefix: Path, port: int, backend_port: int, workers: int, conns: int) -> str:
+def nginx_conf(
+    prefix: Path, port: int, backend_port: int, workers: int, conns: int, keepalive: int = 512
+) -> str:
     temp = "\n".join(
         f"    {kind}_temp_path {prefix / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -107,7 +157,7 @@ http {{
     keepalive_requests 10000000;
     upstream bench_backend {{
         server 127.0.0.1:{backend_port};
-        keepalive 512;
+        keepalive {keepalive};
         keepalive_requests 10000000;
         keepalive_timeout 600s;
     }}
@@ -126,13 +176,19 @@ http {{
 
 
 def start_nginx(
-    kids: Children, work: Path, backend_port: int, workers: int, conns: int = 19500
+    kids: Children,
+    work: Path,
+    backend_port: int,
+    workers: int,
+    conns: int = 19500,
+    keepalive: int = 512,
 ) -> Server:
+    """`keepalive` is the idle upstream pool per worker (not a cap on upstream connections)."""
     prefix = work / "nginx"
     prefix.mkdir(exist_ok=True)
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(prefix, port, backend_port, workers, conns))
+    conf.write_text(nginx_conf(prefix, port, backend_port, workers, conns, keepalive))
     proc = kids.start("nginx", [NGINX, "-p", str(prefix), "-c", str(conf), "-e", "stderr"])
     wait_port(port, 10, proc)
     return Server("nginx", port, proc.pid)
@@ -148,16 +204,18 @@ def start_redis(kids: Children, work: Path) -> int:
 
 
 def proxy_config(
-    port: int, admin_port: int, backend_port: int, workers: int, redis_port: int | None
+    port: int, admin_port: int, backend_port: int, workers: int, run: ProxyRun
 ) -> dict[str, object]:
-    """The proxy's YAML config as a dict; auth + rate limits on when a Redis port is given."""
+    """The proxy's YAML config as a dict; auth + rate limits on when a Redis port is given,
+    API keys + metering when a database is."""
+    redis_port, db = run.redis_port, run.database
     secure = redis_port is not None
     config: dict[str, object] = {
         "listen": {"host": "127.0.0.1", "port": port, "admin_port": admin_port, "backlog": 4096},
         "workers": workers,
         "backends": [{"name": "bench", "url": f"http://127.0.0.1:{backend_port}"}],
         "load_balancing": {"strategy": "round_robin"},
-        "upstream": {"max_connections_per_backend": 1024},
+        "upstream": {"max_connections_per_backend": run.max_upstream},
         "auth": {"enabled": secure},
         "rate_limits": {
             "enabled": secure,
@@ -166,14 +224,26 @@ def proxy_config(
             "per_api_key": NO_LIMIT,
             "on_redis_failure": "open",
         },
-        "metering": {"enabled": False},
+        "metering": {"enabled": db is not None},
         # Idle keep-alive connections must outlive the idle benchmark's hold time.
         "limits": {"keepalive_timeout_seconds": 600, "max_connections_per_worker": 30000},
         "logging": {"level": "WARNING"},
     }
     if secure:
         config["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
+    if db is not None:
+        config["database"] = {
+            "host": db.host,
+            "port": db.port,
+            "database": db.database,
+            "sslmode": "disable",
+            "pool_min_size": 1,
+            "pool_max_size": 4,
+        }
     return config
+
+
+ADMIN_TOKEN = "bench-admin-token"  # noqa: S105 - loopback only
 
 
 def start_gpuproxy(
@@ -182,22 +252,28 @@ def start_gpuproxy(
     name: str,
     backend_port: int,
     workers: int,
-    redis_port: int | None = None,
+    run: ProxyRun | None = None,
 ) -> Server:
+    run = run or ProxyRun()
     port, admin_port = free_port(), free_port()
-    path = work / f"{name}.yaml"
+    path = work / f"{name.replace('@', '-')}.yaml"
     # JSON is valid YAML; no need to depend on a YAML writer here.
-    path.write_text(json.dumps(proxy_config(port, admin_port, backend_port, workers, redis_port)))
-    env, gc_dir = gcwatch_env(work, name)
+    path.write_text(json.dumps(proxy_config(port, admin_port, backend_port, workers, run)))
+    # The package dir of the chosen tree (this repo's by default) is always first on the path,
+    # so the editable install in the venv never decides which code runs.
+    env, gc_dir = gcwatch_env(work, name, source=run.source or proxy_package_dir(None))
     env["GPUPROXY_JWT_SECRET"] = JWT_SECRET
-    env["GPUPROXY_ADMIN_TOKEN"] = "bench-admin-token"  # noqa: S105 - loopback only
-    exe = VENV_BIN / "gpuproxy-proxy"
-    argv = [str(exe), "--config", str(path), "--workers", str(workers)]
-    proc = kids.start(name, argv, env=env)
+    env["GPUPROXY_ADMIN_TOKEN"] = ADMIN_TOKEN
+    if run.database is not None:
+        env["GPUPROXY_DB_USER"] = run.database.user
+        env["GPUPROXY_DB_PASSWORD"] = run.database.password
+    argv = [PYTHON, "-m", "gpuproxy_proxy.cli", "--config", str(path), "--workers", str(workers)]
+    proc = kids.start(name.replace("@", "-"), argv, env=env)
     try:
         wait_port(port, 30, proc)
     except RuntimeError as exc:
-        raise RuntimeError(f"{exc}\n--- {name} log ---\n{kids.log_tail(name)}") from exc
+        log = kids.log_tail(name.replace("@", "-"))
+        raise RuntimeError(f"{exc}\n--- {name} log ---\n{log}") from exc
     # All workers must be up before measuring: wait until the tree stops growing.
     time.sleep(1.0)
     return Server(name, port, proc.pid, admin_port, gc_dir)

@@ -1,10 +1,14 @@
-"""Runs wrk once and parses requests/s, p99, max latency, request count and errors."""
+"""Runs wrk once and parses requests/s, p99, max latency, request count and errors.
+
+`post_script()` writes the Lua script that turns every request into a JSON POST.
+"""
 
 from __future__ import annotations
 
 import re
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
@@ -44,15 +48,29 @@ def parse(out: str) -> WrkResult:
     )
 
 
+def post_script(path: Path, body: str) -> Path:
+    """A wrk Lua script sending `body` (JSON) as a POST on every request."""
+    quoted = body.replace("\\", "\\\\").replace('"', '\\"')
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{quoted}"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return path
+
+
 def run(
     url: str,
     connections: int,
     threads: int,
     seconds: float,
     headers: dict[str, str] | None = None,
+    script: Path | None = None,
 ) -> WrkResult:
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     argv += ["--timeout", "10s"]
+    if script is not None:
+        argv += ["-s", str(script)]
     for key, value in (headers or {}).items():
         argv += ["-H", f"{key}: {value}"]
     argv.append(url)
