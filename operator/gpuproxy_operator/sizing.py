@@ -14,11 +14,11 @@ from gpuproxy_operator.api.proxy import ProxySpec
 KIB, MIB = 1024, 1024**2
 
 # User-space memory of one idle keep-alive client connection in a proxy worker. MEASURED:
-# RSS growth per connection with 38,000 idle connections over 2 workers, bench/README.md
-# ("After the pooled protocol-level upstream client"), from
+# RSS growth per connection with 38,000 idle connections over 2 workers (and the same with
+# 100,000 over 6), on the lean client-side server, bench/README.md ("New column"), from
 # `.venv/bin/python bench/idle_connections.py --targets proxy --per-worker 19000 --sources 4`.
 # Re-measure with that command when the client side changes, and update this one figure.
-USER_KIB_PER_CONNECTION = 6.33
+USER_KIB_PER_CONNECTION = 2.55
 # Kernel memory of one mostly idle TCP socket (struct sock, small skbs): ASSUMED, ~4 KiB; busy
 # sockets can use up to tcp_rmem/tcp_wmem maxima. cgroup v2 charges it to the pod.
 KERNEL_KIB_PER_SOCKET = 4.0

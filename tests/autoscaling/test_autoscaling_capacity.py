@@ -42,16 +42,16 @@ def test_a_million_with_room_to_spare_has_no_warnings() -> None:
     # 2 sockets per connection over 4 workers + 1024 upstream pool + 1024 base, per worker.
     assert p.fds_per_worker == 200_000 // 4 + 1024 + 1024
     assert p.fds_per_replica == 4 * p.fds_per_worker
-    # 5 idle processes x 72 MiB + 100k x (6.33 KiB user + 2 x 4 KiB kernel) ~ 1.7 GiB, under
+    # 5 idle processes x 72 MiB + 100k x (2.55 KiB user + 2 x 4 KiB kernel) ~ 1.4 GiB, under
     # the derived limit (x 1.2 margin x 1.5).
-    assert p.memory_per_replica_bytes == int(5 * 72 * 1024**2 + 100_000 * (6.33 + 8) * 1024)
-    assert p.memory_limit_bytes == 3167 * 1024**2
+    assert p.memory_per_replica_bytes == int(5 * 72 * 1024**2 + 100_000 * (2.55 + 8) * 1024)
+    assert p.memory_limit_bytes == 2503 * 1024**2
     assert p.pgbouncer_server_connections == 480
     assert p.warnings == []
     # What each component requests at this target (derived: no resources in the spec).
     sizes = {s.name: s for s in p.resources}
     assert (sizes["proxy"].pods, sizes["proxy"].requests) == (13, {"cpu": "3",
-                                                                   "memory": "2112Mi"})
+                                                                   "memory": "1669Mi"})
     assert (sizes["pgbouncer"].pods, sizes["pgbouncer"].limits["cpu"]) == (2, "1")
     assert sizes["redis"].pods == 1
     assert all(s.derived for s in p.resources)
@@ -136,8 +136,8 @@ def test_plan_command_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "replicas                 10" in out
     assert "max_connections 500" in out
     # What each component requests, per pod and in total.
-    assert "proxy                    requests 3 CPU / 2112Mi, limits 4 CPU / 3167Mi per pod " \
-        "(derived); x 10 = 30 CPU / 20.6 GiB requested" in out
+    assert "proxy                    requests 3 CPU / 1669Mi, limits 4 CPU / 2503Mi per pod " \
+        "(derived); x 10 = 30 CPU / 16.3 GiB requested" in out
     assert "pgbouncer                requests 500m CPU /" in out
     assert "redis                    requests 500m CPU / 1344Mi" in out
     assert cli(["plan", "--connections", "50000000", "--strict"]) == 1  # beyond maxReplicas

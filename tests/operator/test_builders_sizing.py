@@ -46,10 +46,10 @@ def _mib(memory: str) -> float:
 def test_default_proxy_requests_750m_and_limits_one_core_per_worker() -> None:
     res = _resources(minimal_body(), "Deployment", "mini-proxy")
     assert (res["requests"]["cpu"], res["limits"]["cpu"]) == ("3", "4")  # 4 workers
-    # 5 processes (4 workers + supervisor) x 72 MiB + 100k x (6.33 + 2 x 4) KiB, + 20%.
+    # 5 processes (4 workers + supervisor) x 72 MiB + 100k x (2.55 + 2 x 4) KiB, + 20%.
     estimate = 5 * PROXY_PROCESS_MIB + 100_000 * (USER_KIB_PER_CONNECTION
                                                  + 2 * KERNEL_KIB_PER_SOCKET) / 1024
-    assert estimate == pytest.approx(1759.4, abs=0.1)
+    assert estimate == pytest.approx(1390.3, abs=0.1)
     assert _mib(res["requests"]["memory"]) == math.ceil(estimate * 1.2)
     assert _mib(res["limits"]["memory"]) == pytest.approx(1.5 * _mib(res["requests"]["memory"]),
                                                           abs=1)
