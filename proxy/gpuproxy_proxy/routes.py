@@ -34,6 +34,7 @@ from gpuproxy_proxy.upstream.forward import (
     end_overlong,
     forward,
     forward_headers,
+    trusted_networks,
 )
 
 ROUTES = ("chat_completions", "completions", "embeddings", "models", "other")
@@ -185,7 +186,8 @@ class Pipeline:
         now = time.monotonic()
         config = self.runtime.config
         backends = [b for b in self.runtime.pool.backends if b.available(now)]
-        fwd = forward_headers(request, request_id, self.strip_credentials)
+        fwd = forward_headers(request, request_id, self.strip_credentials,
+                              trusted_networks(config))
         timeout = aiohttp.ClientTimeout(
             total=config.upstream.connect_timeout_seconds + config.health_check.timeout_seconds
         )

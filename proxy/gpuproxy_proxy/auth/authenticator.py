@@ -34,15 +34,26 @@ log = logging.getLogger(__name__)
 _MIN_JWT_SECRET_BYTES = 32
 
 
+def _printable_ascii(value: str) -> bool:
+    # Keys and JWTs are ASCII; anything else (other bytes arrive surrogate-escaped) would
+    # break encoding, hashing or JWT decoding further on.
+    return value.isascii() and value.isprintable()
+
+
 def bearer_token(request: ClientRequest) -> str | None:
     """The credential from `Authorization: Bearer ...` or `X-API-Key`, else None."""
     header = request.headers.get("Authorization")
+    if header and not _printable_ascii(header):
+        raise unauthorized("the Authorization header must be printable ASCII: "
+                           "'Bearer <API key or JWT>'")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         raise unauthorized("the Authorization header must be 'Bearer <API key or JWT>'")
     key = request.headers.get("X-API-Key")
+    if key and not _printable_ascii(key):
+        raise unauthorized("the X-API-Key header must be printable ASCII (an API key)")
     return key.strip() if key and key.strip() else None
 
 

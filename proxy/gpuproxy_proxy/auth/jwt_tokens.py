@@ -6,6 +6,8 @@ import time
 
 import jwt
 
+MAX_SUBJECT_CHARS = 256
+
 
 class InvalidToken(Exception):
     """The token is malformed, expired, not yet valid, or not for us; the message says which."""
@@ -87,6 +89,11 @@ class JwtVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("the JWT subject (sub) must be a non-empty string")
+        if len(subject) > MAX_SUBJECT_CHARS or not subject.isprintable():
+            # It keys rate limits and usage records: no control characters, no lone
+            # surrogates (they cannot be stored as text), bounded.
+            raise InvalidToken(f"the JWT subject (sub) must be printable text of at most "
+                               f"{MAX_SUBJECT_CHARS} characters")
         # PyJWT accepts while now < exp + leeway. A token whose nbf or iat is still ahead
         # (accepted thanks to leeway) gets no promise, so a cache never widens the window.
         now = time.time()

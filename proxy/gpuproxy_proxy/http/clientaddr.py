@@ -71,3 +71,12 @@ def ip_scope_key(ip: str) -> str:
     if addr is None or addr.version == 4:
         return ip if addr is None else str(addr)
     return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
+def peer_trusted(peer: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether the connection's peer is one of the trusted proxies (whose X-Forwarded-*,
+    Forwarded and X-Real-IP headers are passed on)."""
+    if not networks or not peer:
+        return False
+    addr = _ip(peer)
+    return addr is not None and any(addr in net for net in networks)

@@ -16,7 +16,7 @@ from gpuproxy_proxy.auth.admin import ADMIN_HANDLERS
 from gpuproxy_proxy.config import LimitsConfig, ProxyConfig
 from gpuproxy_proxy.http.errors import error_body
 from gpuproxy_proxy.http.exceptions import with_request_id
-from gpuproxy_proxy.http.protocol import HttpConnection, error_response
+from gpuproxy_proxy.http.protocol import HttpConnection, error_response, unhandled
 from gpuproxy_proxy.http.request import BadBody, Request
 from gpuproxy_proxy.http.requestid import new_request_id
 from gpuproxy_proxy.http.response import Answer, Response, StreamResponse, from_aiohttp
@@ -24,8 +24,6 @@ from gpuproxy_proxy.http.router import route_for
 from gpuproxy_proxy.http.timers import KeepAliveSweep
 from gpuproxy_proxy.routes import PIPELINE
 from gpuproxy_proxy.runtime import RUNTIME
-
-log = logging.getLogger("gpuproxy.http")
 
 _REJECT_MESSAGE = "the proxy is at its connection limit; retry shortly"
 _REJECT_HEAD = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -122,6 +120,11 @@ class Frontend:
     # --- requests -------------------------------------------------------------------------
 
     async def _dispatch(self, request: Request) -> Answer:
+        if request.path_error is not None:
+            resp = error_response(400, "invalid_request_error", request.path_error,
+                                  request.request_id)
+            resp.close = False
+            return resp
         kind, arg = route_for(request.method, request.path)
         if kind == "proxy":
             return await self._pipeline.handle(request, arg)
@@ -147,8 +150,8 @@ class Frontend:
                 with_request_id(exc, request.request_id)
             resp = from_aiohttp(exc)
         except Exception:
-            log.exception("unhandled exception while answering a request",
-                          extra={"request_id": request.request_id})
+            unhandled.exception("unhandled exception while answering a request",
+                                extra={"request_id": request.request_id})
             resp = error_response(500, "internal_error", "the proxy failed to handle this "
                                   "request (logged)", request.request_id)
         if isinstance(resp, StreamResponse):

@@ -20,11 +20,16 @@ from gpuproxy_proxy.http.errors import error_body
 from gpuproxy_proxy.http.request import Request
 from gpuproxy_proxy.http.requestid import new_request_id
 from gpuproxy_proxy.http.response import Response
+from gpuproxy_proxy.observability.logging import UNHANDLED_LOGGER
 
 if TYPE_CHECKING:
     from gpuproxy_proxy.http.frontend import Frontend
 
 log = logging.getLogger("gpuproxy.http")
+# Bugs (a 500 the proxy caused): pinned at ERROR (observability/logging.py), no parent's or
+# root's level can silence it.
+unhandled = logging.getLogger(UNHANDLED_LOGGER)
+unhandled.setLevel(logging.ERROR)
 
 # aiohttp's limits, which the proxy had before: one line, one header, and the whole head.
 MAX_TARGET_BYTES = 8190
@@ -128,9 +133,11 @@ class HttpConnection(asyncio.Protocol):
                 self._fail(error_response(cause.status, "request_too_large", str(cause),
                                           new_request_id()))
             else:
-                log.error("HTTP parser callback failed", exc_info=cause or exc)
+                request_id = new_request_id()
+                unhandled.error("HTTP parser callback failed", exc_info=cause or exc,
+                                extra={"request_id": request_id})
                 self._fail(error_response(500, "internal_error", "the proxy failed to parse "
-                                          "this request (logged)", new_request_id()))
+                                          "this request (logged)", request_id))
         except httptools.HttpParserError as exc:
             message = f"malformed HTTP request: {exc}"
             self._fail(error_response(400, "invalid_request_error", message, new_request_id()))
@@ -260,8 +267,8 @@ class HttpConnection(asyncio.Protocol):
             except Exception:
                 # respond() answers handler failures itself; this is a bug in writing the
                 # answer: the connection cannot be trusted to be in step any more.
-                log.exception("failed to write an answer; closing the connection",
-                              extra={"request_id": request.request_id})
+                unhandled.exception("failed to write an answer; closing the connection",
+                                    extra={"request_id": request.request_id})
                 self._task = None
                 self._current = None
                 self.abort()

@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, unquote
 
 from multidict import CIMultiDict, MultiDict, MultiDictProxy, MultiMapping
 
+from gpuproxy_proxy.http.paths import BadPath, normalize_path
 from gpuproxy_proxy.http.requestid import client_request_id
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Request:
         "match_info",
         "method",
         "path",
+        "path_error",
         "query_string",
         "raw_headers",
         "remote",
@@ -78,9 +80,15 @@ class Request:
                  raw_headers: list[tuple[bytes, bytes]]) -> None:
         self._conn = conn
         self.method = method
-        self.target = target  # as sent: path and query, not decoded
-        raw_path, _, self.query_string = target.partition("?")
-        self.path = unquote(raw_path) if "%" in raw_path else raw_path
+        raw_path, sep, self.query_string = target.partition("?")
+        self.path_error: str | None = None  # answered with a 400 before routing
+        try:
+            normal = normalize_path(raw_path)
+        except BadPath as exc:
+            normal, self.path_error = raw_path, str(exc)
+        # Normalized, not decoded: what goes upstream is the path the router matched.
+        self.target = target if normal == raw_path else normal + sep + self.query_string
+        self.path = unquote(normal) if "%" in normal else normal
         self.headers = headers
         # As received: forwarded upstream without decoding and encoding them again.
         self.raw_headers = raw_headers

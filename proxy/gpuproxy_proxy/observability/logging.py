@@ -12,6 +12,9 @@ from typing import Any
 
 from gpuproxy_proxy.config import LoggingConfig
 
+# Where unhandled exceptions (500s) are logged: its own level is pinned at ERROR, so no
+# logging.level, nor a level set on a parent logger, can silence them.
+UNHANDLED_LOGGER = "gpuproxy.unhandled"
 # Attributes every LogRecord has; anything else was passed via `extra=` and is emitted.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message",
                                                                               "asctime"}
@@ -62,6 +65,7 @@ def setup_logging(config: LoggingConfig, worker: int | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
+    _pin_unhandled()
     # aiohttp logs every unhandled client disconnect at ERROR; they are routine for a proxy.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
@@ -71,6 +75,12 @@ def reconfigure_logging(config: LoggingConfig) -> None:
     it is bound to each connection, so it is restart-only)."""
     root = logging.getLogger()
     root.setLevel(config.level)
+    _pin_unhandled()
     for handler in root.handlers:
         if isinstance(handler, _ProcessHandler):
             handler.use(config)
+
+
+def _pin_unhandled() -> None:
+    # It logs at ERROR only: its own level makes the root's and any parent's irrelevant.
+    logging.getLogger(UNHANDLED_LOGGER).setLevel(logging.ERROR)

@@ -23,6 +23,8 @@ from multidict import CIMultiDict
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
+from gpuproxy_proxy.config import ProxyConfig
+from gpuproxy_proxy.http.clientaddr import IPNetwork, parse_networks, peer_trusted
 from gpuproxy_proxy.http.errors import error_body, json_error
 from gpuproxy_proxy.http.request import ClientRequest, Request
 from gpuproxy_proxy.http.response import Answer, Response, StreamResponse
@@ -52,9 +54,18 @@ _HOP_BY_HOP = frozenset({
 })
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
 _REPLACED = frozenset({"x-forwarded-for", "x-request-id", "x-forwarded-proto"})
-# forward_pairs' skip sets as bytes, for forward_head's raw header names.
-_SKIP_RAW = frozenset(name.encode() for name in _HOP_BY_HOP | _REPLACED)
-_SKIP_RAW_CREDENTIALS = _SKIP_RAW | frozenset(name.encode() for name in _CREDENTIALS)
+# What a client says about where it connects from: believed (passed on) only from a trusted
+# proxy, else dropped, so a backend never sees an address or host the client chose.
+_PROXY_INFO = frozenset({"forwarded", "x-forwarded-host", "x-real-ip"})
+# forward_pairs' skip sets as bytes, for forward_head's raw header names: (trusted peer,
+# strip credentials) -> names.
+_SKIP_RAW_TRUSTED = frozenset(name.encode() for name in _HOP_BY_HOP | _REPLACED)
+_SKIP_RAW_SETS = {
+    (True, False): _SKIP_RAW_TRUSTED,
+    (True, True): _SKIP_RAW_TRUSTED | {name.encode() for name in _CREDENTIALS},
+    (False, False): _SKIP_RAW_TRUSTED | {name.encode() for name in _PROXY_INFO},
+    (False, True): _SKIP_RAW_TRUSTED | {name.encode() for name in _PROXY_INFO | _CREDENTIALS},
+}
 _RESPONSE_SKIP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "content-length",
@@ -126,10 +137,13 @@ class ForwardedRequest(ClientRequest, Protocol):
 
 
 def forward_pairs(
-    request: ForwardedRequest, request_id: str, strip_credentials: bool
+    request: ForwardedRequest, request_id: str, strip_credentials: bool,
+    trusted: tuple[IPNetwork, ...] = (),
 ) -> list[tuple[str, str]]:
-    """The headers sent upstream: client headers minus hop-by-hop ones, plus X-Forwarded-*."""
+    """The headers sent upstream: client headers minus hop-by-hop ones, plus X-Forwarded-*
+    (the client's own are kept only when its peer is in `trusted`)."""
     src = request.headers
+    believed = peer_trusted(request.remote, trusted)
     extra_hop: set[str] = set()
     connection = src.get("Connection")
     if connection:
@@ -141,26 +155,30 @@ def forward_pairs(
             continue
         if strip_credentials and lower in _CREDENTIALS:
             continue  # the proxy's own credentials are not the backend's business
-        if lower in _REPLACED:
+        if lower in _REPLACED or (not believed and lower in _PROXY_INFO):
             continue
         out.append((key, value))
-    out.extend(_proxy_headers(request, request_id))
+    out.extend(_proxy_headers(request, request_id, believed))
     return out
 
 
-def _proxy_headers(request: ForwardedRequest, request_id: str) -> list[tuple[str, str]]:
+def _proxy_headers(request: ForwardedRequest, request_id: str,
+                   believed: bool) -> list[tuple[str, str]]:
     src = request.headers
     peer = request.remote or ""
-    prior = src.get("X-Forwarded-For")
+    prior = src.get("X-Forwarded-For") if believed else None
+    proto = src.get("X-Forwarded-Proto") if believed else None
     return [("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
-            ("X-Forwarded-Proto", src.get("X-Forwarded-Proto") or request.scheme),
+            ("X-Forwarded-Proto", proto or request.scheme),
             ("X-Request-ID", request_id)]
 
 
-def forward_head(request: Request, request_id: str, strip_credentials: bool) -> bytes:
+def forward_head(request: Request, request_id: str, strip_credentials: bool,
+                 trusted: tuple[IPNetwork, ...] = ()) -> bytes:
     """`forward_pairs` as the encoded header lines, built from the bytes the client sent
     (names are ASCII tokens, llhttp checked; values pass through byte for byte)."""
-    skip = _SKIP_RAW_CREDENTIALS if strip_credentials else _SKIP_RAW
+    believed = peer_trusted(request.remote, trusted)
+    skip = _SKIP_RAW_SETS[believed, strip_credentials]
     connection = request.headers.get("Connection")
     if connection:
         skip = skip | {token.strip().lower().encode("utf-8", "surrogateescape")
@@ -169,20 +187,28 @@ def forward_head(request: Request, request_id: str, strip_credentials: bool) -> 
              if pair[0].lower() not in skip]
     src = request.headers
     peer = request.remote or ""
-    prior = src.get("X-Forwarded-For")
+    prior = src.get("X-Forwarded-For") if believed else None
+    proto = src.get("X-Forwarded-Proto") if believed else None
     # The same three headers as _proxy_headers, in one string.
     ours = (f"X-Forwarded-For: {prior + ', ' + peer if prior else peer}\r\n"
-            f"X-Forwarded-Proto: {src.get('X-Forwarded-Proto') or request.scheme}\r\n"
+            f"X-Forwarded-Proto: {proto or request.scheme}\r\n"
             f"X-Request-ID: {request_id}\r\n")
     lines.append(ours.encode("utf-8", "surrogateescape"))
     return b"".join(lines)
 
 
 def forward_headers(
-    request: ForwardedRequest, request_id: str, strip_credentials: bool
+    request: ForwardedRequest, request_id: str, strip_credentials: bool,
+    trusted: tuple[IPNetwork, ...] = (),
 ) -> CIMultiDict[str]:
     """`forward_pairs` as a multidict, for the aiohttp client on the cold paths."""
-    return CIMultiDict(forward_pairs(request, request_id, strip_credentials))
+    return CIMultiDict(forward_pairs(request, request_id, strip_credentials, trusted))
+
+
+def trusted_networks(config: ProxyConfig) -> tuple[IPNetwork, ...]:
+    """rate_limits.trusted_proxies, parsed (cached per list)."""
+    cidrs = config.rate_limits.trusted_proxies
+    return parse_networks(tuple(cidrs)) if cidrs else ()
 
 
 def request_bytes(method: str, target: str, host: str, header_lines: bytes,
@@ -250,7 +276,7 @@ async def forward(
         return json_error(503, "no_backend_available",
                           "no healthy backend is available; retry later", request_id,
                           {**(extra_headers or {}), **retry})
-    headers = forward_head(request, request_id, strip_credentials)
+    headers = forward_head(request, request_id, strip_credentials, trusted_networks(config))
     method = request.method
     path_qs = request.target
     retried = False
