@@ -10,10 +10,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
 from gpuproxy_proxy.auth.secretfiles import read_secrets
-from gpuproxy_proxy.config import ProxyConfig, load_config
+from gpuproxy_proxy.config import ProxyConfig, describe_config_error, load_config
 from gpuproxy_proxy.observability.logging import setup_logging
 from gpuproxy_proxy.process.server import (
     ListenError,
@@ -74,17 +72,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("--heartbeat-fd", type=int, help=argparse.SUPPRESS)
     return p
-
-
-def describe_config_error(path: Path, exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        lines = [f"invalid config file {path}:"]
-        for err in exc.errors():
-            where = ".".join(str(part) for part in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
-        lines.append("fix these fields and start again")
-        return "\n".join(lines)
-    return f"cannot read config file {path}: {exc}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

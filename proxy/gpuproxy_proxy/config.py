@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Strategy = Literal[
     "round_robin",
@@ -261,7 +269,14 @@ def restart_key(config: ProxyConfig) -> dict[str, Any]:
 
 def parse_config(text: str) -> ProxyConfig:
     """Parse the YAML text of a config file; raises pydantic.ValidationError or ValueError."""
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        # The parser's own text quotes the offending lines, which may hold a password.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ValueError("the proxy config file must hold a YAML mapping at the top level")
     return ProxyConfig.model_validate(data)
@@ -269,3 +284,22 @@ def parse_config(text: str) -> ProxyConfig:
 
 def load_config(path: Path) -> ProxyConfig:
     return parse_config(path.read_text(encoding="utf-8"))
+
+
+def config_problems(exc: Exception) -> list[str]:
+    """What is wrong with a config file, as `field: message` lines, never with the values: a
+    backend or Redis URL may hold a password, and this text goes to logs."""
+    if isinstance(exc, ValidationError):
+        return [f"{'.'.join(str(part) for part in err['loc']) or '(top level)'}: {err['msg']}"
+                for err in exc.errors(include_input=False, include_url=False)]
+    return [str(exc)]
+
+
+def describe_config_error(path: Path, exc: Exception) -> str:
+    """The CLI's message for a config file that cannot be used."""
+    if isinstance(exc, ValidationError):
+        lines = [f"invalid config file {path}:"]
+        lines.extend(f"  {problem}" for problem in config_problems(exc))
+        lines.append("fix these fields and start again")
+        return "\n".join(lines)
+    return f"cannot read config file {path}: {exc}"

@@ -19,6 +19,7 @@ from gpuproxy_proxy.config import (
     RELOADABLE_SECTIONS,
     RESTART_ONLY_FIELDS,
     ProxyConfig,
+    config_problems,
     load_config,
     restart_key,
 )
@@ -104,7 +105,7 @@ async def _watch(app: web.Application, path: Path) -> None:
             new = load_config(path)
         except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
             log.error("ignoring invalid config file %s (keeping the running config): %s",
-                      path, exc)
+                      path, "; ".join(config_problems(exc)))
             continue
         apply_config(app, new, previous)
         previous = new
