@@ -173,8 +173,15 @@ async def _run(state: OperatorState, key: ClusterKey, trigger: str,
 async def _credentials(state: OperatorState, cluster: GpuProxyCluster
                        ) -> tuple[DatabaseCredentials | None, str | None]:
     meta = cluster.metadata
-    return await credentials.read(state.kube, state.secrets, (meta.namespace, meta.name),
-                                  meta.namespace, cluster.spec.database.credentials_secret)
+    key = (meta.namespace, meta.name)
+    found = await credentials.read(state.kube, state.secrets, key, meta.namespace,
+                                   cluster.spec.database.credentials_secret)
+    if state.secrets is not None and key not in state.clusters:
+        # Deleted (and forgotten) before this reconcile registered its use of the Secret: the
+        # watch would otherwise outlive the cluster. (Every live cluster is in state.clusters:
+        # its events put it there.)
+        state.secrets.forget(key)
+    return found
 
 
 def _credential_dependent(cluster: GpuProxyCluster, inputs: BuildInputs) -> set[reconcile.Key]:
