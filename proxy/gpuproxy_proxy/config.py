@@ -32,6 +32,8 @@ Strategy = Literal[
 # What happens while Redis is unreachable: an in-process limiter ("local"),
 # let everything through ("open"), or reject with 503 ("closed").
 RedisFailureMode = Literal["local", "open", "closed"]
+# What the metering spool does when it is full (see MeteringConfig.spool_max_bytes).
+SpoolFullPolicy = Literal["reject", "drop_oldest"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
@@ -135,6 +137,18 @@ class MeteringConfig(_Frozen):
     batch_size: Annotated[int, Field(ge=1)] = 500
     flush_interval_seconds: Annotated[float, Field(gt=0)] = 1.0
     max_buffered_records: Annotated[int, Field(ge=1)] = 100000
+    # A local spool (an emptyDir that survives container restarts): every admitted request is
+    # on disk before its response starts, and replayed after a crash. None: memory only.
+    # Read at start (a reload does not move it).
+    spool_dir: str | None = None
+    # Bound of the spool on disk, shared evenly by the workers; when reached, either refuse
+    # new requests with 503 ("reject") or delete the oldest segment ("drop_oldest").
+    spool_max_bytes: Annotated[int, Field(ge=64 * 1024)] = 256 * 1024 * 1024
+    on_spool_full: SpoolFullPolicy = "reject"
+    # A long stream writes how far it got this often, so a crash settles it with that count.
+    progress_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # Daily partitions of usage_records older than this are dropped.
+    retention_days: Annotated[int, Field(ge=1)] = 90
 
 
 class LimitsConfig(_Frozen):

@@ -24,7 +24,7 @@ from gpuproxy_proxy.http.exceptions import with_request_id
 from gpuproxy_proxy.http.request import BodyTooLarge, Request
 from gpuproxy_proxy.http.response import Answer, Response
 from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
-from gpuproxy_proxy.metering.meter import USAGE_METER, UsageRecord
+from gpuproxy_proxy.metering.meter import USAGE_METER, SpoolFull, UsageRecord
 from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import RUNTIME
 from gpuproxy_proxy.upstream.forward import (
@@ -88,6 +88,7 @@ class Pipeline:
             return json_error(503, "overloaded", "the proxy is at its in-flight request limit; "
                               "retry shortly", request_id, {"Retry-After": "1"})
         started = time.monotonic()
+        started_unix = time.time()
         runtime.in_flight += 1
         outcome = Outcome()
         limit = self.max_request_seconds
@@ -108,7 +109,7 @@ class Pipeline:
             raise
         finally:
             runtime.in_flight -= 1
-            self._account(route, request_id, outcome, started)
+            self._account(route, request_id, outcome, started, started_unix)
 
     async def _serve(self, request: Request, route: str, request_id: str,
                      outcome: Outcome) -> Answer:
@@ -147,11 +148,21 @@ class Pipeline:
         outcome.bytes_in = len(body)
         if route == "models":
             return await self.models(request, request_id, outcome, limit_headers)
+        if self.metering_on:
+            try:
+                outcome.ticket = self.meter.admit(request_id, outcome.principal, route,
+                                                  outcome.bytes_in)
+            except SpoolFull:
+                outcome.status = 503
+                return json_error(503, "metering_unavailable",
+                                  "usage cannot be recorded right now (the metering spool is "
+                                  "full); retry later", request_id,
+                                  {**limit_headers, "Retry-After": "5"})
         return await forward(request, self.runtime, self.pools, body, request_id, outcome,
                              limit_headers, self.strip_credentials, self.metering_on)
 
     def _account(self, route: str, request_id: str, outcome: Outcome,
-                 started: float) -> None:
+                 started: float, started_unix: float) -> None:
         status = outcome.status or 500
         duration_ms = (time.monotonic() - started) * 1000.0
         cls = _CODE_CLASSES[min(max(status // 100, 1), 5) - 1]
@@ -177,8 +188,8 @@ class Pipeline:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,
-            created_unix=time.time(),
-        ))
+            created_unix=started_unix,
+        ), outcome.ticket)
 
     async def models(self, request: Request, request_id: str, outcome: Outcome,
                      headers: dict[str, str]) -> Answer:

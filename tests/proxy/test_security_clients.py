@@ -24,7 +24,8 @@ from gpuproxy_proxy.auth.principal import Principal
 from gpuproxy_proxy.config import Secrets
 from gpuproxy_proxy.http import protocol
 from gpuproxy_proxy.http.paths import BadPath, normalize_path
-from gpuproxy_proxy.metering.meter import UsageRecord, _columns
+from gpuproxy_proxy.metering.records import UsageRecord
+from gpuproxy_proxy.metering.records import columns as _columns
 from gpuproxy_proxy.observability.logging import UNHANDLED_LOGGER
 
 __all__ = ["raw_backend"]  # the fixture, imported for the tests here
@@ -309,7 +310,7 @@ async def test_client_request_id_is_sanitized(
 
 
 def test_usage_records_with_the_same_request_id_get_distinct_ids() -> None:
-    # usage_records' primary key is `id` (one uuid per record); `request_id` has a plain,
+    # usage_records' key is (id, created_at), one id per record; `request_id` has a plain,
     # non-unique index: a client repeating an X-Request-ID cannot collide or overwrite.
     records = [UsageRecord(request_id="same", principal_kind="anonymous", user_id=None,
                            api_key_id=None, backend="b", route="other", status=200)

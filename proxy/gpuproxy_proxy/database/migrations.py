@@ -16,6 +16,116 @@ log = logging.getLogger(__name__)
 # An arbitrary constant naming "gpuproxy schema migrations" in pg_advisory_xact_lock's key space.
 _LOCK_KEY: Final = 0x67707870726F7879 & 0x7FFFFFFFFFFFFFFF
 
+# Migration 3. The old table is kept in place as the partition of everything before tomorrow
+# (UTC): no copy (no doubled disk, no long rewrite), its indexes are reused as the partition's;
+# only the new key (id, created_at) is built on it, and the partition bound is checked by one
+# scan. An empty old table is simply dropped. It is dropped like any other partition once its
+# upper bound is past the retention. The maintenance function creates the daily partitions
+# ahead (a day covered by the old table is skipped) and drops expired ones, serialized by a
+# transaction-scoped advisory lock (correct through PgBouncer in transaction mode).
+_PARTITIONED_USAGE = r"""
+ALTER TABLE usage_records RENAME TO usage_records_legacy;
+ALTER TABLE usage_records_legacy RENAME CONSTRAINT usage_records_pkey TO usage_records_legacy_pkey;
+ALTER INDEX usage_records_created_at_idx RENAME TO usage_records_legacy_created_at_idx;
+ALTER INDEX usage_records_user_created_idx RENAME TO usage_records_legacy_user_created_idx;
+ALTER INDEX usage_records_key_created_idx RENAME TO usage_records_legacy_key_created_idx;
+ALTER INDEX usage_records_request_id_idx RENAME TO usage_records_legacy_request_id_idx;
+ALTER TABLE usage_records_legacy ADD COLUMN outcome text NOT NULL DEFAULT 'complete';
+
+CREATE TABLE usage_records (
+    id                uuid NOT NULL,
+    request_id        text NOT NULL,
+    principal_kind    text NOT NULL,
+    user_id           text,
+    api_key_id        text,
+    backend           text,
+    route             text NOT NULL,
+    status            integer NOT NULL,
+    bytes_in          bigint NOT NULL DEFAULT 0,
+    bytes_out         bigint NOT NULL DEFAULT 0,
+    duration_ms       double precision NOT NULL DEFAULT 0,
+    prompt_tokens     integer,
+    completion_tokens integer,
+    total_tokens      integer,
+    created_at        timestamptz NOT NULL,
+    -- 'complete', or 'interrupted': settled from the spool after the proxy process died.
+    outcome           text NOT NULL DEFAULT 'complete',
+    -- The key must hold the partition key; created_at is the admission time, fixed in the
+    -- spool, so a replayed record meets its own row here.
+    PRIMARY KEY (id, created_at)
+) PARTITION BY RANGE (created_at);
+CREATE INDEX usage_records_created_at_idx ON usage_records USING brin (created_at);
+CREATE INDEX usage_records_user_created_idx ON usage_records (user_id, created_at);
+CREATE INDEX usage_records_key_created_idx ON usage_records (api_key_id, created_at);
+CREATE INDEX usage_records_request_id_idx ON usage_records (request_id);
+
+DO $$
+DECLARE
+    newest timestamptz;
+BEGIN
+    SELECT max(created_at) INTO newest FROM usage_records_legacy;
+    IF newest IS NULL THEN
+        DROP TABLE usage_records_legacy;
+    ELSE
+        EXECUTE format(
+            'ALTER TABLE usage_records ATTACH PARTITION usage_records_legacy '
+            'FOR VALUES FROM (MINVALUE) TO (%L)',
+            (date_trunc('day', greatest(newest, now()) AT TIME ZONE 'UTC')
+             + interval '1 day') AT TIME ZONE 'UTC');
+    END IF;
+END
+$$;
+
+CREATE FUNCTION gpuproxy_usage_partitions(first_day date, days_ahead integer,
+                                          retention_days integer)
+RETURNS TABLE (created integer, dropped integer) LANGUAGE plpgsql AS $fn$
+DECLARE
+    today date := (now() AT TIME ZONE 'UTC')::date;
+    cutoff timestamptz;
+    d date;
+    part record;
+    upper_bound timestamptz;
+    n_created integer := 0;
+    n_dropped integer := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7451038711598661);
+    IF retention_days IS NOT NULL THEN
+        cutoff := ((today - retention_days)::timestamp AT TIME ZONE 'UTC');
+        FOR part IN
+            SELECT c.oid::regclass AS rel, pg_get_expr(c.relpartbound, c.oid) AS bound
+            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'usage_records'::regclass
+        LOOP
+            upper_bound := substring(part.bound FROM 'TO \(''([^'']+)''\)')::timestamptz;
+            IF upper_bound IS NOT NULL AND upper_bound <= cutoff THEN
+                EXECUTE format('DROP TABLE %s', part.rel);
+                n_dropped := n_dropped + 1;
+            END IF;
+        END LOOP;
+        first_day := greatest(first_day, today - retention_days);
+    END IF;
+    d := least(first_day, today);
+    WHILE d <= today + days_ahead LOOP
+        IF to_regclass('usage_records_p' || to_char(d, 'YYYYMMDD')) IS NULL THEN
+            BEGIN
+                EXECUTE format(
+                    'CREATE TABLE %I PARTITION OF usage_records FOR VALUES FROM (%L) TO (%L)',
+                    'usage_records_p' || to_char(d, 'YYYYMMDD'),
+                    d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC');
+                n_created := n_created + 1;
+            EXCEPTION WHEN invalid_object_definition THEN
+                NULL;  -- the day is inside the old table's partition
+            END;
+        END IF;
+        d := d + 1;
+    END LOOP;
+    RETURN QUERY SELECT n_created, n_dropped;
+END
+$fn$;
+
+SELECT gpuproxy_usage_partitions(((now() AT TIME ZONE 'UTC')::date - 1), 7, NULL);
+"""
+
 # (version, description, SQL). Append only; never edit an applied migration.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (
@@ -63,6 +173,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         CREATE INDEX usage_records_request_id_idx ON usage_records (request_id);
         """,
     ),
+    (3, "usage records partitioned by day, with an outcome", _PARTITIONED_USAGE),
 )
 
 

@@ -1,6 +1,6 @@
 """Usage metering: one record per request, buffered in memory (bounded) and written to
-PostgreSQL in batches by a background task; kept and retried through database outages,
-flushed on shutdown.
+PostgreSQL in batches by a background task; with a spool (spool.py) also on local disk from
+admission to commit, and replayed after a crash (replay.py).
 """
 
 from __future__ import annotations
@@ -9,19 +9,25 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.config import MeteringConfig
+from gpuproxy_proxy.database.partitions import ensure_partitions_for
 from gpuproxy_proxy.database.pool import DB_POOL, Database
+from gpuproxy_proxy.metering.durable import DurableLog, SpoolFull, Ticket
+from gpuproxy_proxy.metering.records import INSERT, UsageRecord, columns
+from gpuproxy_proxy.metering.replay import replay_dead
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
+from gpuproxy_proxy.runtime import RUNTIME
+
+__all__ = ["USAGE_METER", "SpoolFull", "Ticket", "UsageMeter", "UsageRecord", "metering_ctx"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,7 @@ _BACKOFF_MIN_SECONDS = 0.5
 _BACKOFF_MAX_SECONDS = 10.0
 _SHUTDOWN_FLUSH_SECONDS = 10.0
 _WRITE_TIMEOUT_SECONDS = 10.0
+_REPLAY_EVERY_SECONDS = 30.0  # spools of sibling workers that died and were replaced
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -36,76 +43,24 @@ def is_bad_data(exc: BaseException) -> bool:
     """Errors caused by a record's content (retrying cannot help), as opposed to outages.
 
     SQLSTATE class 22 is "data exception" (e.g. a NUL byte in text, a number out of range);
-    asyncpg.DataError is raised client-side when a value cannot be encoded.
+    asyncpg.DataError is raised client-side when a value cannot be encoded; 23514 here means
+    no partition takes the row's created_at (older than the retention, once partitions for
+    its day were looked for).
     """
     if isinstance(exc, asyncpg.DataError):
         return True
-    return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "").startswith("22")
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return isinstance(exc, asyncpg.PostgresError) and (
+        state.startswith("22") or state == _NO_PARTITION)
 
 
-@dataclass(slots=True)
-class UsageRecord:
-    request_id: str
-    principal_kind: str
-    user_id: str | None
-    api_key_id: str | None
-    backend: str | None
-    route: str
-    status: int
-    bytes_in: int = 0
-    bytes_out: int = 0
-    duration_ms: float = 0.0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    # Wall-clock seconds: time.time() is a fraction of datetime.now()'s cost on the request
-    # path; the datetime is made when the batch is written.
-    created_unix: float = field(default_factory=time.time)
-    # Assigned at the first write attempt and kept across retries, so a batch whose commit
-    # acknowledgement was lost is not counted twice (ON CONFLICT DO NOTHING).
-    record_id: uuid.UUID | None = None
-
-
-# One statement, one round trip, no COPY and no named prepared statement: works through
-# PgBouncer in transaction mode.
-_INSERT = """
-INSERT INTO usage_records (
-    id, request_id, principal_kind, user_id, api_key_id, backend, route, status, bytes_in,
-    bytes_out, duration_ms, prompt_tokens, completion_tokens, total_tokens, created_at)
-SELECT * FROM unnest(
-    $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-    $8::int[], $9::bigint[], $10::bigint[], $11::float8[], $12::int[], $13::int[], $14::int[],
-    $15::timestamptz[])
-ON CONFLICT (id) DO NOTHING
-"""
-
-
-def _columns(batch: list[UsageRecord]) -> list[list[object]]:
-    for rec in batch:
-        if rec.record_id is None:
-            rec.record_id = uuid.uuid4()
-    return [
-        [r.record_id for r in batch],
-        [r.request_id for r in batch],
-        [r.principal_kind for r in batch],
-        [r.user_id for r in batch],
-        [r.api_key_id for r in batch],
-        [r.backend for r in batch],
-        [r.route for r in batch],
-        [r.status for r in batch],
-        [r.bytes_in for r in batch],
-        [r.bytes_out for r in batch],
-        [r.duration_ms for r in batch],
-        [r.prompt_tokens for r in batch],
-        [r.completion_tokens for r in batch],
-        [r.total_tokens for r in batch],
-        [datetime.fromtimestamp(r.created_unix, UTC) for r in batch],
-    ]
+_NO_PARTITION = "23514"
 
 
 class UsageMeter:
     def __init__(
-        self, config: MeteringConfig, db: Database | None, metrics: ProxyMetrics | None = None
+        self, config: MeteringConfig, db: Database | None, metrics: ProxyMetrics | None = None,
+        *, worker_index: int = 0, workers: int = 1,
     ) -> None:
         self.config = config
         self._db = db
@@ -117,26 +72,45 @@ class UsageMeter:
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.written = 0
+        self.replayed = 0
+        self.durable: DurableLog | None = None
+        if self._enabled and config.spool_dir:
+            self.durable = DurableLog(Path(config.spool_dir), config, metrics,
+                                      worker_index, workers)
+        self._replay_due = 0.0
 
     @property
     def buffered(self) -> int:
         return len(self._buffer) + self._in_flight
 
-    def record(self, rec: UsageRecord) -> None:
-        """Queue one record; never blocks or raises on the request path."""
+    def admit(self, request_id: str, principal: Any, route: str, bytes_in: int) -> Ticket | None:
+        """Before a request is forwarded: its admitted line is on disk (page cache) before the
+        response starts. Raises SpoolFull under policy "reject"."""
+        if self.durable is None or not self._enabled:
+            return None
+        return self.durable.admit(request_id, principal, route, bytes_in)
+
+    def record(self, rec: UsageRecord, ticket: Ticket | None = None) -> None:
+        """Queue one settled record; never blocks or raises on the request path."""
         if not self._enabled:
             return
+        if self.durable is not None:
+            self.durable.settle(rec, ticket)
         buf = self._buffer
         if len(buf) + self._in_flight >= self.config.max_buffered_records:
             if buf:
-                buf.popleft()  # the oldest record goes first
-                self._drop(1)
+                self._let_go(buf.popleft())  # the oldest record goes first
             else:
-                self._drop(1)
+                self._let_go(rec)
                 return
         buf.append(rec)
         if len(buf) >= self.config.batch_size:
             self._wake.set()
+
+    def _let_go(self, rec: UsageRecord) -> None:
+        """Out of memory room: a spooled record is re-read from disk later, others are lost."""
+        if self.durable is None or not self.durable.let_go(rec):
+            self._drop(1)
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -148,10 +122,13 @@ class UsageMeter:
             self._metrics.usage_records_buffered.set(self.buffered)
 
     def reconfigure(self, config: MeteringConfig) -> None:
-        """A config reload: batch size, interval and bound apply from the next batch; turning
-        metering off stops recording, and what is buffered is still written."""
+        """A config reload: batch size, interval, bounds and policy apply from the next batch;
+        turning metering off stops recording, and what is buffered is still written. The
+        spool directory is the one the process started with."""
         self.config = config
         self._enabled = config.enabled and self._db is not None
+        if self.durable is not None:
+            self.durable.reconfigure(config)
         self.start()
         self._wake.set()
 
@@ -169,14 +146,16 @@ class UsageMeter:
             self._wake.clear()
             try:
                 await self.flush()
+                await self._replay()
             except Exception as exc:  # the writer must outlive any single failure
                 if not isinstance(exc, _DB_ERRORS):
                     log.exception("unexpected error writing usage records; retrying")
                 elif not failing:  # once per outage, not once per retry
                     log.warning(
                         "usage records cannot be written (%s: %s); keeping up to %d in memory "
-                        "and retrying with backoff", type(exc).__name__, exc,
+                        "%sand retrying with backoff", type(exc).__name__, exc,
                         self.config.max_buffered_records,
+                        "and the rest in the spool " if self.durable else "",
                     )
                 failing = True
                 self._gauge()
@@ -188,11 +167,25 @@ class UsageMeter:
                                 self.dropped)
                 failing = False
                 backoff = _BACKOFF_MIN_SECONDS
+            if self.durable is not None:
+                self.durable.tick()
             self._gauge()
 
+    async def _replay(self) -> None:
+        """At start and then every _REPLAY_EVERY_SECONDS: the spools dead processes left."""
+        durable = self.durable
+        now = time.monotonic()
+        if durable is None or now < self._replay_due:
+            return
+        spool = durable.spool
+        written = await replay_dead(spool.directory, spool.owner, self._write_batch,
+                                    self.config.batch_size, self._metrics)
+        self.replayed += written
+        self._replay_due = now + _REPLAY_EVERY_SECONDS
+
     async def flush(self) -> int:
-        """Write everything buffered, batch by batch; raises on a database error (the failed
-        batch goes back to the front of the buffer)."""
+        """Write everything buffered, batch by batch, then what was let go to the spool only;
+        raises on a database error (the failed batch goes back to the front of the buffer)."""
         total = 0
         while self._buffer:
             size = min(len(self._buffer), self.config.batch_size)
@@ -205,11 +198,25 @@ class UsageMeter:
                 raise
             finally:
                 self._in_flight = 0
+            if self.durable is not None:
+                self.durable.committed(batch)
             total += written
-            self.written += written
-            if self._metrics is not None:
-                self._metrics.usage_records_written.inc(written)
+            self._count(written)
+        if self.durable is not None:
+            for seg in self.durable.spilled():
+                count = seg.spilled
+                recs = self.durable.reread(seg)
+                for start in range(0, len(recs), self.config.batch_size):
+                    await self._write_batch(recs[start:start + self.config.batch_size])
+                self.durable.reread_done(seg, count)
+                total += count
+                self._count(count)
         return total
+
+    def _count(self, written: int) -> None:
+        self.written += written
+        if self._metrics is not None:
+            self._metrics.usage_records_written.inc(written)
 
     async def _write_batch(self, batch: list[UsageRecord]) -> int:
         """Write a batch; if its content is rejected, write record by record and drop (and
@@ -221,6 +228,13 @@ class UsageMeter:
             if not is_bad_data(exc):
                 raise
             first_error = exc
+        if str(getattr(first_error, "sqlstate", "")) == _NO_PARTITION and self._db is not None:
+            # A day without a partition yet (maintenance not run since, or an old replay).
+            await ensure_partitions_for(self._db, min(r.created_unix for r in batch),
+                                        self.config.retention_days)
+            with contextlib.suppress(Exception):
+                await self._write(batch)
+                return len(batch)
         written = 0
         for rec in batch:
             try:
@@ -241,29 +255,36 @@ class UsageMeter:
         self._buffer.extendleft(reversed(batch))
         overflow = len(self._buffer) - self.config.max_buffered_records
         for _ in range(max(0, overflow)):
-            self._buffer.popleft()
-        if overflow > 0:
-            self._drop(overflow)
+            self._let_go(self._buffer.popleft())
 
     async def _write(self, batch: list[UsageRecord]) -> None:
         pool = None if self._db is None else self._db.pool
         if pool is None:
             raise ConnectionError("the usage database is not connected")
-        await pool.execute(_INSERT, *_columns(batch), timeout=_WRITE_TIMEOUT_SECONDS)
+        await pool.execute(INSERT, *columns(batch), timeout=_WRITE_TIMEOUT_SECONDS)
 
     async def close(self, flush_seconds: float = _SHUTDOWN_FLUSH_SECONDS) -> None:
-        """Stop the background task and flush what is left (bounded by `flush_seconds`)."""
+        """Stop the background task and flush what is left (bounded by `flush_seconds`);
+        what could not be written stays in the spool for the next process's replay."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._db is None or not self._buffer:
+        try:
+            await self._final_flush(flush_seconds)
+        finally:
+            if self.durable is not None:
+                self.durable.close()
+        self._gauge()
+
+    async def _final_flush(self, flush_seconds: float) -> None:
+        if self._db is None or not (self._buffer or (self.durable and self.durable.spilled())):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + flush_seconds
         delay = _BACKOFF_MIN_SECONDS
-        while self._buffer:
+        while self._buffer or (self.durable and self.durable.spilled()):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -275,10 +296,12 @@ class UsageMeter:
                 await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
                 delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
         if self._buffer:
-            log.error("shutdown: %d usage records could not be written", len(self._buffer))
-            self._drop(len(self._buffer))
+            kept = sum(1 for r in self._buffer if r.segment is not None)
+            lost = len(self._buffer) - kept
+            log.error("shutdown: %d usage records could not be written (%d kept in the spool "
+                      "for a replay)", len(self._buffer), kept)
+            self._drop(lost)
             self._buffer.clear()
-        self._gauge()
 
 
 USAGE_METER = web.AppKey("usage_meter", UsageMeter)
@@ -286,7 +309,11 @@ USAGE_METER = web.AppKey("usage_meter", UsageMeter)
 
 async def metering_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx (after db_ctx): starts the writer; on cleanup flushes the buffer."""
-    meter = UsageMeter(app[CONFIG].metering, app[DB_POOL], app[METRICS])
+    config = app[CONFIG]
+    runtime = app.get(RUNTIME)
+    meter = UsageMeter(config.metering, app[DB_POOL], app[METRICS],
+                       worker_index=runtime.worker_index if runtime else 0,
+                       workers=config.workers)
     app[USAGE_METER] = meter
     meter.start()
     try:

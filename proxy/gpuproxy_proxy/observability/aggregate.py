@@ -10,8 +10,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-# Per-process views of the same fact: the pod value is the best one, not the sum...
-_MAX_FAMILIES = frozenset({"gpuproxy_backend_healthy"})
+# Per-process views of the same fact: the pod value is the best one, not the sum (and the
+# oldest spool segment of the pod is its oldest worker's)...
+_MAX_FAMILIES = frozenset({"gpuproxy_backend_healthy", "gpuproxy_metering_spool_oldest_seconds"})
 # ...or the worst one: a dependency one worker cannot reach is a problem of the pod.
 _MIN_FAMILIES = frozenset({"gpuproxy_dependency_up"})
 

@@ -83,6 +83,26 @@ class ProxyMetrics:
         self.usage_records_dropped = Counter(
             "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
         )
+        self.metering_spool_bytes = Gauge(
+            "gpuproxy_metering_spool_bytes",
+            "Bytes of this process's metering spool on disk (records not yet committed).",
+            registry=r,
+        )
+        self.metering_spool_oldest_seconds = Gauge(
+            "gpuproxy_metering_spool_oldest_seconds",
+            "Age of the oldest spool segment still needed (0 when the spool is empty).",
+            registry=r,
+        )
+        self.metering_spool_full = Counter(
+            "gpuproxy_metering_spool_full",
+            "Spool-full events by policy: requests rejected (reject), or records whose spool "
+            "copy was deleted (drop_oldest).", ["action"], registry=r,
+        )
+        self.metering_replayed = Counter(
+            "gpuproxy_metering_replayed_records",
+            "Usage records replayed from spools of processes that did not exit cleanly.",
+            ["outcome"], registry=r,
+        )
         # gpuproxy_gc_pause_milliseconds is collected at scrape time by gcwatch.GcMonitor.
         self.gc_frozen_objects = Gauge(
             "gpuproxy_gc_frozen_objects",

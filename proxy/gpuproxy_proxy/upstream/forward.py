@@ -28,6 +28,7 @@ from gpuproxy_proxy.http.clientaddr import IPNetwork, parse_networks, peer_trust
 from gpuproxy_proxy.http.errors import error_body, json_error
 from gpuproxy_proxy.http.request import ClientRequest, Request
 from gpuproxy_proxy.http.response import Answer, Response, StreamResponse
+from gpuproxy_proxy.metering.durable import Ticket
 from gpuproxy_proxy.metering.usage import SseUsageScanner, Usage, usage_from_json
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.routing.backends import BackendState
@@ -97,6 +98,8 @@ class Outcome:
     # The streamed response once its head is sent, so a request cut short can still end it.
     stream: StreamResponse | None = None
     is_sse: bool = False
+    # The metering spool's admission of this request (None without a spool).
+    ticket: Ticket | None = None
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -386,11 +389,19 @@ async def _relay(
     # Usage is looked for only when it is recorded; otherwise chunks pass untouched.
     scanner = SseUsageScanner() if is_sse and meter_usage else None
     sent = 0
+    ticket = outcome.ticket
+    events = 0
     try:
         while chunk := await conn.read():
             if scanner is not None:
                 scanner.feed(chunk)
             sent += len(chunk)
+            if ticket is not None:
+                # How far a stream got, should the process die before it ends: SSE events
+                # relayed stand in for completion tokens (one delta per event).
+                if is_sse:
+                    events += chunk.count(b"data:")
+                ticket.progress(status, backend.name, sent, events if is_sse else None)
             # Waits while the client's write buffer is high; meanwhile the connection pauses
             # reading from the backend once its own buffer is full.
             await out.write(chunk)
