@@ -1,0 +1,190 @@
+"""Issue 14 item 4's done-when test on the real CLI: `kill -9` of a proxy under load, then a
+restart on the same spool, loses no admitted record and duplicates none (counted against the
+client's log of answered requests); and a PostgreSQL outage is carried by the spool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from tests.proxy.conftest import proxy_config
+from tests.proxy.fakes import FakeBackend, free_port
+from tests.proxy.procs import ProxyProcess, start_proxy
+
+from gpuproxy_proxy.config import ProxyConfig
+
+CHAT = "/v1/chat/completions"
+
+
+def _config(backend: FakeBackend, spool: Path, pgbouncer: Any) -> ProxyConfig:
+    return proxy_config([backend], workers=1, **{
+        "listen": {"host": "127.0.0.1", "port": free_port(), "admin_port": free_port()},
+        "database": {"host": pgbouncer.host, "port": pgbouncer.port,
+                     "database": pgbouncer.database, "sslmode": "disable"},
+        "metering": {"enabled": True, "spool_dir": str(spool), "flush_interval_seconds": 0.2,
+                     "progress_interval_seconds": 0.1},
+    })
+
+
+def _env(pgbouncer: Any) -> dict[str, str]:
+    return {"GPUPROXY_DB_USER": pgbouncer.user, "GPUPROXY_DB_PASSWORD": pgbouncer.password}
+
+
+class Client:
+    """Concurrent requests, half of them streams; logs every id answered with headers 200."""
+
+    def __init__(self, proxy: ProxyProcess, tag: str) -> None:
+        self.url = proxy.url + CHAT
+        self.tag = tag
+        self.sent = 0
+        self.accepted: list[str] = []
+        self.stopping = False
+
+    async def run(self, concurrency: int) -> None:
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(*(self._loop(http) for _ in range(concurrency)))
+
+    async def _loop(self, http: aiohttp.ClientSession) -> None:
+        while not self.stopping:
+            self.sent += 1
+            rid = f"{self.tag}-{self.sent}"
+            body = json.dumps({"model": "m", "stream": self.sent % 2 == 0}).encode()
+            try:
+                async with http.post(self.url, data=body, headers={"X-Request-ID": rid},
+                                     timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                    if resp.status == 200:
+                        self.accepted.append(rid)
+                    await resp.read()
+            except (aiohttp.ClientError, TimeoutError):
+                if self.stopping:
+                    return
+                await asyncio.sleep(0.05)  # the proxy is gone: do not spin until stopped
+
+
+async def _rows(dsn: str, tag: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        return await conn.fetch(
+            "SELECT request_id, outcome, status, completion_tokens FROM usage_records "
+            "WHERE request_id LIKE $1", tag + "-%")
+    finally:
+        await conn.close()
+
+
+async def _wait_rows(dsn: str, tag: str, ids: set[str], seconds: float = 120.0
+                     ) -> list[asyncpg.Record]:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            rows = await _rows(dsn, tag)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            rows = []  # PgBouncer right after PostgreSQL came back (server_login_retry)
+        missing = ids - {r["request_id"] for r in rows}
+        if not missing:
+            return rows
+        assert time.monotonic() < deadline, f"{len(missing)} accepted requests never recorded"
+        await asyncio.sleep(0.2)
+
+
+async def _wait(predicate: Any, what: str, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_kill_9_under_load_loses_and_duplicates_no_admitted_record(
+    tmp_path: Path, backends: list[FakeBackend], pgbouncer_server: Any
+) -> None:
+    backend = await FakeBackend("gpu", chunks=20, delay=0.05).start()  # ~1 s streams
+    backends.append(backend)
+    spool = tmp_path / "spool"
+    config = _config(backend, spool, pgbouncer_server)
+    path = tmp_path / "proxy.yaml"
+    proxy = await start_proxy(path, config, tmp_path / "proxy.log", env=_env(pgbouncer_server))
+    tag = uuid.uuid4().hex
+    client = Client(proxy, tag)
+    load = asyncio.create_task(client.run(concurrency=24))
+    try:
+        # Under load, with streams under way, and records both committed and still spooled.
+        await _wait(lambda: len(client.accepted) >= 300, "the load never got going")
+        await proxy.stop()  # SIGKILL: no drain, no flush
+        killed_at = len(client.accepted)
+    finally:
+        client.stopping = True
+        await load
+    accepted = set(client.accepted)
+    assert len(accepted) == len(client.accepted) >= killed_at
+    assert any(spool.glob("*.seg")), "the killed proxy left no spool"
+
+    proxy = await start_proxy(path, config, tmp_path / "proxy2.log",
+                              env=_env(pgbouncer_server))
+    try:
+        rows = await _wait_rows(pgbouncer_server.dsn, tag, accepted)
+        ids = [r["request_id"] for r in rows]
+        duplicated = {i for i in ids if ids.count(i) > 1}
+        assert not duplicated, f"recorded twice: {sorted(duplicated)[:5]}"
+        outcomes = {r["request_id"]: r["outcome"] for r in rows}
+        interrupted = [r for r in rows if r["outcome"] == "interrupted"]
+        # Streams cut by the kill are settled as interrupted, with the events counted.
+        assert interrupted, "no stream was cut by the kill"
+        assert any((r["completion_tokens"] or 0) > 0 for r in interrupted)
+        assert sum(o == "complete" for o in outcomes.values()) > 200
+        # Only ids the client sent; the ones never answered may be recorded (admitted, then
+        # cut before their headers), at most once.
+        assert set(ids) <= {f"{tag}-{n}" for n in range(1, client.sent + 1)}
+        # The dead spool was replayed and deleted; only the new process's files remain.
+        owners = {p.name.split(".", 1)[0] for p in spool.iterdir()}
+        assert len(owners) == 1, owners
+        print(f"accepted {len(accepted)}, rows {len(rows)}, interrupted {len(interrupted)}")
+    finally:
+        await proxy.stop()
+
+
+async def _metric(proxy: ProxyProcess, name: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(proxy.admin + "/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_postgres_outage_requests_admitted_into_the_spool_all_rows_arrive(
+    tmp_path: Path, backends: list[FakeBackend], postgres_server: Any, pgbouncer_server: Any
+) -> None:
+    backend = await FakeBackend("gpu").start()
+    backends.append(backend)
+    spool = tmp_path / "spool"
+    config = _config(backend, spool, pgbouncer_server)
+    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
+                              env=_env(pgbouncer_server))
+    tag = uuid.uuid4().hex
+    try:
+        postgres_server.stop()
+        try:
+            client = Client(proxy, tag)
+            load = asyncio.create_task(client.run(concurrency=8))
+            await _wait(lambda: len(client.accepted) >= 200, "requests stopped being admitted")
+            client.stopping = True
+            await load
+            assert await _metric(proxy, "gpuproxy_metering_spool_bytes") > 0
+            assert await _metric(proxy, "gpuproxy_metering_spool_oldest_seconds") > 0
+        finally:
+            postgres_server.start()
+        rows = await _wait_rows(pgbouncer_server.dsn, tag, set(client.accepted))
+        assert len(rows) == len({r["request_id"] for r in rows})
+        assert {r["outcome"] for r in rows} == {"complete"}
+        # Committed segments are deleted: the spool drains back to (nearly) nothing.
+        deadline = time.monotonic() + 120
+        while await _metric(proxy, "gpuproxy_metering_spool_bytes") > 64 * 1024:
+            assert time.monotonic() < deadline, "the spool never drained"
+            await asyncio.sleep(0.2)
+    finally:
+        await proxy.stop()
