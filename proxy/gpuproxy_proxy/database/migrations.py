@@ -25,7 +25,9 @@ _LOCK_KEY: Final = 0x67707870726F7879 & 0x7FFFFFFFFFFFFFFF
 # transaction-scoped advisory lock (correct through PgBouncer in transaction mode).
 _PARTITIONED_USAGE = r"""
 ALTER TABLE usage_records RENAME TO usage_records_legacy;
-ALTER TABLE usage_records_legacy RENAME CONSTRAINT usage_records_pkey TO usage_records_legacy_pkey;
+-- The new key, built here once (attaching then reuses it as the partition's key).
+ALTER TABLE usage_records_legacy DROP CONSTRAINT usage_records_pkey,
+    ADD CONSTRAINT usage_records_legacy_pkey PRIMARY KEY (id, created_at);
 ALTER INDEX usage_records_created_at_idx RENAME TO usage_records_legacy_created_at_idx;
 ALTER INDEX usage_records_user_created_idx RENAME TO usage_records_legacy_user_created_idx;
 ALTER INDEX usage_records_key_created_idx RENAME TO usage_records_legacy_key_created_idx;
