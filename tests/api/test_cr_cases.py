@@ -121,6 +121,10 @@ HAND_WRITTEN = [
     change("external-redis-with-password", None, spec__redis={
         "mode": "external", "url": "rediss://r:6380/0",
         "passwordSecretRef": {"name": "redis", "key": "password"}}),
+    change("metering-spool-and-retention", None, spec__proxy__metering={
+        "spoolSizeMib": 2048, "onSpoolFull": "drop_oldest", "retentionDays": 365}),
+    change("metering-unknown-spool-policy", "", spec__proxy__metering={
+        "onSpoolFull": "block"}),
     # One row per cross-field (CEL) rule.
     change("min-above-max", "minReplicas must be less than or equal to maxReplicas",
            spec__autoscaling__minReplicas=5, spec__autoscaling__maxReplicas=4),

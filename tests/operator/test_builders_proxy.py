@@ -132,10 +132,29 @@ def test_deployment_strategy_probes_and_lifecycle() -> None:
     assert "lifecycle" not in c
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts == {"/etc/gpuproxy/config": "config", "/etc/gpuproxy/secrets/db": "secret-db",
-                      "/etc/gpuproxy/secrets/redis": "secret-redis", "/tmp": "tmp"}
+                      "/etc/gpuproxy/secrets/redis": "secret-redis", "/tmp": "tmp",
+                      "/var/spool/gpuproxy": "metering-spool"}
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "mini-proxy"
     assert "emptyDir" in volumes["tmp"]
+
+
+def test_metering_spool_is_an_emptydir_sized_above_the_proxys_own_bound() -> None:
+    cfg = _config(minimal_body())
+    assert cfg.metering.spool_dir == "/var/spool/gpuproxy"
+    assert cfg.metering.spool_max_bytes == 256 * 1024 * 1024
+    assert (cfg.metering.on_spool_full, cfg.metering.retention_days) == ("reject", 90)
+    assert _pod(minimal_body())["spec"]["volumes"][-1] == {
+        "name": "metering-spool", "emptyDir": {"sizeLimit": "576Mi"}}
+
+    body = minimal_body()
+    body["spec"]["proxy"]["metering"] = {"spoolSizeMib": 1024, "onSpoolFull": "drop_oldest",
+                                         "retentionDays": 400}
+    cfg = _config(body)
+    assert cfg.metering.spool_max_bytes == 1024 * 1024 * 1024
+    assert (cfg.metering.on_spool_full, cfg.metering.retention_days) == ("drop_oldest", 400)
+    volumes = {v["name"]: v for v in _pod(body)["spec"]["volumes"]}
+    assert volumes["metering-spool"]["emptyDir"] == {"sizeLimit": "2112Mi"}
 
 
 def test_pod_security_context_and_safe_sysctls() -> None:

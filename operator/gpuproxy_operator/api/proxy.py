@@ -18,7 +18,7 @@ from gpuproxy_operator.api.base import (
 from gpuproxy_operator.api.rules import CrossFieldRule
 
 # The proxy's own config types: the operator can only offer what the proxy understands.
-from gpuproxy_proxy.config import RedisFailureMode, Strategy
+from gpuproxy_proxy.config import RedisFailureMode, SpoolFullPolicy, Strategy
 
 # A stopping pod's time after its drain delay and in-flight requests: stop accepting, flush
 # usage records and exit. Above the supervisor's own 15 s backstop for a stuck worker, so the
@@ -163,6 +163,23 @@ class RateLimits(Model):
     """CIDRs of load balancers whose X-Forwarded-For is trusted for the client IP."""
 
 
+class Metering(Model):
+    """Usage records: the pod-local spool that keeps them through crashes and database
+    outages, and how long PostgreSQL keeps them."""
+
+    spool_size_mib: Annotated[int, Field(ge=16, le=1_048_576)] = 256
+    """Disk per pod for records not yet in PostgreSQL (an emptyDir that survives container
+    restarts, not pod deletion), split evenly between the workers: about 1 KiB per request,
+    so 256 MiB carries roughly 250k requests of a database outage. The emptyDir's sizeLimit
+    is twice this plus 64 MiB (a crashed process's spool waits there for its replay)."""
+    on_spool_full: SpoolFullPolicy = "reject"
+    """When the spool is full: refuse new requests with 503 (reject: nothing goes unbilled),
+    or delete the oldest spooled records (drop_oldest: serve on, counted in
+    gpuproxy_metering_spool_full_total)."""
+    retention_days: Annotated[int, Field(ge=1, le=3650)] = 90
+    """Days of usage records kept; older daily partitions are dropped."""
+
+
 class ServiceSpec(Model):
     """The Service clients connect to."""
 
@@ -280,6 +297,8 @@ class ProxySpec(Model):
     """Client authentication."""
     rate_limits: RateLimits = Field(default_factory=RateLimits)
     """Rate limits (guide: 1000 / 10000 / 100000 per minute)."""
+    metering: Metering = Field(default_factory=Metering)
+    """Usage metering: crash spool and retention."""
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     """Client-facing Service."""
     pod_disruption_budget: PodDisruptionBudgetSpec = Field(default_factory=PodDisruptionBudgetSpec)

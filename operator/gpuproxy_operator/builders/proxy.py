@@ -21,7 +21,12 @@ from gpuproxy_operator.builders.common import (
     with_spec_hash,
 )
 from gpuproxy_operator.builders.images import proxy_image
-from gpuproxy_operator.builders.proxy_config import build_proxy_config, termination_grace_seconds
+from gpuproxy_operator.builders.proxy_config import (
+    SPOOL_DIR,
+    build_proxy_config,
+    spool_size_limit,
+    termination_grace_seconds,
+)
 from gpuproxy_operator.builders.proxy_secrets import secret_volume_mounts, secret_volumes
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
 from gpuproxy_operator.sizing import proxy_resources
@@ -105,6 +110,7 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             *secret_volume_mounts(cluster),
             tmp_mount(),
+            {"name": "metering-spool", "mountPath": SPOOL_DIR},
         ],
     }
 
@@ -144,6 +150,7 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
             },
             *secret_volumes(cluster),
             tmp_volume(),
+            tmp_volume("metering-spool", spool_size_limit(proxy.metering.spool_size_mib)),
         ],
         "topologySpreadConstraints": _topology_spread(cluster),
     }

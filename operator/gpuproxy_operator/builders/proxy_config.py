@@ -14,6 +14,9 @@ from gpuproxy_operator.builders.proxy_secrets import secret_files
 from gpuproxy_operator.naming import Component, child_name
 
 PGBOUNCER_PORT = 6432
+# The metering spool's emptyDir: survives container restarts (crash, OOM kill), so the next
+# process replays what the last one admitted.
+SPOOL_DIR = "/var/spool/gpuproxy"
 REDIS_PORT = 6379
 # Headroom over connectionsPerReplica before a worker refuses connections (x 1.1): the
 # autoscaler reacts to load above the target, so the hard cap must sit above it. A fraction
@@ -67,6 +70,13 @@ def _auth(cluster: GpuProxyCluster) -> dict[str, Any]:
     if auth.jwt_audience is not None:
         body["jwt_audience"] = auth.jwt_audience
     return body
+
+
+def spool_size_limit(spool_size_mib: int) -> str:
+    """The spool emptyDir's sizeLimit: room for a full spool left by a crashed process (until
+    its replay) beside the full spool of the new one, and a margin. Past the sizeLimit the
+    kubelet evicts the pod, so the proxy's own bound must be reached well before it."""
+    return f"{2 * spool_size_mib + 64}Mi"
 
 
 def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
@@ -125,6 +135,12 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
             "drain_delay_seconds": proxy.shutdown.drain_delay_seconds,
             "idle_close_seconds": proxy.shutdown.idle_close_seconds,
             "shutdown_grace_seconds": shutdown_grace_seconds(proxy),
+        },
+        "metering": {
+            "spool_dir": SPOOL_DIR,
+            "spool_max_bytes": proxy.metering.spool_size_mib * 1024 * 1024,
+            "on_spool_full": proxy.metering.on_spool_full,
+            "retention_days": proxy.metering.retention_days,
         },
         "secret_files": secret_files(cluster),
     }
