@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -22,8 +24,9 @@ from gpuproxy_proxy.config import ProxyConfig
 CHAT = "/v1/chat/completions"
 
 
-def _config(backend: FakeBackend, spool: Path, pgbouncer: Any) -> ProxyConfig:
-    return proxy_config([backend], workers=1, **{
+def _config(backend: FakeBackend, spool: Path, pgbouncer: Any, workers: int = 1
+            ) -> ProxyConfig:
+    return proxy_config([backend], workers=workers, **{
         "listen": {"host": "127.0.0.1", "port": free_port(), "admin_port": free_port()},
         "database": {"host": pgbouncer.host, "port": pgbouncer.port,
                      "database": pgbouncer.database, "sslmode": "disable"},
@@ -143,6 +146,47 @@ async def test_kill_9_under_load_loses_and_duplicates_no_admitted_record(
         owners = {p.name.split(".", 1)[0] for p in spool.iterdir()}
         assert len(owners) == 1, owners
         print(f"accepted {len(accepted)}, rows {len(rows)}, interrupted {len(interrupted)}")
+    finally:
+        await proxy.stop()
+
+
+async def test_a_killed_worker_is_replayed_by_its_replacement(
+    tmp_path: Path, backends: list[FakeBackend], pgbouncer_server: Any
+) -> None:
+    # Two workers share the spool directory; one is SIGKILLed under load, the supervisor
+    # starts another, which replays the dead worker's spool while its sibling serves on.
+    backend = await FakeBackend("gpu", chunks=20, delay=0.05).start()
+    backends.append(backend)
+    spool = tmp_path / "spool"
+    config = _config(backend, spool, pgbouncer_server, workers=2)
+    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
+                              env=_env(pgbouncer_server))
+    tag = uuid.uuid4().hex
+    client = Client(proxy, tag)
+    load = asyncio.create_task(client.run(concurrency=24))
+    try:
+        await _wait(lambda: len(client.accepted) >= 300, "the load never got going")
+        stats = await proxy.stats()
+        victim, index = stats["per_worker"][0]["pid"], stats["per_worker"][0]["worker"]
+        os.kill(victim, signal.SIGKILL)
+        await proxy.wait_for(
+            lambda s: len(s["per_worker"]) == 2
+            and victim not in {w["pid"] for w in s["per_worker"]},
+            "the killed worker was not replaced")
+        more = len(client.accepted) + 100
+        await _wait(lambda: len(client.accepted) >= more, "the load stopped after the kill")
+    finally:
+        client.stopping = True
+        await load
+    try:
+        rows = await _wait_rows(pgbouncer_server.dsn, tag, set(client.accepted))
+        ids = [r["request_id"] for r in rows]
+        assert len(ids) == len(set(ids)), "a record was written twice"
+        assert any(r["outcome"] == "interrupted" for r in rows)
+        # Replayed by the replacement: no file of the dead worker is left.
+        await _wait(lambda: not any(p.name.startswith(f"w{index}-{victim}-")
+                                    for p in spool.iterdir()),
+                    "the dead worker's spool was not replayed")
     finally:
         await proxy.stop()
 

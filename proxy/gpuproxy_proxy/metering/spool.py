@@ -25,9 +25,13 @@ SEGMENT_BYTES = 4 * 1024 * 1024
 SEGMENT_SECONDS = 10.0
 
 
+# Built once: json.dumps with separators builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(entry: dict[str, Any]) -> bytes:
     """One line: crc32 of the JSON (8 hex digits), a space, the JSON, a newline."""
-    body = json.dumps(entry, separators=(",", ":")).encode()
+    body = _ENCODER.encode(entry).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
