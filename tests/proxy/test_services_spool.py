@@ -162,3 +162,36 @@ async def test_spool_full_reject_and_drop_oldest(tmp_path: Path) -> None:
     assert 1 < len(segments) <= 10
     assert (metrics.registry.get_sample_value("gpuproxy_metering_spool_oldest_seconds")
             or 0.0) >= 0.0
+
+
+async def test_a_long_stream_pins_only_the_segment_of_its_latest_line(
+    tmp_path: Path, database: Database, pgbouncer_server: Any
+) -> None:
+    never = Database(DatabaseConfig(host="127.0.0.1", port=1), Secrets())
+    tag = uuid.uuid4().hex
+    dead = UsageMeter(spool_config(tmp_path), never)
+    ticket = dead.admit(f"{tag}-0", ANONYMOUS, "chat_completions", 10)
+    assert ticket is not None
+    assert dead.durable is not None
+    spool = dead.durable.spool
+    first = spool.current
+    for step in range(1, 4):  # the stream goes on while segments rotate under it
+        spool.rotate()
+        ticket.due = 0.0
+        ticket.progress(200, "gpu-a", 100 * step, 10 * step)
+        spool.tick()
+        # Only the segment of its newest line is kept, whatever it was admitted in.
+        assert list(spool.segments) == [spool.current]
+        assert spool.current.holds == 1
+    assert first.deleted
+    assert not first.path.exists()
+    die(dead)
+
+    meter = UsageMeter(spool_config(tmp_path), database)
+    await meter._replay()
+    await meter.close()
+    [row] = await rows_for(pgbouncer_server.dsn, tag)
+    # Settled from its last progress line alone: the admission's segment is long gone.
+    assert (row["outcome"], row["completion_tokens"], row["bytes_out"],
+            row["principal_kind"], row["route"]) == (
+        "interrupted", 30, 300, "anonymous", "chat_completions")

@@ -21,15 +21,18 @@ class SpoolFull(Exception):
 
 
 class Ticket:
-    """One admitted request: its row key, fixed now, and the segments holding its lines."""
+    """One admitted request: its row key, fixed now, and the one segment holding its latest
+    line (admitted or progress; each carries everything an interrupted record needs, so a
+    long stream never pins the segment it started in)."""
 
-    __slots__ = ("_log", "created", "due", "record_id", "segments")
+    __slots__ = ("_log", "admitted", "created", "due", "record_id", "segment")
 
     def __init__(self, log_: DurableLog, interval: float) -> None:
         self._log = log_
         self.record_id = new_record_id()
         self.created = time.time()
-        self.segments: list[Segment] = []
+        self.segment: Segment | None = None
+        self.admitted: dict[str, Any] = {}
         self.due = time.monotonic() + interval
 
     def progress(self, status: int, backend: str | None, bytes_out: int,
@@ -38,8 +41,13 @@ class Ticket:
         now = time.monotonic()
         if now >= self.due:
             self.due = now + self._log.config.progress_interval_seconds
-            self._log.write(self, {"t": "p", "id": self.record_id.hex, "at": time.time(),
-                                   "st": status, "b": backend, "bo": bytes_out, "ct": tokens})
+            self._log.write(self, {**self.admitted, "t": "p", "at": time.time(), "st": status,
+                                   "b": backend, "bo": bytes_out, "ct": tokens})
+
+    def release(self) -> None:
+        if self.segment is not None:
+            self.segment.holds -= 1
+            self.segment = None
 
 
 class DurableLog:
@@ -66,9 +74,10 @@ class DurableLog:
         if self.spool.bytes >= self.budget:
             self._full()
         ticket = Ticket(self, self.config.progress_interval_seconds)
-        self.write(ticket, {"t": "a", "id": ticket.record_id.hex, "ts": ticket.created,
-                            "rid": request_id, "pk": principal.kind, "u": principal.user_id,
-                            "k": principal.api_key_id, "r": route, "bi": bytes_in})
+        ticket.admitted = {"t": "a", "id": ticket.record_id.hex, "ts": ticket.created,
+                           "rid": request_id, "pk": principal.kind, "u": principal.user_id,
+                           "k": principal.api_key_id, "r": route, "bi": bytes_in}
+        self.write(ticket, ticket.admitted)
         return ticket
 
     def _full(self) -> None:
@@ -98,9 +107,11 @@ class DurableLog:
             self._failing = True
             return None
         self._failing = False
-        if ticket is not None and seg not in ticket.segments:
+        if ticket is not None and seg is not ticket.segment:
+            # The newest line supersedes the older ones: hold its segment, let the old go.
             seg.holds += 1
-            ticket.segments.append(seg)
+            ticket.release()
+            ticket.segment = seg
         return seg
 
     def settle(self, rec: UsageRecord, ticket: Ticket | None) -> None:
@@ -116,9 +127,7 @@ class DurableLog:
             seg.unflushed += 1
             rec.segment = seg
         if ticket is not None:
-            for held in ticket.segments:
-                held.holds -= 1
-            ticket.segments.clear()
+            ticket.release()
 
     def let_go(self, rec: UsageRecord) -> bool:
         """The memory buffer is full: True when the record stays on disk (re-read later)."""

@@ -92,8 +92,8 @@ class UsageMeter:
 
     def record(self, rec: UsageRecord, ticket: Ticket | None = None) -> None:
         """Queue one settled record; never blocks or raises on the request path."""
-        if not self._enabled:
-            return
+        if not self._enabled and ticket is None:
+            return  # an admitted request is settled even if a reload turned metering off
         if self.durable is not None:
             self.durable.settle(rec, ticket)
         buf = self._buffer

@@ -66,17 +66,17 @@ def from_settled(e: dict[str, Any]) -> UsageRecord:
     )
 
 
-def interrupted(admitted: dict[str, Any], progress: dict[str, Any] | None) -> UsageRecord:
-    """An admitted request its process did not live to settle: what was counted so far."""
-    p = progress or {}
-    tokens = p.get("ct")
+def interrupted(e: dict[str, Any]) -> UsageRecord:
+    """An admitted request its process did not live to settle, from its last admitted or
+    progress line: what was counted so far (status 0 when no answer had started)."""
+    tokens = e.get("ct")
     return UsageRecord(
-        request_id=admitted["rid"], principal_kind=admitted["pk"], user_id=admitted["u"],
-        api_key_id=admitted["k"], backend=p.get("b"), route=admitted["r"],
-        status=p.get("st", 0), bytes_in=admitted.get("bi", 0), bytes_out=p.get("bo", 0),
-        duration_ms=max(0.0, (p.get("at", admitted["ts"]) - admitted["ts"]) * 1000.0),
-        completion_tokens=tokens, total_tokens=tokens, created_unix=admitted["ts"],
-        record_id=uuid.UUID(hex=admitted["id"]), outcome="interrupted",
+        request_id=e["rid"], principal_kind=e["pk"], user_id=e["u"], api_key_id=e["k"],
+        backend=e.get("b"), route=e["r"], status=e.get("st", 0), bytes_in=e.get("bi", 0),
+        bytes_out=e.get("bo", 0),
+        duration_ms=max(0.0, (e.get("at", e["ts"]) - e["ts"]) * 1000.0),
+        completion_tokens=tokens, total_tokens=tokens, created_unix=e["ts"],
+        record_id=uuid.UUID(hex=e["id"]), outcome="interrupted",
     )
 
 

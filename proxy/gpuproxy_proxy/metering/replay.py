@@ -43,10 +43,9 @@ def _take_lock(path: Path) -> int | None:
 
 def load(paths: list[Path]) -> list[UsageRecord]:
     """One record per admitted request id: its settled line if it was written, else an
-    interrupted record from its admitted line and its last progress line."""
+    interrupted record from its last admitted or progress line (each carries the admission)."""
     settled: dict[str, UsageRecord] = {}
-    admitted: dict[str, dict[str, Any]] = {}
-    progress: dict[str, dict[str, Any]] = {}
+    latest: dict[str, dict[str, Any]] = {}  # the last admitted or progress line
     for path in paths:
         try:
             data = path.read_bytes()
@@ -59,17 +58,15 @@ def load(paths: list[Path]) -> list[UsageRecord]:
             try:
                 if kind == "s":
                     settled[rid] = from_settled(entry)
-                elif kind == "a":
-                    admitted[rid] = entry
-                elif kind == "p":
-                    progress[rid] = entry
+                elif kind in ("a", "p"):
+                    latest[rid] = entry
             except (KeyError, TypeError, ValueError):
                 log.error("skipped a malformed spool line in %s", path.name)
     records = list(settled.values())
-    for rid, entry in admitted.items():
+    for rid, entry in latest.items():
         if rid not in settled:
             try:
-                records.append(interrupted(entry, progress.get(rid)))
+                records.append(interrupted(entry))
             except (KeyError, TypeError, ValueError):
                 log.error("skipped a malformed admitted line in a spool")
     return records

@@ -62,7 +62,7 @@ class Segment:
         self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.created = time.time()
         self.size = 0
-        self.holds = 0       # records in flight whose admitted/progress lines are here
+        self.holds = 0       # records in flight whose latest admitted/progress line is here
         self.unflushed = 0   # settled lines here not yet committed to the database
         self.spilled = 0     # of those, how many were let go from memory (re-read from disk)
         self.closed = False
