@@ -128,6 +128,8 @@ $fn$;
 SELECT gpuproxy_usage_partitions(((now() AT TIME ZONE 'UTC')::date - 1), 7, NULL);
 """
 
+_MIGRATION_TIMEOUT_SECONDS: Final = 3600.0
+
 # (version, description, SQL). Append only; never edit an applied migration.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (
@@ -200,7 +202,9 @@ async def apply_migrations(
         for version, description, sql in MIGRATIONS:
             if version in done:
                 continue
-            await conn.execute(sql)
+            # Beyond the pool's per-command timeout: migration 3 builds a key on, and scans,
+            # the old usage table, which on a large table takes minutes.
+            await conn.execute(sql, timeout=_MIGRATION_TIMEOUT_SECONDS)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, description) VALUES ($1, $2)",
                 version,
