@@ -40,6 +40,16 @@ GUIDE_ALERTS = {
     ),
     "GpuProxyTargetDown": (f"max by (namespace, pod) (up{{{SEL}}}) == 0", "5m", "warning"),
     "GpuProxyMetricsAbsent": (f"absent(gpuproxy_connections_active{{{SEL}}})", "10m", "critical"),
+    # Metering that loses nothing (issue 14): the spool carrying an outage, then full.
+    "UsageSpoolBacklog": (
+        f"max by (namespace, pod) (gpuproxy_metering_spool_oldest_seconds{{{SEL}}}) > 600",
+        "5m", "warning",
+    ),
+    "UsageSpoolFull": (
+        "sum by (namespace, action) "
+        f"(increase(gpuproxy_metering_spool_full_total{{{SEL}}}[5m])) > 0",
+        "0m", "critical",
+    ),
 }
 
 

@@ -142,6 +142,31 @@ CASES = [
          [gauge("up", sm(POD_A), "1x30"), gauge("up", DECOY_CLUSTER, "0x30"),
           gauge("up", DECOY_NAMESPACE, "0x30")],
          [("10m", "GpuProxyTargetDown", [])]),
+    Case("spool: one pod's oldest record is 20 minutes old and growing",
+         [gauge("gpuproxy_metering_spool_oldest_seconds", sm(POD_A), "1200+60x30"),
+          gauge("gpuproxy_metering_spool_oldest_seconds", sm(POD_B), "3x30")],
+         [("4m", "UsageSpoolBacklog", []),  # pending: `for: 5m`
+          ("10m", "UsageSpoolBacklog",
+           [fired("UsageSpoolBacklog", "1.8k", namespace=NS, pod=POD_A)])]),
+    Case("spool: seconds old here, hours in the decoys",
+         [gauge("gpuproxy_metering_spool_oldest_seconds", sm(POD_A), "2x30"),
+          gauge("gpuproxy_metering_spool_oldest_seconds", DECOY_CLUSTER, "9000x30"),
+          gauge("gpuproxy_metering_spool_oldest_seconds", DECOY_NAMESPACE, "9000x30")],
+         [("10m", "UsageSpoolBacklog", [])]),
+    Case("spool full: requests rejected from 10m",
+         [(series("gpuproxy_metering_spool_full_total", {**sm(POD_A), "action": "rejected"}),
+           "0x10 0+30x20")],
+         [("5m", "UsageSpoolFull", []),
+          ("15m", "UsageSpoolFull",
+           [fired("UsageSpoolFull", "120", namespace=NS, action="rejected")])]),
+    Case("spool full: never here, often in the decoys",
+         [(series("gpuproxy_metering_spool_full_total", {**sm(POD_A), "action": "rejected"}),
+           "0x30"),
+          (series("gpuproxy_metering_spool_full_total", {**DECOY_CLUSTER, "action": "dropped"}),
+           "0+30x30"),
+          (series("gpuproxy_metering_spool_full_total",
+                  {**DECOY_NAMESPACE, "action": "dropped"}), "0+30x30")],
+         [("15m", "UsageSpoolFull", [])]),
     Case("absent: only the decoys report",
          [gauge("gpuproxy_connections_active", DECOY_CLUSTER, "5x30"),
           gauge("gpuproxy_connections_active", DECOY_NAMESPACE, "5x30")],
@@ -160,7 +185,7 @@ CASES = [
 def test_rules_pass_promtool_check(tmp_path: Path) -> None:
     result = check_rules(tmp_path, _groups())
     assert result.returncode == 0, result.output
-    assert "SUCCESS: 6 rules found" in result.output
+    assert "SUCCESS: 8 rules found" in result.output
 
 
 def test_every_alert_fires_and_stays_quiet_as_expected(tmp_path: Path) -> None:

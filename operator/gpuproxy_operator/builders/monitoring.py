@@ -117,6 +117,28 @@ def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
             f"(kubectl -n {cluster.metadata.namespace} describe pod {{{{ $labels.pod }}}}) "
             "and its admin port.",
         ),
+        rule(
+            # The spool carries a database outage; this says it has been carrying one.
+            "UsageSpoolBacklog",
+            f"max by (namespace, pod) (gpuproxy_metering_spool_oldest_seconds{{{sel}}}) > 600",
+            "5m", "warning",
+            f"Usage records waiting on disk for over 10 minutes on GpuProxyCluster {target}",
+            "Pod {{ $labels.pod }} has usage records spooled for {{ $value | humanize }} s "
+            "that PostgreSQL has not taken: check the database and PgBouncer. They are kept "
+            "through crashes, but not if the pod is deleted, and when the spool is full "
+            "spec.proxy.metering.onSpoolFull applies (reject: new requests get 503).",
+        ),
+        rule(
+            "UsageSpoolFull",
+            f"sum by (namespace, action) "
+            f"(increase(gpuproxy_metering_spool_full_total{{{sel}}}[5m])) > 0",
+            "0m", "critical",
+            f"Usage spool full on GpuProxyCluster {target}",
+            "{{ $value | humanize }} requests were refused (action rejected) or usage records "
+            "lost their crash-safe copy (action dropped) in 5 minutes because the metering "
+            "spool is full: PostgreSQL has not taken records for long. Restore the database; "
+            "raise spec.proxy.metering.spoolSizeMib to carry longer outages.",
+        ),
     ]
     if _expects_pods(cluster):
         rules.append(rule(
