@@ -142,6 +142,11 @@ async def test_spool_full_reject_and_drop_oldest(tmp_path: Path) -> None:
     assert 50 < accepted < 10_000
     assert meter.durable is not None
     assert limit <= meter.durable.spool.bytes < limit + 4096
+    # The refused requests' own records (503) stay in memory: the spool does not grow.
+    size = meter.durable.spool.bytes
+    for rec in records(tag + "-refused", 100):
+        meter.record(rec)
+    assert meter.durable.spool.bytes == size
     assert metrics.registry.get_sample_value(
         "gpuproxy_metering_spool_full_total", {"action": "rejected"}) == 1
     assert metrics.registry.get_sample_value("gpuproxy_metering_spool_bytes") == float(

@@ -120,8 +120,13 @@ class DurableLog:
         if ticket is not None:
             rec.record_id = ticket.record_id
             rec.created_unix = ticket.created
-        elif rec.record_id is None:
-            rec.record_id = new_record_id()
+        else:
+            if rec.record_id is None:
+                rec.record_id = new_record_id()
+            if self.spool.bytes >= self.budget:
+                # Not admitted (401, 429, 503 spool full...): memory only once the spool is
+                # full, or the refusals themselves would grow it without bound.
+                return
         seg = self.write(None, rec.entry())
         if seg is not None:
             seg.unflushed += 1
