@@ -232,3 +232,52 @@ async def test_postgres_outage_requests_admitted_into_the_spool_all_rows_arrive(
             await asyncio.sleep(0.2)
     finally:
         await proxy.stop()
+
+
+async def test_spool_full_rejects_with_503_until_the_database_takes_the_records(
+    tmp_path: Path, backends: list[FakeBackend], postgres_server: Any, pgbouncer_server: Any
+) -> None:
+    backend = await FakeBackend("gpu").start()
+    backends.append(backend)
+    config = _config(backend, tmp_path / "spool", pgbouncer_server)
+    config = config.model_copy(update={"metering": config.metering.model_copy(
+        update={"spool_max_bytes": 64 * 1024, "on_spool_full": "reject"})})
+    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
+                              env=_env(pgbouncer_server))
+    tag = uuid.uuid4().hex
+    accepted: list[str] = []
+    try:
+        postgres_server.stop()
+        try:
+            async with aiohttp.ClientSession() as http:
+                for n in range(5000):
+                    rid = f"{tag}-{n}"
+                    async with http.post(proxy.url + CHAT, data=b'{"model": "m"}',
+                                         headers={"X-Request-ID": rid}) as resp:
+                        body = await resp.read()
+                        if resp.status == 503:
+                            assert b"metering_unavailable" in body
+                            assert resp.headers["Retry-After"] == "5"
+                            break
+                        assert resp.status == 200
+                        accepted.append(rid)
+                else:
+                    raise AssertionError("a 64 KiB spool never filled")
+            assert 50 < len(accepted) < 1000
+            assert await _metric(proxy, "gpuproxy_metering_spool_bytes") >= 64 * 1024
+        finally:
+            postgres_server.start()
+        rows = await _wait_rows(pgbouncer_server.dsn, tag, set(accepted))
+        assert {r["request_id"] for r in rows if r["status"] == 200} == set(accepted)
+        # Committed and rotated away, the spool takes requests again.
+        deadline = time.monotonic() + 120
+        async with aiohttp.ClientSession() as http:
+            while True:
+                async with http.post(proxy.url + CHAT, data=b"{}") as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        break
+                assert time.monotonic() < deadline, "the spool never drained"
+                await asyncio.sleep(0.2)
+    finally:
+        await proxy.stop()
