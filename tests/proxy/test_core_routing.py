@@ -21,7 +21,10 @@ class RecordingMeter:
     def __init__(self) -> None:
         self.records: list[Any] = []
 
-    def record(self, rec: Any) -> None:
+    def admit(self, *_: Any) -> None:
+        return None  # no spool: nothing to hand the request path
+
+    def record(self, rec: Any, ticket: Any = None) -> None:
         self.records.append(rec)
 
 

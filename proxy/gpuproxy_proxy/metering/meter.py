@@ -22,7 +22,13 @@ from gpuproxy_proxy.config import MeteringConfig
 from gpuproxy_proxy.database.partitions import ensure_partitions_for
 from gpuproxy_proxy.database.pool import DB_POOL, Database
 from gpuproxy_proxy.metering.durable import DurableLog, SpoolFull, Ticket
-from gpuproxy_proxy.metering.records import INSERT, UsageRecord, columns
+from gpuproxy_proxy.metering.records import (
+    INSERT,
+    NO_PARTITION,
+    UsageRecord,
+    columns,
+    is_bad_data,
+)
 from gpuproxy_proxy.metering.replay import replay_dead
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.runtime import RUNTIME
@@ -37,24 +43,6 @@ _SHUTDOWN_FLUSH_SECONDS = 10.0
 _WRITE_TIMEOUT_SECONDS = 10.0
 _REPLAY_EVERY_SECONDS = 30.0  # spools of sibling workers that died and were replaced
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
-
-
-def is_bad_data(exc: BaseException) -> bool:
-    """Errors caused by a record's content (retrying cannot help), as opposed to outages.
-
-    SQLSTATE class 22 is "data exception" (e.g. a NUL byte in text, a number out of range);
-    asyncpg.DataError is raised client-side when a value cannot be encoded; 23514 here means
-    no partition takes the row's created_at (older than the retention, once partitions for
-    its day were looked for).
-    """
-    if isinstance(exc, asyncpg.DataError):
-        return True
-    state = str(getattr(exc, "sqlstate", "") or "")
-    return isinstance(exc, asyncpg.PostgresError) and (
-        state.startswith("22") or state == _NO_PARTITION)
-
-
-_NO_PARTITION = "23514"
 
 
 class UsageMeter:
@@ -228,7 +216,7 @@ class UsageMeter:
             if not is_bad_data(exc):
                 raise
             first_error = exc
-        if str(getattr(first_error, "sqlstate", "")) == _NO_PARTITION and self._db is not None:
+        if str(getattr(first_error, "sqlstate", "")) == NO_PARTITION and self._db is not None:
             # A day without a partition yet (maintenance not run since, or an old replay).
             await ensure_partitions_for(self._db, min(r.created_unix for r in batch),
                                         self.config.retention_days)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 # Ids unique across processes without a syscall per request: 12 random bytes per process and
 # a counter (a crash-looping pod draws new bytes on every start).
 _ID_PREFIX = os.urandom(12)
@@ -116,3 +118,23 @@ def columns(batch: list[UsageRecord]) -> list[list[object]]:
         [datetime.fromtimestamp(r.created_unix, UTC) for r in batch],
         [r.outcome for r in batch],
     ]
+
+
+# check_violation: no partition takes the row (usage_records has no CHECK constraint).
+NO_PARTITION = "23514"
+
+
+def is_bad_data(exc: BaseException) -> bool:
+    """Errors caused by a record's content (retrying cannot help), as opposed to outages.
+
+    SQLSTATE class 22 is "data exception" (e.g. a NUL byte in text, a number out of range);
+    asyncpg.DataError is raised client-side when a value cannot be encoded; 23514 here means
+    no partition takes the row's created_at (older than the retention, once partitions for
+    its day were looked for).
+    """
+    if isinstance(exc, asyncpg.DataError):
+        return True
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return isinstance(exc, asyncpg.PostgresError) and (
+        state.startswith("22") or state == NO_PARTITION)
+
