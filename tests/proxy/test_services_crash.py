@@ -20,6 +20,7 @@ from tests.proxy.fakes import FakeBackend, free_port
 from tests.proxy.procs import ProxyProcess, start_proxy
 
 from gpuproxy_proxy.config import ProxyConfig
+from gpuproxy_proxy.metering.replay import load as load_spool
 
 CHAT = "/v1/chat/completions"
 
@@ -124,7 +125,9 @@ async def test_kill_9_under_load_loses_and_duplicates_no_admitted_record(
         await load
     accepted = set(client.accepted)
     assert len(accepted) == len(client.accepted) >= killed_at
-    assert any(spool.glob("*.seg")), "the killed proxy left no spool"
+    # What the killed process left: streams admitted and never settled, at least.
+    left = load_spool(sorted(spool.glob("*.seg")))
+    assert any(r.outcome == "interrupted" for r in left), "the kill cut no stream"
 
     proxy = await start_proxy(path, config, tmp_path / "proxy2.log",
                               env=_env(pgbouncer_server))
@@ -145,7 +148,8 @@ async def test_kill_9_under_load_loses_and_duplicates_no_admitted_record(
         # The dead spool was replayed and deleted; only the new process's files remain.
         owners = {p.name.split(".", 1)[0] for p in spool.iterdir()}
         assert len(owners) == 1, owners
-        print(f"accepted {len(accepted)}, rows {len(rows)}, interrupted {len(interrupted)}")
+        print(f"accepted {len(accepted)}, rows {len(rows)}, interrupted {len(interrupted)}, "
+              f"left in the spool at the kill {len(left)}")
     finally:
         await proxy.stop()
 
