@@ -145,6 +145,9 @@ class MeteringConfig(_Frozen):
     # new requests with 503 ("reject") or delete the oldest segment ("drop_oldest").
     spool_max_bytes: Annotated[int, Field(ge=64 * 1024)] = 256 * 1024 * 1024
     on_spool_full: SpoolFullPolicy = "reject"
+    # fdatasync the spool once per flush interval (off the event loop), so a node crash, not
+    # only a process crash, loses at most that interval of admitted records.
+    spool_fsync: bool = True
     # A long stream writes how far it got this often, so a crash settles it with that count.
     progress_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
     # Daily partitions of usage_records older than this are dropped.

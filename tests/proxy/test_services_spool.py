@@ -118,6 +118,9 @@ async def test_memory_bound_spills_to_the_spool_and_is_reread(
             await meter.flush()
     finally:
         database.pool = real_pool
+    assert meter.durable is not None
+    await meter.durable.sync()  # the writer loop's periodic fdatasync, off the event loop
+    assert all(seg.synced == seg.size for seg in meter.durable.spool.segments)
     await meter.flush()
     assert meter.dropped == 0
     assert len(await rows_for(pgbouncer_server.dsn, tag)) == 40

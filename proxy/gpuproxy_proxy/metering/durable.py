@@ -3,6 +3,7 @@ policy, and the bookkeeping that lets a segment go once none of its records can 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -165,6 +166,14 @@ class DurableLog:
 
     def tick(self) -> None:
         self.spool.tick()
+
+    async def sync(self) -> None:
+        """Once per writer loop: what was spooled since reaches the disk, in a thread."""
+        pending = self.spool.unsynced()
+        if pending and self.config.spool_fsync:
+            await asyncio.to_thread(self.spool.sync, pending)
+            for seg, size in pending:
+                seg.synced = max(seg.synced, size)
 
     def close(self) -> None:
         self.spool.close()

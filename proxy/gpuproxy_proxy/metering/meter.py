@@ -157,6 +157,10 @@ class UsageMeter:
                 backoff = _BACKOFF_MIN_SECONDS
             if self.durable is not None:
                 self.durable.tick()
+                try:
+                    await self.durable.sync()
+                except OSError as exc:
+                    log.warning("cannot sync the metering spool to disk: %s", exc)
             self._gauge()
 
     async def _replay(self) -> None:

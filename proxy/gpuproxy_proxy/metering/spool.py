@@ -53,15 +53,17 @@ def decode_lines(data: bytes) -> Iterator[dict[str, Any]]:
 
 class Segment:
     __slots__ = ("closed", "created", "deleted", "fd", "holds", "path", "size", "spilled",
-                 "unflushed")
+                 "synced", "unflushed")
 
     def __init__(self, path: Path) -> None:
         self.path = path
         # O_APPEND: each os.write lands whole at the end; the page cache keeps it through a
-        # SIGKILL or OOM kill of the process (not through a node crash: no fsync).
+        # SIGKILL or OOM kill of the process. A node crash loses what the writer's periodic
+        # sync (Spool.sync, off the event loop) has not reached yet.
         self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.created = time.time()
         self.size = 0
+        self.synced = -1     # bytes known to be on the disk itself (-1: not even the name)
         self.holds = 0       # records in flight whose latest admitted/progress line is here
         self.unflushed = 0   # settled lines here not yet committed to the database
         self.spilled = 0     # of those, how many were let go from memory (re-read from disk)
@@ -174,6 +176,28 @@ class Spool:
             if seg.size:
                 return max(0.0, time.time() - seg.created)
         return 0.0
+
+    def unsynced(self) -> list[tuple[Segment, int]]:
+        """Segments written since their last sync, with the size a sync now covers."""
+        return [(seg, seg.size) for seg in self.segments if seg.size > seg.synced]
+
+    def sync(self, pending: list[tuple[Segment, int]]) -> None:
+        """Blocking (run it in a thread; the caller records what it covered): fdatasync the
+        segments, then the directory for their names."""
+        for seg, _ in pending:
+            try:
+                fd = os.open(seg.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # committed and deleted meanwhile
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def read(self, seg: Segment) -> list[dict[str, Any]]:
         try:
