@@ -285,3 +285,31 @@ async def test_spool_full_rejects_with_503_until_the_database_takes_the_records(
                 await asyncio.sleep(0.2)
     finally:
         await proxy.stop()
+
+
+async def test_a_clean_stop_commits_everything_and_leaves_no_spool(
+    tmp_path: Path, backends: list[FakeBackend], pgbouncer_server: Any
+) -> None:
+    backend = await FakeBackend("gpu", chunks=5, delay=0.05).start()
+    backends.append(backend)
+    spool = tmp_path / "spool"
+    config = _config(backend, spool, pgbouncer_server, workers=2)
+    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
+                              env=_env(pgbouncer_server))
+    tag = uuid.uuid4().hex
+    client = Client(proxy, tag)
+    load = asyncio.create_task(client.run(concurrency=8))
+    try:
+        await _wait(lambda: len(client.accepted) >= 100, "the load never got going")
+    finally:
+        client.stopping = True
+        await load
+    try:
+        proxy.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(120):
+            assert await proxy.proc.wait() == 0
+    finally:
+        await proxy.stop()
+    rows = await _wait_rows(pgbouncer_server.dsn, tag, set(client.accepted), seconds=5)
+    assert {r["outcome"] for r in rows} == {"complete"}
+    assert list(spool.iterdir()) == []  # nothing left for a replay, not even a lock file
