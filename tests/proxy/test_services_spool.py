@@ -203,3 +203,25 @@ async def test_a_long_stream_pins_only_the_segment_of_its_latest_line(
     assert (row["outcome"], row["completion_tokens"], row["bytes_out"],
             row["principal_kind"], row["route"]) == (
         "interrupted", 30, 300, "anonymous", "chat_completions")
+
+
+async def test_a_failing_spool_write_keeps_the_record_in_memory_and_is_counted(
+    tmp_path: Path, database: Database, pgbouncer_server: Any
+) -> None:
+    metrics = ProxyMetrics()
+    meter = UsageMeter(spool_config(tmp_path), database, metrics)
+    assert meter.durable is not None
+    seg = meter.durable.spool.current
+    assert seg.fd is not None
+    os.close(seg.fd)
+    seg.fd = os.open(os.devnull, os.O_RDONLY)  # as if the disk went away: writes fail
+    tag = uuid.uuid4().hex
+    try:
+        for i, rec in enumerate(records(tag, 3)):
+            meter.record(rec, meter.admit(f"{tag}-{i}", ANONYMOUS, "completions", 1))
+        assert metrics.registry.get_sample_value(
+            "gpuproxy_metering_spool_write_errors_total") == 6  # admitted + settled, each
+        assert await meter.flush() == 3
+    finally:
+        await meter.close()
+    assert len(await rows_for(pgbouncer_server.dsn, tag)) == 3

@@ -102,6 +102,8 @@ class DurableLog:
         try:
             seg = self.spool.append(encode(entry))
         except OSError as exc:
+            if self._metrics is not None:
+                self._metrics.metering_spool_write_errors.inc()
             if not self._failing:
                 log.error("cannot write the metering spool (%s); records are kept in memory "
                           "only until it works again", exc)

@@ -98,6 +98,11 @@ class ProxyMetrics:
             "Spool-full events by policy: requests rejected (reject), or records whose spool "
             "copy was deleted (drop_oldest).", ["action"], registry=r,
         )
+        self.metering_spool_write_errors = Counter(
+            "gpuproxy_metering_spool_write_errors",
+            "Spool writes that failed (e.g. disk full); those records are kept in memory only.",
+            registry=r,
+        )
         self.metering_replayed = Counter(
             "gpuproxy_metering_replayed_records",
             "Usage records replayed from spools of processes that did not exit cleanly.",
