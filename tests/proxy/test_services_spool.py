@@ -222,6 +222,19 @@ async def test_a_failing_spool_write_keeps_the_record_in_memory_and_is_counted(
         assert metrics.registry.get_sample_value(
             "gpuproxy_metering_spool_write_errors_total") == 6  # admitted + settled, each
         assert await meter.flush() == 3
+        # Writes work again: an admission whose settled line fails keeps its admitted line
+        # (and segment) until the database has the record.
+        os.close(seg.fd)
+        seg.fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+        ticket = meter.admit(f"{tag}-3", ANONYMOUS, "completions", 1)
+        os.close(seg.fd)
+        seg.fd = os.open(os.devnull, os.O_RDONLY)
+        [rec] = records(tag + "-x", 1)
+        rec.request_id = f"{tag}-3"
+        meter.record(rec, ticket)
+        assert seg.holds == 1
+        assert await meter.flush() == 1
+        assert seg.holds == 0
     finally:
         await meter.close()
-    assert len(await rows_for(pgbouncer_server.dsn, tag)) == 3
+    assert len(await rows_for(pgbouncer_server.dsn, tag)) == 4

@@ -134,8 +134,12 @@ class DurableLog:
         if seg is not None:
             seg.unflushed += 1
             rec.segment = seg
-        if ticket is not None:
-            ticket.release()
+            if ticket is not None:
+                ticket.release()
+        elif ticket is not None:
+            # The settled line did not make it: the admitted one stays the crash-safe copy
+            # (an interrupted record at worst) until the database has the record.
+            rec.segment = ticket
 
     def let_go(self, rec: UsageRecord) -> bool:
         """The memory buffer is full: True when the record stays on disk (re-read later)."""
@@ -143,6 +147,8 @@ class DurableLog:
         if isinstance(seg, Segment) and not seg.deleted:
             seg.spilled += 1
             return True
+        if isinstance(seg, Ticket):
+            seg.release()
         return False
 
     def committed(self, batch: list[UsageRecord]) -> None:
@@ -150,7 +156,9 @@ class DurableLog:
             seg = rec.segment
             if isinstance(seg, Segment):
                 seg.unflushed -= 1
-                rec.segment = None
+            elif isinstance(seg, Ticket):
+                seg.release()
+            rec.segment = None
         self.spool.collect()
 
     def spilled(self) -> list[Segment]:

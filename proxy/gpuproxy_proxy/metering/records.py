@@ -45,7 +45,8 @@ class UsageRecord:
     record_id: uuid.UUID | None = None
     # "complete", or "interrupted": the process died mid-request (settled by a replay).
     outcome: str = "complete"
-    # The spool segment holding the settled line (released once committed); not a column.
+    # The spool segment holding the settled line, or the admission's Ticket if that line
+    # could not be written (either released once committed); not a column.
     segment: Any = None
 
     def entry(self) -> dict[str, Any]:
