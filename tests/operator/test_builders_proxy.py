@@ -277,3 +277,22 @@ def test_metrics_service_service_account_and_pdb() -> None:
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["maxUnavailable"] == 2
     assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "proxy"
+
+
+def test_admin_api_port_only_with_an_admin_token() -> None:
+    """Issue 11: the admin API has its own port, declared and configured only when the spec
+    references an admin token (the proxy opens nothing for it otherwise)."""
+    for body, expected in ((minimal_body(), None), (production_body(), 9091)):
+        assert _config(body).listen.admin_api_port == expected
+        [c] = _pod(body)["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports.get("admin-api") == expected
+    body = production_body()
+    body["spec"]["proxy"]["adminApiPort"] = 9443
+    cfg = _config(body)
+    assert (cfg.listen.port, cfg.listen.admin_port, cfg.listen.admin_api_port) == (8080, 9090,
+                                                                                  9443)
+    # Never on a Service: it is not for clients, and kubectl port-forward needs none.
+    for (kind, _), obj in _objects(body).items():
+        if kind == "Service":
+            assert 9443 not in [p["port"] for p in obj["spec"]["ports"]]
