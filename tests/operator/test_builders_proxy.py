@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 from tests.operator.clusters import (
     CREDENTIALS,
+    EXAMPLES,
     by_key,
     cluster,
     lean_body,
@@ -18,6 +20,7 @@ from tests.operator.clusters import (
 from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
+from gpuproxy_proxy.auth.authenticator import MIN_ADMIN_TOKEN_CHARS
 from gpuproxy_proxy.config import ProxyConfig, SecretFilesConfig, parse_config
 
 
@@ -296,3 +299,21 @@ def test_admin_api_port_only_with_an_admin_token() -> None:
     for (kind, _), obj in _objects(body).items():
         if kind == "Service":
             assert 9443 not in [p["port"] for p in obj["spec"]["ports"]]
+
+
+def test_example_admin_tokens_are_long_enough_for_the_proxy() -> None:
+    """A placeholder the proxy would refuse (under 32 characters) makes a broken example."""
+    found = 0
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if not doc or doc.get("kind") != "GpuProxyCluster":
+                continue
+            ref = doc["spec"]["proxy"].get("auth", {}).get("adminTokenSecretRef")
+            if ref is None:
+                continue
+            [secret] = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+                        if d and d.get("kind") == "Secret"
+                        and d["metadata"]["name"] == ref["name"]]
+            assert len(secret["stringData"][ref["key"]]) >= MIN_ADMIN_TOKEN_CHARS, path
+            found += 1
+    assert found

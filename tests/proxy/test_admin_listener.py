@@ -220,12 +220,13 @@ async def test_failed_admin_auth_over_http_gets_429_with_growing_retry_after(
 
 # --- the real CLI: every worker serves it on listen.admin_api_port -------------------------------
 
+@pytest.mark.parametrize("workers", [1, 2])  # serve_single, and the supervisor's workers
 async def test_cli_workers_serve_the_admin_api_on_its_own_port(
-    tmp_path: Path, backends: list[FakeBackend],
+    tmp_path: Path, backends: list[FakeBackend], workers: int,
 ) -> None:
     backends.append(await FakeBackend("gpu").start())
     port, admin_port, api_port = free_port(), free_port(), free_port()
-    config = proxy_config(backends, workers=2, auth={"enabled": True}, listen={
+    config = proxy_config(backends, workers=workers, auth={"enabled": True}, listen={
         "host": "127.0.0.1", "port": port, "admin_port": admin_port,
         "admin_api_port": api_port})
     proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
