@@ -344,10 +344,14 @@ class ProxySpec(Model):
             field_path=".adminPort",
         ),
         CrossFieldRule(
-            check=lambda v: v["admin_api_port"] not in (v["port"], v["admin_port"]),
-            message="adminApiPort must differ from port and adminPort",
-            cel="self.adminApiPort != self.port && self.adminApiPort != self.adminPort",
-            reads=("port", "adminPort", "adminApiPort"),
+            # Only while the port is used: a cluster without an admin token keeps any adminPort.
+            check=lambda v: (v["auth"].admin_token_secret_ref is None
+                             or v["admin_api_port"] not in (v["port"], v["admin_port"])),
+            message="adminApiPort must differ from port and adminPort (with "
+            "auth.adminTokenSecretRef set, the admin API listens on it)",
+            cel="!has(self.auth.adminTokenSecretRef) || (self.adminApiPort != self.port"
+            " && self.adminApiPort != self.adminPort)",
+            reads=("auth", "port", "adminPort", "adminApiPort"),
             field_path=".adminApiPort",
         ),
     )

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_GUARD = web.AppKey("admin_guard", AdminAuthGuard)
 
+
 class AdminRequest(Protocol):
     @property
     def app(self) -> web.Application: ...
