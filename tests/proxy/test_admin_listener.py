@@ -17,6 +17,7 @@ from tests.proxy.conftest import AdminApiFactory, ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 from tests.proxy.procs import start_proxy
 
+from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.auth.admin import ADMIN_GUARD
 from gpuproxy_proxy.auth.adminguard import AdminAuthGuard
 from gpuproxy_proxy.auth.authenticator import MIN_ADMIN_TOKEN_CHARS, Authenticator
@@ -216,6 +217,11 @@ async def test_failed_admin_auth_over_http_gets_429_with_growing_retry_after(
             assert (await status(wrong))[0] == 401  # the success forgot the failures
     finally:
         await listener.close()
+    registry = proxy.app[METRICS].registry
+    refused = {outcome: registry.get_sample_value("gpuproxy_admin_auth_refused_total",
+                                                  {"outcome": outcome})
+               for outcome in ("failed", "locked_out")}
+    assert refused == {"failed": 7.0, "locked_out": 2.0}
 
 
 # --- the real CLI: every worker serves it on listen.admin_api_port -------------------------------

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from multidict import MultiMapping
 
-from gpuproxy_proxy.appkeys import CONFIG
+from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.adminguard import AdminAuthGuard
 from gpuproxy_proxy.auth.apikeys import DatabaseUnavailable
 from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR, bearer_token
@@ -65,9 +65,12 @@ def _require_admin(request: AdminRequest) -> None:
         raise forbidden("the admin API is disabled: " + (
             auth.admin_refused or f"no admin token is set; set {auth.admin_token_source}"))
     guard = request.app.get(ADMIN_GUARD)
+    metrics = request.app.get(METRICS)
     ip = request.remote or "unknown"
     wait = guard.retry_after(ip) if guard is not None else None
     if wait is not None:
+        if metrics is not None:
+            metrics.admin_auth_refused.labels("locked_out").inc()
         # Refused before the token is compared: a locked-out IP learns nothing by guessing.
         raise json_error(web.HTTPTooManyRequests, "rate_limit_exceeded",
                          f"too many failed admin authentications from {ip}; retry after "
@@ -85,6 +88,8 @@ def _require_admin(request: AdminRequest) -> None:
     except web.HTTPUnauthorized:
         if guard is not None:
             guard.failed(ip, reason)
+        if metrics is not None:
+            metrics.admin_auth_refused.labels("failed").inc()
         raise
     if guard is not None:
         guard.succeeded(ip)

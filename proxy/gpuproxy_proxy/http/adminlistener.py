@@ -9,7 +9,7 @@ import socket
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gpuproxy_proxy.appkeys import CONFIG
+from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.admin import add_admin_routes
 from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
 from gpuproxy_proxy.http.exceptions import with_request_id
@@ -37,6 +37,7 @@ def build_admin_api_app(services: web.Application) -> web.Application:
     app = web.Application(client_max_size=runtime.config.limits.max_body_bytes,
                           middlewares=[_json_errors])
     app[CONFIG] = services[CONFIG]
+    app[METRICS] = services[METRICS]  # the worker's registry: /metrics on the admin port
     app[RUNTIME] = runtime
     app[AUTHENTICATOR] = services[AUTHENTICATOR]
     add_admin_routes(app)
