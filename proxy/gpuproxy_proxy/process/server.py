@@ -1,7 +1,6 @@
 """One worker process: the client port and the admin API's port (both SO_REUSEPORT) and its
-status endpoints, GC control,
-heartbeats, the limits a reload changes, and the SIGTERM drain (lifecycle.py) applied to the
-connections (http/frontend.py)."""
+status endpoints, GC control, heartbeats, the limits a reload changes, and the SIGTERM drain
+(lifecycle.py) applied to the connections (http/frontend.py)."""
 
 from __future__ import annotations
 
