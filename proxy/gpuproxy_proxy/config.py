@@ -44,7 +44,22 @@ class ListenConfig(_Frozen):
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     # /health, /ready, /stats and /metrics are served here, never on the client port.
     admin_port: Annotated[int, Field(ge=1, le=65535)] = 9090
+    # The admin API (/admin/keys) on a listener of its own, bound by every worker like the
+    # client port; unset or 0: no admin API (the operator sets it with an admin token).
+    admin_api_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     backlog: Annotated[int, Field(ge=1)] = 65535
+
+    @property
+    def admin_api_enabled(self) -> bool:
+        return bool(self.admin_api_port)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ListenConfig:
+        if self.admin_api_port and self.admin_api_port in (self.port, self.admin_port):
+            raise ValueError("listen.admin_api_port must differ from listen.port and "
+                             "listen.admin_port: pick another port, or 0 to turn the admin "
+                             "API off")
+        return self
 
 
 class BackendConfig(_Frozen):

@@ -23,6 +23,7 @@ from gpuproxy_operator.api.cluster import InvalidSpecError, parse_cluster
 REMOVE = object()
 SCHEMA = openapi_schema(load_crd())
 RULES = CelRules()
+ADMIN_TOKEN_AUTH = {"adminTokenSecretRef": {"name": "auth", "key": "admin"}}
 
 
 def base() -> dict[str, Any]:
@@ -128,6 +129,17 @@ HAND_WRITTEN = [
            spec__proxy__backends=[{"name": "a", "url": "http://a:1", "weight": 5}]),
     change("port-equals-admin-port", "port and adminPort must differ",
            spec__proxy__adminPort=8080),
+    change("admin-api-port-equals-port", "adminApiPort must differ from port and adminPort",
+           spec__proxy__adminApiPort=8080, spec__proxy__auth=ADMIN_TOKEN_AUTH),
+    change("admin-api-port-equals-admin-port",
+           "adminApiPort must differ from port and adminPort", spec__proxy__adminApiPort=9090,
+           spec__proxy__auth=ADMIN_TOKEN_AUTH),
+    change("admin-api-port-moved", None, spec__proxy__adminApiPort=9443,
+           spec__proxy__auth=ADMIN_TOKEN_AUTH),
+    # Without an admin token the port is not used: an existing adminPort 9091 stays valid.
+    change("admin-port-on-9091-without-admin-token", None, spec__proxy__adminPort=9091),
+    change("admin-port-on-9091-with-admin-token", "adminApiPort must differ",
+           spec__proxy__adminPort=9091, spec__proxy__auth=ADMIN_TOKEN_AUTH),
     change("health-timeout-not-below-interval",
            "timeoutSeconds must be less than intervalSeconds",
            spec__proxy__healthCheck={"timeoutSeconds": 5, "intervalSeconds": 5}),

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 from tests.operator.clusters import (
     CREDENTIALS,
+    EXAMPLES,
     by_key,
     cluster,
     lean_body,
@@ -18,6 +20,7 @@ from tests.operator.clusters import (
 from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
+from gpuproxy_proxy.auth.authenticator import MIN_ADMIN_TOKEN_CHARS
 from gpuproxy_proxy.config import ProxyConfig, SecretFilesConfig, parse_config
 
 
@@ -277,3 +280,40 @@ def test_metrics_service_service_account_and_pdb() -> None:
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["maxUnavailable"] == 2
     assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "proxy"
+
+
+def test_admin_api_port_only_with_an_admin_token() -> None:
+    """Issue 11: the admin API has its own port, declared and configured only when the spec
+    references an admin token (the proxy opens nothing for it otherwise)."""
+    for body, expected in ((minimal_body(), None), (production_body(), 9091)):
+        assert _config(body).listen.admin_api_port == expected
+        [c] = _pod(body)["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports.get("admin-api") == expected
+    body = production_body()
+    body["spec"]["proxy"]["adminApiPort"] = 9443
+    cfg = _config(body)
+    assert (cfg.listen.port, cfg.listen.admin_port, cfg.listen.admin_api_port) == (8080, 9090,
+                                                                                  9443)
+    # Never on a Service: it is not for clients, and kubectl port-forward needs none.
+    for (kind, _), obj in _objects(body).items():
+        if kind == "Service":
+            assert 9443 not in [p["port"] for p in obj["spec"]["ports"]]
+
+
+def test_example_admin_tokens_are_long_enough_for_the_proxy() -> None:
+    """A placeholder the proxy would refuse (under 32 characters) makes a broken example."""
+    found = 0
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if not doc or doc.get("kind") != "GpuProxyCluster":
+                continue
+            ref = doc["spec"]["proxy"].get("auth", {}).get("adminTokenSecretRef")
+            if ref is None:
+                continue
+            [secret] = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+                        if d and d.get("kind") == "Secret"
+                        and d["metadata"]["name"] == ref["name"]]
+            assert len(secret["stringData"][ref["key"]]) >= MIN_ADMIN_TOKEN_CHARS, path
+            found += 1
+    assert found

@@ -124,7 +124,8 @@ class Auth(Model):
     jwt_secret_ref: SecretKeyRef | None = None
     """Secret key holding the HS256 signing secret; JWTs are rejected when unset."""
     admin_token_secret_ref: SecretKeyRef | None = None
-    """Secret key holding the admin token for /admin/keys; admin endpoints are off when unset."""
+    """Secret key holding the admin token (at least 32 characters, e.g. `openssl rand -hex
+    32`) of the admin API (/admin/keys on adminApiPort); the admin API is off when unset."""
     jwt_issuer: str | None = None
     """Required `iss` claim."""
     jwt_audience: str | None = None
@@ -254,6 +255,10 @@ class ProxySpec(Model):
     """Client port in the container."""
     admin_port: Annotated[int, Field(ge=1024, le=65535)] = 9090
     """Port of /health, /ready, /stats and /metrics in the container."""
+    admin_api_port: Annotated[int, Field(ge=1024, le=65535)] = 9091
+    """Port of the admin API (/admin/keys) in the container, open only with
+    auth.adminTokenSecretRef; the NetworkPolicy admits only the operator's pods (reach it with
+    `kubectl port-forward`)."""
     connections_per_replica: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     """Concurrent client connections one replica is sized for (the autoscaling unit)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
@@ -337,5 +342,16 @@ class ProxySpec(Model):
             cel="self.port != self.adminPort",
             reads=("port", "adminPort"),
             field_path=".adminPort",
+        ),
+        CrossFieldRule(
+            # Only while the port is used: a cluster without an admin token keeps any adminPort.
+            check=lambda v: (v["auth"].admin_token_secret_ref is None
+                             or v["admin_api_port"] not in (v["port"], v["admin_port"])),
+            message="adminApiPort must differ from port and adminPort (with "
+            "auth.adminTokenSecretRef set, the admin API listens on it)",
+            cel="!has(self.auth.adminTokenSecretRef) || (self.adminApiPort != self.port"
+            " && self.adminApiPort != self.adminPort)",
+            reads=("auth", "port", "adminPort", "adminApiPort"),
+            field_path=".adminApiPort",
         ),
     )

@@ -21,7 +21,11 @@ from gpuproxy_operator.builders.common import (
     with_spec_hash,
 )
 from gpuproxy_operator.builders.images import proxy_image
-from gpuproxy_operator.builders.proxy_config import build_proxy_config, termination_grace_seconds
+from gpuproxy_operator.builders.proxy_config import (
+    admin_api_port,
+    build_proxy_config,
+    termination_grace_seconds,
+)
 from gpuproxy_operator.builders.proxy_secrets import secret_volume_mounts, secret_volumes
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION, child_name
 from gpuproxy_operator.sizing import proxy_resources
@@ -89,6 +93,8 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
         "ports": [
             {"name": "http", "containerPort": proxy.port, "protocol": "TCP"},
             {"name": "admin", "containerPort": proxy.admin_port, "protocol": "TCP"},
+            *([{"name": "admin-api", "containerPort": api_port, "protocol": "TCP"}]
+              if (api_port := admin_api_port(cluster)) is not None else []),
         ],
         "resources": resources(proxy_resources(proxy)),
         # Startup allows 60 s for workers to spawn. Liveness is /health, the workers'

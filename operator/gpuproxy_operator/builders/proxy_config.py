@@ -69,12 +69,19 @@ def _auth(cluster: GpuProxyCluster) -> dict[str, Any]:
     return body
 
 
+def admin_api_port(cluster: GpuProxyCluster) -> int | None:
+    """The admin API's port, None (not listening) while no admin token is referenced."""
+    proxy = cluster.spec.proxy
+    return proxy.admin_api_port if proxy.auth.admin_token_secret_ref is not None else None
+
+
 def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
     """Everything one proxy pod needs except secrets, keyed like the proxy's YAML."""
     proxy = cluster.spec.proxy
     rl = proxy.rate_limits
     return {
-        "listen": {"host": "0.0.0.0", "port": proxy.port, "admin_port": proxy.admin_port},
+        "listen": {"host": "0.0.0.0", "port": proxy.port, "admin_port": proxy.admin_port,
+                   "admin_api_port": admin_api_port(cluster)},
         "workers": proxy.workers,
         "backends": [
             {

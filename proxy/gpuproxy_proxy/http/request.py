@@ -62,7 +62,6 @@ class Request:
         "expect_continue",
         "headers",
         "keep_alive",
-        "match_info",
         "method",
         "path",
         "path_error",
@@ -96,7 +95,6 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.app = app
-        self.match_info: dict[str, str] = {}
         length = headers.get("Content-Length")
         # llhttp has checked it: digits only, one value, never with Transfer-Encoding.
         self.content_length = int(length) if length is not None else None

@@ -94,6 +94,12 @@ class ProxyMetrics:
             "gpuproxy_connections_rejected", "Connections or requests refused by admission.",
             ["reason"], registry=r,
         )
+        # outcome: "failed" (no, malformed or wrong admin token), "locked_out" (429, the IP
+        # failed too often; its token was not compared).
+        self.admin_auth_refused = Counter(
+            "gpuproxy_admin_auth_refused", "Admin API requests refused by authentication.",
+            ["outcome"], registry=r,
+        )
 
 
 def _frozen_objects() -> float:
