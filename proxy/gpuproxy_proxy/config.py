@@ -157,6 +157,22 @@ class LimitsConfig(_Frozen):
     max_in_flight_per_worker: Annotated[int, Field(ge=1)] = 10000
     max_body_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
     keepalive_timeout_seconds: Annotated[float, Field(gt=0)] = 75.0
+    # Client-side deadlines (408 with Connection: close, or an abort for writes), so no client
+    # holds a connection, an in-flight slot or a backend connection by being slow. The head:
+    # from its first byte to its blank line (a slowloris is cut here, not at the keep-alive
+    # timeout).
+    request_head_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # The body, from the end of the head (or from the 100 Continue) to its last byte: a total
+    # bound, plus a minimum average rate counted after a grace period, as Apache's
+    # mod_reqtimeout does (body=grace,MinRate=rate), so a stalled upload ends after about
+    # the grace period, not the total. 0 turns the rate check off.
+    body_read_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    body_min_bytes_per_second: Annotated[int, Field(ge=0)] = 1024
+    body_min_rate_grace_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # A client whose write buffer stays above the high-water mark this long (it reads nothing,
+    # or less than ~48 KiB in that time), or whose closing connection cannot flush: both
+    # sides are aborted, the backend connection is not reused, the handler is cancelled.
+    client_write_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 50.0
     # After SIGTERM, keep accepting (answering with Connection: close) while /ready says 503,
     # so endpoints stop routing here before the listener closes. Part of the grace period.

@@ -119,6 +119,8 @@ HAND_WRITTEN = [
         "metricsFrom": [{"namespaceSelector": {"kubernetes.io/metadata.name": "monitoring"}},
                         {"podSelector": {"app": "prom"}}]}),
     change("proxy-network-policy-off", None, spec__proxy__networkPolicy={"enabled": False}),
+    change("client-timeouts-for-slow-uploads", None, spec__proxy__clientTimeouts={
+        "bodySeconds": 600, "bodyMinBytesPerSecond": 0, "writeSeconds": 120}),
     change("external-redis-with-password", None, spec__redis={
         "mode": "external", "url": "rediss://r:6380/0",
         "passwordSecretRef": {"name": "redis", "key": "password"}}),
@@ -181,6 +183,9 @@ HAND_WRITTEN = [
     change("typo-in-a-field", "", spec__proxy__replica=3),
     change("typo-in-a-section", "", spec__autoscalng={"enabled": True}),
     change("typo-in-a-list-item", "", spec__proxy__backends__0__wieght=2),
+    change("client-timeout-in-milliseconds", "", spec__proxy__clientTimeouts={
+        "bodyMilliseconds": 500}),
+    change("client-timeout-fractional", "", spec__proxy__clientTimeouts={"bodySeconds": 0.5}),
     change("integer-as-string", "", spec__proxy__replicas="3"),
     change("integer-as-float", "", spec__proxy__replicas=3.5),
     change("boolean-as-string", "", spec__paused="true"),

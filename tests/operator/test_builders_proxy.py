@@ -21,7 +21,7 @@ from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
 from gpuproxy_proxy.auth.authenticator import MIN_ADMIN_TOKEN_CHARS
-from gpuproxy_proxy.config import ProxyConfig, SecretFilesConfig, parse_config
+from gpuproxy_proxy.config import LimitsConfig, ProxyConfig, SecretFilesConfig, parse_config
 
 
 def _objects(body: dict[str, Any], replicas: int | None = None) -> dict[tuple[str, str], Manifest]:
@@ -57,10 +57,25 @@ def test_minimal_config_parses_with_the_proxy_and_carries_the_defaults() -> None
     # 100000 connections * 1.1 / 4 workers
     assert cfg.limits.max_connections_per_worker == 27500
     assert cfg.limits.max_body_bytes == 10 * 1024 * 1024
+    # Client deadlines: the CR's defaults are the proxy's own.
+    proxy_defaults = LimitsConfig()
+    assert (cfg.limits.body_read_timeout_seconds, cfg.limits.body_min_bytes_per_second,
+            cfg.limits.client_write_timeout_seconds) == (
+        proxy_defaults.body_read_timeout_seconds, proxy_defaults.body_min_bytes_per_second,
+        proxy_defaults.client_write_timeout_seconds) == (60, 1024, 30)
     # Shutdown: 10 s drain delay, idle closes spread over 10 s, streams up to 600 s.
     assert (cfg.limits.drain_delay_seconds, cfg.limits.idle_close_seconds) == (10, 10)
     assert cfg.upstream.max_request_seconds == 600
     assert cfg.limits.shutdown_grace_seconds == 600
+
+
+def test_client_timeouts_reach_the_proxy_limits() -> None:
+    body = minimal_body()
+    body["spec"]["proxy"]["clientTimeouts"] = {"bodySeconds": 600, "bodyMinBytesPerSecond": 0,
+                                               "writeSeconds": 120}
+    limits = _config(body).limits
+    assert (limits.body_read_timeout_seconds, limits.body_min_bytes_per_second,
+            limits.client_write_timeout_seconds) == (600, 0, 120)
 
 
 def test_production_config_follows_the_spec() -> None:

@@ -105,6 +105,22 @@ class Upstream(Model):
     long for its in-flight requests, so it sizes the termination grace period."""
 
 
+class ClientTimeouts(Model):
+    """Deadlines on clients, so none holds a connection, an in-flight slot or a backend
+    connection by being slow (a request head has a fixed 10 s)."""
+
+    body_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
+    """Longest a request body may take to arrive, whatever its rate; past it -> 408. The
+    slowest upload accepted averages maxBodyBytes / bodySeconds: raise it for large bodies
+    from clients on slow links."""
+    body_min_bytes_per_second: Annotated[int, Field(ge=0, le=100_000_000)] = 1024
+    """Slowest average rate of a request body, counted after its first 10 s; slower -> 408
+    long before bodySeconds (a stalled upload frees its slot early). 0: no rate check."""
+    write_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    """Longest a client may leave its answer unread (its buffer full, a stream included);
+    then its connection and the backend's are cut and the generation stops."""
+
+
 class Shutdown(Model):
     """How a stopping proxy pod hands its clients over (SIGTERM until exit)."""
 
@@ -269,6 +285,8 @@ class ProxySpec(Model):
     never cuts a request short. At least drainDelaySeconds + 20."""
     shutdown: Shutdown = Field(default_factory=Shutdown)
     """Graceful shutdown: drain delay and spreading of idle-connection closes."""
+    client_timeouts: ClientTimeouts = Field(default_factory=ClientTimeouts)
+    """Deadlines on slow clients: request bodies (408) and unread answers (cut)."""
     resources: Resources | None = None
     """Container resources. Unset: derived from workers and connectionsPerReplica: 750m CPU
     requested and 1 CPU limit per (single-threaded) worker; memory from the measured idle

@@ -129,6 +129,9 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
                 proxy.connections_per_replica, proxy.workers
             ),
             "max_body_bytes": proxy.max_body_bytes,
+            "body_read_timeout_seconds": proxy.client_timeouts.body_seconds,
+            "body_min_bytes_per_second": proxy.client_timeouts.body_min_bytes_per_second,
+            "client_write_timeout_seconds": proxy.client_timeouts.write_seconds,
             "drain_delay_seconds": proxy.shutdown.drain_delay_seconds,
             "idle_close_seconds": proxy.shutdown.idle_close_seconds,
             "shutdown_grace_seconds": shutdown_grace_seconds(proxy),

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import LimitsConfig, ProxyConfig
+from gpuproxy_proxy.http.deadlines import ClientDeadlines
 from gpuproxy_proxy.http.errors import error_body
 from gpuproxy_proxy.http.exceptions import with_request_id
 from gpuproxy_proxy.http.protocol import HttpConnection, error_response, unhandled
@@ -57,6 +58,7 @@ class Frontend:
         self._cap = limits.max_connections_per_worker
         self.max_body = limits.max_body_bytes
         self.sweep = KeepAliveSweep(limits.keepalive_timeout_seconds)
+        self.deadlines = ClientDeadlines(limits, metrics)
         self._access = access_log
         self._gauge = metrics.connections_active
         self._rejected = metrics.connections_rejected.labels("connections")
@@ -81,6 +83,7 @@ class Frontend:
         self._cap = limits.max_connections_per_worker
         self.max_body = limits.max_body_bytes
         self.sweep.set_timeout(limits.keepalive_timeout_seconds)
+        self.deadlines.apply(limits)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -193,6 +196,7 @@ class Frontend:
         for conn in list(self._conns):
             conn.abort()
         self.sweep.close()
+        self.deadlines.close()
         listeners = self._runtime.listeners
         if self._on_reload in listeners:
             listeners.remove(self._on_reload)

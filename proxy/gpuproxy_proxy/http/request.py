@@ -131,6 +131,11 @@ class Request:
         return self._complete
 
     @property
+    def received(self) -> int:
+        """Body bytes arrived so far (also those past the limit)."""
+        return self._size
+
+    @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
 
@@ -140,6 +145,7 @@ class Request:
             if self.expect_continue:
                 self.expect_continue = False
                 self._conn.write_raw(_CONTINUE)
+                self._conn.continue_sent(self)
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter

@@ -100,6 +100,11 @@ class ProxyMetrics:
             "gpuproxy_admin_auth_refused", "Admin API requests refused by authentication.",
             ["outcome"], registry=r,
         )
+        # phase: head, body (answered 408) or write (a client that stopped reading, aborted).
+        self.client_timeouts = Counter(
+            "gpuproxy_client_timeouts", "Client connections ended by a client-side deadline.",
+            ["phase"], registry=r,
+        )
 
 
 def _frozen_objects() -> float:
