@@ -237,8 +237,17 @@ def test_stream_request_asks_for_usage() -> None:
         assert json.loads(body)["stream_options"]["include_usage"] is True
 
 
+def test_stream_request_without_options_keeps_its_bytes() -> None:
+    sent = b'  {"model": "m",\n "prompt": "caf\xc3\xa9 \\u00e9", "stream" : true, "n": 1.0}'
+    body, strip = with_stream_usage(sent)
+    assert strip
+    assert body == b'  {"stream_options":{"include_usage":true},' + sent[3:]
+    assert json.loads(body) == {**json.loads(sent), "stream_options": {"include_usage": True}}
+
+
 @pytest.mark.parametrize("body", [
     b'{"stream":true,"stream_options":{"include_usage":true}}',  # the client asked
+    b'{"stream": false, "metadata": {"stream": true}}',  # not the top-level key
     b'{"stream":false,"messages":[]}',
     b'{"messages":[]}',
     b'{"stream":true,"stream_options":"bad"}',  # the backend's 400 to give
