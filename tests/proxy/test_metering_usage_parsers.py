@@ -172,7 +172,7 @@ def _feed_json(body: bytes, size: int) -> JsonUsage:
 
 
 @pytest.mark.parametrize("usage_first", [False, True])
-@pytest.mark.parametrize("size", [1, 100, 4096, 65536, 10**7])
+@pytest.mark.parametrize("size", [1, 100, 4096, 65536, 700_000, 10**7])
 def test_json_big_body_usage_found_with_bounded_memory(usage_first: bool, size: int) -> None:
     body = _body(1_200_000 if size > 1 else 100_000, usage_first)
     watch = _feed_json(body, size)

@@ -2,7 +2,7 @@
 last ~16 KiB are kept (references to the chunks, no copies), never the whole body.
 
 `usage` is looked for as a top-level key at the end (where OpenAI and vLLM put it), then at the
-start (some servers). A body that fits the windows is parsed whole.
+start (some servers). A body up to 64 KiB is parsed whole, as the proxy always did.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from gpuproxy_proxy.metering.usage import Usage, usage_from_json, usage_from_obj
 
 _HEAD = 16 * 1024
 _TAIL = 16 * 1024
+_WHOLE = 64 * 1024
 _USAGE = b'"usage"'
 # JSON tokens that matter for nesting: whole strings (skipped), brackets; a lone quote is a
 # string cut off by the end of the window.
@@ -96,6 +97,27 @@ def usage_at_start(head: bytes) -> Usage | None:
     return None
 
 
+def _first(chunks: list[bytes], size: int) -> bytes:
+    """The first `size` bytes of the chunks joined (copying no more than that)."""
+    out, have = [], 0
+    for chunk in chunks:
+        out.append(chunk[:size - have])
+        have += len(out[-1])
+        if have >= size:
+            break
+    return b"".join(out)
+
+
+def _last(chunks: list[bytes], size: int) -> bytes:
+    out, have = [], 0
+    for chunk in reversed(chunks):
+        out.append(chunk[-(size - have):])
+        have += len(out[-1])
+        if have >= size:
+            break
+    return b"".join(reversed(out))
+
+
 def _choice_chars(document: object) -> int:
     """Characters of the completion text in a parsed chat/completions body."""
     choices = document.get("choices") if isinstance(document, dict) else None
@@ -119,15 +141,14 @@ def _choice_chars(document: object) -> int:
 class JsonUsage:
     """Feed every chunk (it is sent on unchanged); `result()` once the body is over."""
 
-    __slots__ = ("_chars", "_cut", "_done", "_head", "_head_size", "_tail", "_tail_size",
-                 "_usage", "size")
+    __slots__ = ("_chars", "_done", "_head", "_head_size", "_tail", "_tail_size", "_usage",
+                 "size")
 
     def __init__(self) -> None:
         self._head: list[bytes] = []
         self._head_size = 0
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
-        self._cut = False  # bytes between head and tail were let go
         self._done = False
         self._usage: Usage | None = None
         self._chars = -1  # not worked out yet
@@ -146,7 +167,6 @@ class JsonUsage:
         self._tail_size += len(chunk)
         while self._tail_size - len(tail[0]) >= _TAIL:
             self._tail_size -= len(tail.popleft())
-            self._cut = True
         return chunk
 
     def finish(self) -> bytes:
@@ -162,8 +182,8 @@ class JsonUsage:
     def completion_chars(self) -> int:
         """The completion text's length, for an estimate (worked out on demand, once)."""
         if self._chars < 0:
-            if self._cut:
-                self._chars = self.size  # too large to keep: most of such a body is its text
+            if self.size > _WHOLE:
+                self._chars = self.size  # too large to parse: most of such a body is its text
             else:
                 whole = self._whole()
                 try:
@@ -177,10 +197,11 @@ class JsonUsage:
         return head + b"".join(self._tail) if self._tail else head
 
     def _find(self) -> Usage | None:
-        if not self._cut:
+        if self.size <= _WHOLE:
             whole = self._whole()
             if _USAGE not in whole:
                 return None
             # A body cut off (a broken upstream) is not JSON; its usage may still be there.
             return usage_from_json(whole) or usage_at_end(whole) or usage_at_start(whole)
-        return usage_at_end(b"".join(self._tail)) or usage_at_start(b"".join(self._head))
+        chunks = [*self._head, *self._tail]
+        return usage_at_end(_last(chunks, _TAIL)) or usage_at_start(_first(chunks, _HEAD))
