@@ -63,6 +63,16 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         CREATE INDEX usage_records_request_id_idx ON usage_records (request_id);
         """,
     ),
+    (
+        3,
+        "usage records: estimated token counts",
+        # Additive only (also on a partitioned table): token counts the proxy estimated because
+        # the backend reported no usage (metering/estimate.py).
+        """
+        ALTER TABLE usage_records ADD COLUMN IF NOT EXISTS estimated boolean NOT NULL
+            DEFAULT false;
+        """,
+    ),
 )
 
 

@@ -58,6 +58,8 @@ class UsageRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    # The token counts are metering/estimate.py's: the backend reported no usage.
+    estimated: bool = False
     # Wall-clock seconds: time.time() is a fraction of datetime.now()'s cost on the request
     # path; the datetime is made when the batch is written.
     created_unix: float = field(default_factory=time.time)
@@ -71,11 +73,12 @@ class UsageRecord:
 _INSERT = """
 INSERT INTO usage_records (
     id, request_id, principal_kind, user_id, api_key_id, backend, route, status, bytes_in,
-    bytes_out, duration_ms, prompt_tokens, completion_tokens, total_tokens, created_at)
+    bytes_out, duration_ms, prompt_tokens, completion_tokens, total_tokens, created_at,
+    estimated)
 SELECT * FROM unnest(
     $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::int[], $9::bigint[], $10::bigint[], $11::float8[], $12::int[], $13::int[], $14::int[],
-    $15::timestamptz[])
+    $15::timestamptz[], $16::bool[])
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -100,6 +103,7 @@ def _columns(batch: list[UsageRecord]) -> list[list[object]]:
         [r.completion_tokens for r in batch],
         [r.total_tokens for r in batch],
         [datetime.fromtimestamp(r.created_unix, UTC) for r in batch],
+        [r.estimated for r in batch],
     ]
 
 

@@ -80,6 +80,11 @@ class ProxyMetrics:
         self.usage_records_written = Counter(
             "gpuproxy_usage_records_written", "Usage records written to the database.", registry=r
         )
+        self.tokens_estimated = Counter(
+            "gpuproxy_tokens_estimated",
+            "Tokens recorded from the tokenizer-free estimate (the backend reported no usage).",
+            ["route"], registry=r,
+        )
         self.usage_records_dropped = Counter(
             "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
         )
