@@ -117,12 +117,16 @@ class KeyLookups:
                 # queues queries while PostgreSQL is away).
                 return self._stale(digest, DatabaseUnavailable(
                     "the API key database failed its last health check"), "unavailable")
-            self._check_capacity()
-            if admit is not None:
-                await admit()
-                task = self._pending.get(digest)  # started by another request meanwhile?
-                if task is None:
-                    self._check_capacity()
+            try:
+                self._check_capacity()
+                if admit is not None:
+                    await admit()
+                    task = self._pending.get(digest)  # started by another request meanwhile?
+                    if task is None:
+                        self._check_capacity()
+            except LookupBusy as exc:
+                # A flood of unknown keys must not refuse the keys cached a while ago.
+                return self._stale(digest, exc, "")
             if task is None:
                 task = self._start(digest)
             else:
