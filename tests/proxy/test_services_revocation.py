@@ -1,13 +1,15 @@
 """Revocation is pushed and bounded: two proxy processes (the real CLI, one with two workers)
 share Redis and PgBouncer, with a 600 s key cache; a key revoked through one is refused by every
-worker of the other within seconds, also after Redis restarts. During a database outage no
-cached key is served past its maximum age."""
+worker of the other within seconds, also after Redis restarts; a silent Redis link is noticed.
+During a database outage no cached key is served past its maximum age."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from tests.proxy.conftest import ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 from tests.proxy.procs import ProxyProcess, start_proxy
 
+from gpuproxy_proxy.appkeys import METRICS
+from gpuproxy_proxy.auth.revocations import REVOCATIONS
 from gpuproxy_proxy.config import ProxyConfig, Secrets
 from gpuproxy_proxy.database.pool import DB_POOL
 from gpuproxy_proxy.runtime import RUNTIME
@@ -203,3 +207,35 @@ async def test_no_cached_key_is_served_past_its_max_age_while_the_database_is_do
     while (await call(key))[0] != 200:
         assert time.monotonic() < deadline, "the key never worked again"
         await asyncio.sleep(0.2)
+
+
+async def test_a_silent_redis_link_is_noticed_and_the_subscription_renewed(
+    redis_server: Any, backends: list[FakeBackend], make_proxy: ProxyFactory,
+) -> None:
+    # A stopped Redis keeps its sockets open and answers nothing, like a network partition
+    # without a reset: only the pings tell.
+    backends.append(await FakeBackend("gpu").start())
+    proxy = await make_proxy(proxy_config(
+        backends, auth={"enabled": True}, redis={"url": redis_server.url}), Secrets())
+    feed = proxy.app[REVOCATIONS]
+    metrics = proxy.app[METRICS].registry
+
+    async def until(subscribed: bool, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while feed.subscribed is not subscribed:
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    await until(True, "never subscribed")
+    before = metrics.get_sample_value("gpuproxy_api_key_revocation_subscriptions_total")
+    assert redis_server.pid is not None
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        await until(False, "the silent link was never noticed")
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    await until(True, "never subscribed again")
+    after = metrics.get_sample_value("gpuproxy_api_key_revocation_subscriptions_total")
+    assert after == (before or 0) + 1
