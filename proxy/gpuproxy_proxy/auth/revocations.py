@@ -119,7 +119,7 @@ class RevocationFeed:
                 if current is not None and current.cancelling():
                     raise  # closing
                 continue  # a password change
-            except _FAILURES as exc:
+            except Exception as exc:  # whatever it was: a dead subscriber would go unnoticed
                 if self._session_subscribed:
                     backoff, warned = _BACKOFF_MIN_SECONDS, False  # an outage starts now
                 if not warned:
