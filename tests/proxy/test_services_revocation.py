@@ -44,13 +44,13 @@ def _config(backends: list[FakeBackend], pgbouncer: Any, redis: Any, workers: in
         reload={"enabled": False})
 
 
-async def _metric(proxy: ProxyProcess, name: str) -> float:
+async def _metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
     async with aiohttp.ClientSession() as http, http.get(
         proxy.admin + "/metrics", timeout=aiohttp.ClientTimeout(total=30)) as resp:
         text = await resp.text()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name:
+            if sample.name == name and labels.items() <= sample.labels.items():
                 return float(sample.value)
     return 0.0
 
@@ -144,7 +144,7 @@ async def test_revocation_is_pushed_to_every_worker_of_every_proxy_also_after_re
             elapsed = await _revoke_through(a, b, received=4)
             assert elapsed < PUSH_BOUND_SECONDS
             assert await _metric(
-                a, "gpuproxy_api_key_revocations_published_total") == 2
+                a, "gpuproxy_api_key_revocations_published_total", result="ok") == 2
         finally:
             await b.stop()
     finally:
