@@ -122,7 +122,7 @@ async def test_lookup_waits_at_most_its_deadline_then_503_and_gives_the_connecti
     # Before: the query waited for asyncpg's 10 s command timeout (PgBouncer's
     # query_wait_timeout in production, 120 s by default), holding its pool connection.
     assert (status, headers.get("Retry-After")) == (503, "1")
-    assert 0.9 <= elapsed < 6, elapsed
+    assert 0.9 <= elapsed < 8, elapsed
     assert lookups(proxy, "timeout") == 1
     deadline = time.monotonic() + 30
     while await waiting_lookups(locked_keys):
