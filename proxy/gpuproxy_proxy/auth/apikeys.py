@@ -30,7 +30,10 @@ from gpuproxy_proxy.config import AuthConfig
 from gpuproxy_proxy.database.pool import Database
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
-__all__ = ["ApiKey", "ApiKeyStore", "DatabaseUnavailable", "LookupBusy", "hash_key"]
+__all__ = [
+    "KEY_PREFIX", "ApiKey", "ApiKeyStore", "DatabaseUnavailable", "LookupBusy", "generate_key",
+    "hash_key", "looks_like_api_key", "lookup_limits", "well_formed",
+]
 
 KEY_PREFIX = "gpx_"
 _DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 8

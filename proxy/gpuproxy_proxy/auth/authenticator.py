@@ -1,7 +1,8 @@
 """Request authentication: `Authorization: Bearer <API key | JWT | admin token>` or `X-API-Key`.
 
 401 for missing or invalid credentials (with `WWW-Authenticate`), 403 for revoked keys,
-503 when a key cannot be checked because the database is down and the key is not cached.
+503 when a key cannot be checked in time (database down or slow, too many checks waiting) and
+no entry younger than its maximum age is cached (see keylookup.py).
 """
 
 from __future__ import annotations
