@@ -109,7 +109,17 @@ class AuthConfig(_Frozen):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: Annotated[int, Field(ge=0)] = 30
+    # How long a looked-up API key is used without asking the database again. With Redis,
+    # revocations are pushed and this only bounds a revocation missed while Redis was down.
     api_key_cache_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # No cached key is served longer than this after it was read from the database, not even
+    # while the database is down (then 503): the revocation bound during a database outage.
+    api_key_cache_max_stale_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # A key the cache cannot answer waits at most this long for the database, then 503.
+    api_key_lookup_timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # Cache misses waiting for the database per worker (one per distinct key); beyond it,
+    # 503 at once, so a flood of unknown keys holds neither requests nor pool connections.
+    api_key_max_pending_lookups: Annotated[int, Field(ge=1)] = 256
     # After the JWT secret changes, tokens signed with the previous one stay valid this long.
     jwt_rotation_overlap_seconds: Annotated[float, Field(ge=0)] = 3600.0
 

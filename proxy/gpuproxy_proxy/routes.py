@@ -21,9 +21,14 @@ from gpuproxy_proxy.auth.principal import ANONYMOUS
 from gpuproxy_proxy.config import ProxyConfig
 from gpuproxy_proxy.http.errors import body_too_large, json_error
 from gpuproxy_proxy.http.exceptions import with_request_id
-from gpuproxy_proxy.http.request import BodyTooLarge, Request
+from gpuproxy_proxy.http.request import BodyTooLarge, ClientRequest, Request
 from gpuproxy_proxy.http.response import Answer, Response
-from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
+from gpuproxy_proxy.limits.ratelimit import (
+    RATE_LIMITER,
+    RateLimited,
+    rate_limit_headers,
+    rate_limit_response,
+)
 from gpuproxy_proxy.metering.estimate import estimate_usage
 from gpuproxy_proxy.metering.meter import USAGE_METER, UsageRecord
 from gpuproxy_proxy.routing.backends import BackendState
@@ -120,7 +125,10 @@ class Pipeline:
     async def _serve(self, request: Request, route: str, request_id: str,
                      outcome: Outcome) -> Answer:
         try:
-            outcome.principal = await self.auth.authenticate(request)
+            outcome.principal = await self.auth.authenticate(request, self._admit_lookup)
+        except RateLimited as exc:
+            outcome.status = exc.decision.status
+            return rate_limit_response(exc.decision, request_id)
         except web.HTTPException as exc:
             # Failed credentials still spend the client IP's quota, so guessing keys is
             # throttled like any other traffic instead of reaching the database unchecked.
@@ -159,6 +167,14 @@ class Pipeline:
             return await self.models(request, request_id, outcome, limit_headers)
         return await forward(request, self.runtime, self.pools, body, request_id, outcome,
                              limit_headers, self.strip_credentials, self.metering_on)
+
+    async def _admit_lookup(self, request: ClientRequest) -> None:
+        """Before an API key is looked up in the database: one IP sending random keys gets
+        429 once its lookup quota is spent, instead of one query per request."""
+        if self.rate_limits_on:
+            decision = await self.limiter.check_lookup(self.limiter.client_ip(request))
+            if not decision.allowed:
+                raise RateLimited(decision)
 
     def _account(self, route: str, request_id: str, outcome: Outcome,
                  started: float) -> None:

@@ -99,6 +99,8 @@ HAND_WRITTEN = [
     change("jwt-claims-with-secret", None, spec__proxy__auth={
         "jwtIssuer": "https://issuer", "jwtAudience": "gpu",
         "jwtSecretRef": {"name": "jwt", "key": "secret"}}),
+    change("api-key-cache-bounds", None, spec__proxy__auth={
+        "apiKeyCacheSeconds": 600, "apiKeyCacheMaxStaleSeconds": 0}),
     change("grace-override-of-drain-delay-plus-margin", None,
            spec__proxy__terminationGracePeriodSeconds=30),
     change("grace-override-without-drain-delay", None,

@@ -147,7 +147,12 @@ class Auth(Model):
     jwt_audience: str | None = None
     """Required `aud` claim."""
     api_key_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 30
-    """How long a looked-up API key is cached in each proxy process (revocation delay)."""
+    """How long a looked-up API key is used by each proxy process without asking the
+    database again. Revocations are pushed through Redis (under a second); this bounds one
+    that a process missed while Redis was unreachable."""
+    api_key_cache_max_stale_seconds: Annotated[int, Field(ge=0, le=86400)] = 300
+    """No cached API key is served longer than this after it was read from the database,
+    not even while the database is down (then 503): the revocation bound during an outage."""
 
     cross_field_rules = (
         CrossFieldRule(

@@ -61,6 +61,7 @@ def _auth(cluster: GpuProxyCluster) -> dict[str, Any]:
     body: dict[str, Any] = {
         "enabled": auth.enabled,
         "api_key_cache_seconds": auth.api_key_cache_seconds,
+        "api_key_cache_max_stale_seconds": auth.api_key_cache_max_stale_seconds,
     }
     if auth.jwt_issuer is not None:
         body["jwt_issuer"] = auth.jwt_issuer

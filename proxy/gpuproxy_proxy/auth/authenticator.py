@@ -2,32 +2,38 @@
 token (held here too) is only for the admin API's listener, never a client credential.
 
 401 for missing or invalid credentials (with `WWW-Authenticate`), 403 for revoked keys,
-503 when a key cannot be checked because the database is down and the key is not cached.
+503 when a key cannot be checked in time (database down or slow, too many checks waiting) and
+no entry younger than its maximum age is cached (see keylookup.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from gpuproxy_proxy.appkeys import CONFIG, SECRETS
+from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
 from gpuproxy_proxy.auth.apikeys import (
     ApiKeyStore,
     DatabaseUnavailable,
+    LookupBusy,
     looks_like_api_key,
+    lookup_limits,
     well_formed,
 )
 from gpuproxy_proxy.auth.jwt_tokens import BadSignature, InvalidToken, JwtVerifier, looks_like_jwt
+from gpuproxy_proxy.auth.keylookup import Admit
 from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.auth.tokencache import VerifiedTokens
 from gpuproxy_proxy.config import AuthConfig, SecretFilesConfig, Secrets
 from gpuproxy_proxy.database.pool import DB_POOL, Database
 from gpuproxy_proxy.http.exceptions import forbidden, unauthorized, unavailable
 from gpuproxy_proxy.http.request import ClientRequest
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +81,12 @@ class Authenticator:
     valid for `auth.jwt_rotation_overlap_seconds`."""
 
     def __init__(self, config: AuthConfig, secrets: Secrets, db: Database | None,
-                 admin_token_source: str = "GPUPROXY_ADMIN_TOKEN") -> None:  # noqa: S107
+                 admin_token_source: str = "GPUPROXY_ADMIN_TOKEN",  # noqa: S107
+                 metrics: ProxyMetrics | None = None) -> None:
         self.config = config
         self.enabled = config.enabled
-        self.keys = ApiKeyStore(db, config.api_key_cache_seconds)
+        self.keys = ApiKeyStore(db, config.api_key_cache_seconds,
+                                limits=lookup_limits(config), metrics=metrics)
         self._has_db = db is not None
         self.admin_token_source = admin_token_source
         self._admin_token: bytes | None = None
@@ -101,7 +109,7 @@ class Authenticator:
         """A config reload; verifiers are rebuilt only when their claims settings changed."""
         old, self.config = self.config, config
         self.enabled = config.enabled
-        self.keys.set_cache_seconds(config.api_key_cache_seconds)
+        self.keys.configure(config)
         claims = ("jwt_issuer", "jwt_audience", "jwt_leeway_seconds")
         if any(getattr(old, f) != getattr(config, f) for f in claims):
             self.verified.clear()
@@ -169,8 +177,13 @@ class Authenticator:
             token.encode(), self._admin_token
         )
 
-    async def authenticate(self, request: ClientRequest) -> Principal:
-        """The caller's Principal; raises a JSON HTTPException (401/403/503) otherwise."""
+    async def authenticate(
+        self, request: ClientRequest,
+        admit: Callable[[ClientRequest], Awaitable[None]] | None = None,
+    ) -> Principal:
+        """The caller's Principal; raises a JSON HTTPException (401/403/503) otherwise.
+        `admit(request)` runs before an API key is looked up in the database and may raise
+        to refuse that (the caller's per-IP lookup quota)."""
         if not self.enabled:
             return ANONYMOUS
         token = bearer_token(request)
@@ -179,9 +192,11 @@ class Authenticator:
                 "missing credentials: send 'Authorization: Bearer <API key or JWT>' or 'X-API-Key'",
                 error="",
             )
+        if admit is not None and looks_like_api_key(token):
+            return await self.authenticate_token(token, functools.partial(admit, request))
         return await self.authenticate_token(token)
 
-    async def authenticate_token(self, token: str) -> Principal:
+    async def authenticate_token(self, token: str, admit: Admit | None = None) -> Principal:
         cached = self.verified.get(token)
         if cached is not None:
             return cached
@@ -192,7 +207,7 @@ class Authenticator:
                         "only works on the admin API port (listen.admin_api_port)")
             raise unauthorized(_UNKNOWN_CREDENTIAL)
         if looks_like_api_key(token):
-            return await self._api_key(token)
+            return await self._api_key(token, admit)
         if looks_like_jwt(token):
             try:
                 subject, valid_until = self._verify_jwt(token)
@@ -204,13 +219,16 @@ class Authenticator:
             return principal
         raise unauthorized(_UNKNOWN_CREDENTIAL)
 
-    async def _api_key(self, token: str) -> Principal:
+    async def _api_key(self, token: str, admit: Admit | None) -> Principal:
         if not self._has_db:
             raise unauthorized("API keys are not available: this proxy has no database")
         if not well_formed(token):
             raise unauthorized("invalid API key")
         try:
-            record = await self.keys.lookup(token)
+            record = await self.keys.lookup(token, admit)
+        except LookupBusy as exc:
+            raise unavailable("too many API key checks are waiting for the database; "
+                              "retry shortly") from exc
         except DatabaseUnavailable as exc:
             log.warning("API key check failed: database unavailable (%s)", exc)
             raise unavailable("cannot verify the API key right now; retry shortly") from exc
@@ -238,6 +256,10 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
                 "auth is enabled but neither GPUPROXY_JWT_SECRET nor config.database is set: "
                 "every client request will get 401"
             )
-    app[AUTHENTICATOR] = Authenticator(config.auth, secrets, app[DB_POOL],
-                                       admin_token_source(config.secret_files))
-    yield
+    authenticator = Authenticator(config.auth, secrets, app[DB_POOL],
+                                  admin_token_source(config.secret_files), app[METRICS])
+    app[AUTHENTICATOR] = authenticator
+    try:
+        yield
+    finally:
+        await authenticator.keys.close()
