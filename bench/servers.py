@@ -29,6 +29,8 @@ class Server:
     pid: int
     admin_port: int | None = None
     gc_dir: Path | None = None
+    # The admin API's own port; None where the tree serves it on the client port (older code).
+    admin_api_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -204,14 +206,19 @@ def start_redis(kids: Children, work: Path) -> int:
 
 
 def proxy_config(
-    port: int, admin_port: int, backend_port: int, workers: int, run: ProxyRun
+    port: int, admin_port: int, backend_port: int, workers: int, run: ProxyRun,
+    admin_api_port: int | None = None,
 ) -> dict[str, object]:
     """The proxy's YAML config as a dict; auth + rate limits on when a Redis port is given,
     API keys + metering when a database is."""
     redis_port, db = run.redis_port, run.database
     secure = redis_port is not None
+    listen: dict[str, object] = {"host": "127.0.0.1", "port": port, "admin_port": admin_port,
+                                 "backlog": 4096}
+    if admin_api_port is not None:
+        listen["admin_api_port"] = admin_api_port
     config: dict[str, object] = {
-        "listen": {"host": "127.0.0.1", "port": port, "admin_port": admin_port, "backlog": 4096},
+        "listen": listen,
         "workers": workers,
         "backends": [{"name": "bench", "url": f"http://127.0.0.1:{backend_port}"}],
         "load_balancing": {"strategy": "round_robin"},
@@ -243,7 +250,14 @@ def proxy_config(
     return config
 
 
-ADMIN_TOKEN = "bench-admin-token"  # noqa: S105 - loopback only
+ADMIN_TOKEN = "bench-admin-token-loopback-only-0123456789"  # noqa: S105 - 32+ characters
+
+
+def has_admin_api_port(source: Path | None) -> bool:
+    """Whether the tree serves the admin API on listen.admin_api_port (older trees refuse the
+    field and serve /admin/keys on the client port)."""
+    config = proxy_package_dir(source) / "gpuproxy_proxy" / "config.py"
+    return "admin_api_port" in config.read_text(encoding="utf-8")
 
 
 def start_gpuproxy(
@@ -256,9 +270,11 @@ def start_gpuproxy(
 ) -> Server:
     run = run or ProxyRun()
     port, admin_port = free_port(), free_port()
+    api_port = free_port() if has_admin_api_port(run.source) else None
     path = work / f"{name.replace('@', '-')}.yaml"
     # JSON is valid YAML; no need to depend on a YAML writer here.
-    path.write_text(json.dumps(proxy_config(port, admin_port, backend_port, workers, run)))
+    path.write_text(json.dumps(proxy_config(port, admin_port, backend_port, workers, run,
+                                            api_port)))
     # The package dir of the chosen tree (this repo's by default) is always first on the path,
     # so the editable install in the venv never decides which code runs.
     env, gc_dir = gcwatch_env(work, name, source=run.source or proxy_package_dir(None))
@@ -276,7 +292,7 @@ def start_gpuproxy(
         raise RuntimeError(f"{exc}\n--- {name} log ---\n{log}") from exc
     # All workers must be up before measuring: wait until the tree stops growing.
     time.sleep(1.0)
-    return Server(name, port, proc.pid, admin_port, gc_dir)
+    return Server(name, port, proc.pid, admin_port, gc_dir, api_port)
 
 
 def start_naive(kids: Children, work: Path, backend_port: int, workers: int) -> Server:

@@ -42,8 +42,10 @@ class Rig:
     pg: pgservices.PgCluster | None = None
 
 
-def create_api_key(port: int) -> str:
-    """A new API key from the proxy's admin API (stored, hashed, in PostgreSQL)."""
+def create_api_key(srv: servers.Server) -> str:
+    """A new API key from the proxy's admin API (stored, hashed, in PostgreSQL): on its own
+    port, or on the client port of a tree from before it had one."""
+    port = srv.admin_api_port or srv.port
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/admin/keys",
         data=json.dumps({"user_id": "bench-user", "name": "bench"}).encode(),
@@ -88,7 +90,7 @@ def start_side(rig: Rig, name: str) -> Side:
     rig.pg = rig.pg or pgservices.start(kids)
     run = servers.ProxyRun(source=source, redis_port=rig.redis_port, database=rig.pg.bouncer)
     srv = servers.start_gpuproxy(kids, work, name, bport, workers, run)
-    return Side(name, srv, {"Authorization": f"Bearer {create_api_key(srv.port)}"})
+    return Side(name, srv, {"Authorization": f"Bearer {create_api_key(srv)}"})
 
 
 DEPENDENCIES = {"proxy-auth": ("redis",), "proxy-full": ("redis", "postgres", "pgbouncer")}

@@ -16,7 +16,7 @@ from gpuproxy_operator.kube import plain
 INDEX_PREFIX = "gpuproxy_children_"
 # Kinds of core Kubernetes groups are always served; the others (prometheus-operator's) are
 # looked up by discovery, at most this often.
-BUILTIN_GROUPS = frozenset({"", "apps", "policy", "networking.k8s.io"})
+BUILTIN_GROUPS = frozenset({"", "apps", "batch", "policy", "networking.k8s.io"})
 DISCOVERY_TTL = 300.0
 # A write the watch has not echoed within this long is forgotten (the watch is broken or the
 # object changed in a way we cannot tell apart): the cache is trusted again.

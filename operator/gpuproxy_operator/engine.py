@@ -31,6 +31,8 @@ from gpuproxy_operator.builders.redis_auth import (
 from gpuproxy_operator.cache import ChildCache
 from gpuproxy_operator.kube import KubeClient
 from gpuproxy_operator.naming import CLUSTER_LABEL, PREFIX, child_name
+from gpuproxy_operator.node_tuning import TTL_SECONDS as NODE_TUNING_TTL
+from gpuproxy_operator.node_tuning import NodeTuningProbe, TuningSeen
 from gpuproxy_operator.operator_metrics import OperatorMetrics
 from gpuproxy_operator.platform import Platform
 
@@ -81,6 +83,8 @@ class OperatorState:
     # The admin's choices from the chart: default images, the operator's pods, node tuning.
     platform: Platform = field(default_factory=Platform)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    node_tuning_probe: NodeTuningProbe | None = None  # made on first use, from `platform`
+    node_tuning_ttl: float = NODE_TUNING_TTL  # how long one read of its DaemonSet is reused
     # Made here, not on first use: kopf's per-object copies of the memo must share it.
     _slots: asyncio.Semaphore = field(init=False, repr=False)
 
@@ -243,6 +247,18 @@ async def _observe(state: OperatorState, cluster: GpuProxyCluster
     return children, missing
 
 
+async def _node_tuning_seen(state: OperatorState, cluster: GpuProxyCluster
+                            ) -> TuningSeen | None:
+    """The platform's node-tuning DaemonSet, for a cluster that asks for tuned nodes."""
+    ref = state.platform.node_tuning
+    if ref is None or not cluster.spec.node_tuning.enabled:
+        return None
+    probe = state.node_tuning_probe
+    if probe is None or probe.ref != ref:
+        probe = state.node_tuning_probe = NodeTuningProbe(ref, state.node_tuning_ttl)
+    return await probe.observe(state.kube)
+
+
 async def _proxy_replicas(api: kube.KubeClient, cluster: GpuProxyCluster, body: dict[str, Any],
                           children: dict[reconcile.Key, dict[str, Any]]) -> ownership.Ownership:
     """Who owns the proxy replicas and the count this reconcile builds the Deployment with:
@@ -347,7 +363,8 @@ async def reconcile_cluster(state: OperatorState, key: ClusterKey,
         generation, paused=cluster.spec.paused, cluster=cluster, children=children,
         desired=desired, credentials_problem=cred_problem, missing_apis=missing, errors=errors,
         applied=applied, withheld=len(actions) if cluster.spec.paused else 0,
-        replicas_owner=owned.status_fields(), node_tuning=state.platform.node_tuning)
+        replicas_owner=owned.status_fields(), node_tuning=state.platform.node_tuning,
+        node_tuning_seen=await _node_tuning_seen(state, cluster))
     await _write_status(state, body, obs, logger)
     if cluster.spec.paused:
         return Outcome("paused", f"{len(actions)} change(s) withheld")

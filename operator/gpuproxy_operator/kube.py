@@ -66,6 +66,7 @@ _KINDS = [
     ResourceKind("Deployment", "apps", "v1", "deployments"),
     ResourceKind("StatefulSet", "apps", "v1", "statefulsets"),
     ResourceKind("DaemonSet", "apps", "v1", "daemonsets"),
+    ResourceKind("CronJob", "batch", "v1", "cronjobs"),
     ResourceKind("PodDisruptionBudget", "policy", "v1", "poddisruptionbudgets"),
     ResourceKind("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies"),
     ResourceKind("Lease", "coordination.k8s.io", "v1", "leases"),
@@ -81,7 +82,8 @@ CLEANUP_ONLY_KINDS: tuple[str, ...] = ("DaemonSet",)
 # The kinds a GpuProxyCluster owns, in apply order; reconcile observes exactly these.
 CHILD_KINDS: tuple[str, ...] = (
     "ServiceAccount", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet",
-    "DaemonSet", "PodDisruptionBudget", "NetworkPolicy", "PrometheusRule", "ServiceMonitor",
+    "DaemonSet", "CronJob", "PodDisruptionBudget", "NetworkPolicy", "PrometheusRule",
+    "ServiceMonitor",
 )
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from gpuproxy_operator.api.base import GROUP
 
-Component = Literal["proxy", "pgbouncer", "redis", "node-tuning", "monitoring"]
+Component = Literal["proxy", "pgbouncer", "redis", "node-tuning", "monitoring", "backup"]
 
 PREFIX = GROUP  # our own annotation/label/finalizer prefix
 SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"

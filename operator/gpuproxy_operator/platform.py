@@ -13,6 +13,7 @@ from gpuproxy_operator.builders.inputs import OperatorPeer
 ENV_PROXY_IMAGE = "GPUPROXY_PROXY_IMAGE"
 ENV_PGBOUNCER_IMAGE = "GPUPROXY_PGBOUNCER_IMAGE"
 ENV_REDIS_IMAGE = "GPUPROXY_REDIS_IMAGE"
+ENV_BACKUP_IMAGE = "GPUPROXY_BACKUP_IMAGE"
 ENV_OPERATOR_POD_LABELS = "GPUPROXY_OPERATOR_POD_LABELS"
 ENV_NODE_TUNING = "GPUPROXY_NODE_TUNING"
 
@@ -50,6 +51,7 @@ def from_env(env: Mapping[str, str], namespace: str | None) -> Platform:
         proxy=env.get(ENV_PROXY_IMAGE) or defaults.proxy,
         pgbouncer=env.get(ENV_PGBOUNCER_IMAGE) or defaults.pgbouncer,
         redis=env.get(ENV_REDIS_IMAGE) or defaults.redis,
+        backup=env.get(ENV_BACKUP_IMAGE) or defaults.backup,
     )
     operator = None
     if namespace:

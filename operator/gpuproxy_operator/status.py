@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
 from gpuproxy_operator.naming import child_name, selector_labels
+from gpuproxy_operator.node_tuning import TuningSeen
 
 OWN_CONDITIONS = ("Ready", "Progressing", "Degraded", "Paused", "ProxyReady", "PgBouncerReady",
                   "RedisReady", "NodeTuningReady", "AlertsReady")
@@ -45,6 +46,8 @@ class Observation:
     replicas_owner: Mapping[str, Any] = field(default_factory=dict)
     # `<namespace>/<name>` of the platform's node-tuning DaemonSet (the chart's), None: absent.
     node_tuning: str | None = None
+    # What reading that DaemonSet showed (node_tuning.py); None: not read by this reconcile.
+    node_tuning_seen: TuningSeen | None = None
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,40 @@ def _node_tuning(obs: Observation) -> Cond:
                     "chart value nodeTuning.enabled=true (or tunes the nodes through their "
                     "image); the proxy runs meanwhile with the nodes' kernel defaults. Set "
                     "spec.nodeTuning.enabled: false to silence this" + note)
-    ns, name = obs.node_tuning.partition("/")[::2]
-    return Cond("NodeTuningReady", True, "ProvidedByPlatform",
-                f"the platform's node-tuning DaemonSet {obs.node_tuning} tunes the nodes "
-                f"(`kubectl -n {ns} rollout status daemonset/{name}`); the proxy pods set "
-                "their own network namespace's safe sysctls" + note)
+    return _platform_tuning(obs.node_tuning, obs.node_tuning_seen, note)
+
+
+def _platform_tuning(ref: str, seen: TuningSeen | None, note: str) -> Cond:
+    """Whether the chart's DaemonSet has tuned every node it selects (its pods are ready)."""
+    ns, name = ref.partition("/")[::2]
+    rollout = f"`kubectl -n {ns} rollout status daemonset/{name}`"
+    if seen is None:
+        return Cond("NodeTuningReady", True, "ProvidedByPlatform",
+                    f"the platform's node-tuning DaemonSet {ref} tunes the nodes ({rollout}); "
+                    "the proxy pods set their own network namespace's safe sysctls" + note)
+    if seen.missing:
+        return Cond("NodeTuningReady", False, "DaemonSetMissing",
+                    f"the operator was installed with node tuning, but DaemonSet {ref} does not "
+                    "exist: re-install the chart with nodeTuning.enabled=true (or run "
+                    "`helm upgrade` again); the proxy runs meanwhile with the nodes' kernel "
+                    "defaults" + note)
+    if seen.daemonset is None:
+        return Cond("NodeTuningReady", None, "StatusUnknown",
+                    f"cannot read the node-tuning DaemonSet {ref} ({seen.error}); the chart "
+                    "grants the operator `get` on it: check the operator's RBAC" + note)
+    ds = {"kind": "DaemonSet", **seen.daemonset}
+    wanted = int(((ds.get("status") or {}).get("desiredNumberScheduled")) or 0)
+    state = _workload(ds, f"node-tuning DaemonSet {ref}", f"see {rollout}")
+    if state.status and wanted == 0:
+        return Cond("NodeTuningReady", False, "NoNodesSelected",
+                    f"the node-tuning DaemonSet {ref} runs on no node: its nodeSelector or "
+                    "tolerations (chart values nodeTuning.nodeSelector, nodeTuning.tolerations) "
+                    "match none of the nodes the proxy runs on" + note)
+    if not state.status:
+        return Cond("NodeTuningReady", False, "TuningInProgress", state.message + note)
+    return Cond("NodeTuningReady", True, "NodesTuned",
+                f"{state.message}: every selected node is tuned; the proxy pods set their own "
+                "network namespace's safe sysctls" + note)
 
 
 def _alerts(obs: Observation) -> Cond:

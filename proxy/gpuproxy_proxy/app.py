@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
 from gpuproxy_proxy.auth.authenticator import auth_ctx
+from gpuproxy_proxy.auth.revocations import revocations_ctx
 from gpuproxy_proxy.auth.secretfiles import secrets_ctx
 from gpuproxy_proxy.config import ProxyConfig, Secrets
 from gpuproxy_proxy.database.partitions import partitions_ctx
@@ -43,7 +44,7 @@ def build_app(
         app[CONFIG_PATH] = config_path
     # Order is the contract: services first, then the pipeline that resolves them once.
     app.cleanup_ctx.extend([
-        db_ctx, partitions_ctx, auth_ctx, ratelimit_ctx, metering_ctx,
+        db_ctx, partitions_ctx, auth_ctx, revocations_ctx, ratelimit_ctx, metering_ctx,
         upstream_ctx, health_ctx, pipeline_ctx, dependencies_ctx, reload_ctx, secrets_ctx,
     ])
     return app

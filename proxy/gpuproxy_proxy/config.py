@@ -46,7 +46,22 @@ class ListenConfig(_Frozen):
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     # /health, /ready, /stats and /metrics are served here, never on the client port.
     admin_port: Annotated[int, Field(ge=1, le=65535)] = 9090
+    # The admin API (/admin/keys) on a listener of its own, bound by every worker like the
+    # client port; unset or 0: no admin API (the operator sets it with an admin token).
+    admin_api_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     backlog: Annotated[int, Field(ge=1)] = 65535
+
+    @property
+    def admin_api_enabled(self) -> bool:
+        return bool(self.admin_api_port)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ListenConfig:
+        if self.admin_api_port and self.admin_api_port in (self.port, self.admin_port):
+            raise ValueError("listen.admin_api_port must differ from listen.port and "
+                             "listen.admin_port: pick another port, or 0 to turn the admin "
+                             "API off")
+        return self
 
 
 class BackendConfig(_Frozen):
@@ -96,7 +111,17 @@ class AuthConfig(_Frozen):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: Annotated[int, Field(ge=0)] = 30
+    # How long a looked-up API key is used without asking the database again. With Redis,
+    # revocations are pushed and this only bounds a revocation missed while Redis was down.
     api_key_cache_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # No cached key is served longer than this after it was read from the database, not even
+    # while the database is down (then 503): the revocation bound during a database outage.
+    api_key_cache_max_stale_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # A key the cache cannot answer waits at most this long for the database, then 503.
+    api_key_lookup_timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # Cache misses waiting for the database per worker (one per distinct key); beyond it,
+    # 503 at once, so a flood of unknown keys holds neither requests nor pool connections.
+    api_key_max_pending_lookups: Annotated[int, Field(ge=1)] = 256
     # After the JWT secret changes, tokens signed with the previous one stay valid this long.
     jwt_rotation_overlap_seconds: Annotated[float, Field(ge=0)] = 3600.0
 
@@ -159,6 +184,22 @@ class LimitsConfig(_Frozen):
     max_in_flight_per_worker: Annotated[int, Field(ge=1)] = 10000
     max_body_bytes: Annotated[int, Field(ge=1)] = 10 * 1024 * 1024
     keepalive_timeout_seconds: Annotated[float, Field(gt=0)] = 75.0
+    # Client-side deadlines (408 with Connection: close, or an abort for writes), so no client
+    # holds a connection, an in-flight slot or a backend connection by being slow. The head:
+    # from its first byte to its blank line (a slowloris is cut here, not at the keep-alive
+    # timeout).
+    request_head_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # The body, from the end of the head (or from the 100 Continue) to its last byte: a total
+    # bound, plus a minimum average rate counted after a grace period, as Apache's
+    # mod_reqtimeout does (body=grace,MinRate=rate), so a stalled upload ends after about
+    # the grace period, not the total. 0 turns the rate check off.
+    body_read_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    body_min_bytes_per_second: Annotated[int, Field(ge=0)] = 1024
+    body_min_rate_grace_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # A client whose write buffer stays above the high-water mark this long (it reads nothing,
+    # or less than ~48 KiB in that time), or whose closing connection cannot flush: both
+    # sides are aborted, the backend connection is not reused, the handler is cancelled.
+    client_write_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 50.0
     # After SIGTERM, keep accepting (answering with Connection: close) while /ready says 503,
     # so endpoints stop routing here before the listener closes. Part of the grace period.

@@ -21,9 +21,15 @@ from gpuproxy_proxy.auth.principal import ANONYMOUS
 from gpuproxy_proxy.config import ProxyConfig
 from gpuproxy_proxy.http.errors import body_too_large, json_error
 from gpuproxy_proxy.http.exceptions import with_request_id
-from gpuproxy_proxy.http.request import BodyTooLarge, Request
+from gpuproxy_proxy.http.request import BodyTooLarge, ClientRequest, Request
 from gpuproxy_proxy.http.response import Answer, Response
-from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, rate_limit_headers, rate_limit_response
+from gpuproxy_proxy.limits.ratelimit import (
+    RATE_LIMITER,
+    RateLimited,
+    rate_limit_headers,
+    rate_limit_response,
+)
+from gpuproxy_proxy.metering.estimate import estimate_usage
 from gpuproxy_proxy.metering.meter import USAGE_METER, SpoolFull, UsageRecord
 from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import RUNTIME
@@ -36,9 +42,14 @@ from gpuproxy_proxy.upstream.forward import (
     forward_headers,
     trusted_networks,
 )
+from gpuproxy_proxy.upstream.stream_options import with_stream_usage
 
 ROUTES = ("chat_completions", "completions", "embeddings", "models", "other")
 _CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Routes whose streams are asked for their usage event (upstream/stream_options.py).
+_STREAMED = frozenset({"chat_completions", "completions"})
+# Routes that spend tokens: an answer without usage gets an estimate (metering/estimate.py).
+_TOKEN_ROUTES = ("chat_completions", "completions", "embeddings")
 
 
 class Pipeline:
@@ -63,6 +74,7 @@ class Pipeline:
         }
         self.failed = {route: metrics.requests_failed.labels(route) for route in ROUTES}
         self.durations = {route: metrics.request_duration_ms.labels(route) for route in ROUTES}
+        self.estimated = {route: metrics.tokens_estimated.labels(route) for route in _TOKEN_ROUTES}
 
     def reconfigure(self, config: ProxyConfig) -> None:
         """The settings the hot path reads as plain attributes (a config reload)."""
@@ -114,7 +126,10 @@ class Pipeline:
     async def _serve(self, request: Request, route: str, request_id: str,
                      outcome: Outcome) -> Answer:
         try:
-            outcome.principal = await self.auth.authenticate(request)
+            outcome.principal = await self.auth.authenticate(request, self._admit_lookup)
+        except RateLimited as exc:
+            outcome.status = exc.decision.status
+            return rate_limit_response(exc.decision, request_id)
         except web.HTTPException as exc:
             # Failed credentials still spend the client IP's quota, so guessing keys is
             # throttled like any other traffic instead of reaching the database unchecked.
@@ -146,6 +161,9 @@ class Pipeline:
                 outcome.status = 413
                 return body_too_large(self.max_body, request_id, limit_headers)
         outcome.bytes_in = len(body)
+        if self.metering_on and route in _STREAMED and request.method == "POST":
+            body, outcome.strip_usage = with_stream_usage(body)
+        outcome.body = body
         if route == "models":
             return await self.models(request, request_id, outcome, limit_headers)
         if self.metering_on:
@@ -161,6 +179,14 @@ class Pipeline:
         return await forward(request, self.runtime, self.pools, body, request_id, outcome,
                              limit_headers, self.strip_credentials, self.metering_on)
 
+    async def _admit_lookup(self, request: ClientRequest) -> None:
+        """Before an API key is looked up in the database: one IP sending random keys gets
+        429 once its lookup quota is spent, instead of one query per request."""
+        if self.rate_limits_on:
+            decision = await self.limiter.check_lookup(self.limiter.client_ip(request))
+            if not decision.allowed:
+                raise RateLimited(decision)
+
     def _account(self, route: str, request_id: str, outcome: Outcome,
                  started: float, started_unix: float) -> None:
         status = outcome.status or 500
@@ -173,6 +199,9 @@ class Pipeline:
         if not self.metering_on:
             return
         usage = outcome.usage
+        if usage is None and 200 <= status < 300 and route in self.estimated:
+            usage = estimate_usage(route, outcome.body, outcome.watch)
+            self.estimated[route].inc(usage.total_tokens or 0)
         principal = outcome.principal
         self.meter.record(UsageRecord(
             request_id=request_id,
@@ -188,6 +217,7 @@ class Pipeline:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,
+            estimated=usage.estimated if usage else False,
             created_unix=started_unix,
         ), outcome.ticket)
 

@@ -23,6 +23,7 @@ from gpuproxy_operator.api.cluster import InvalidSpecError, parse_cluster
 REMOVE = object()
 SCHEMA = openapi_schema(load_crd())
 RULES = CelRules()
+ADMIN_TOKEN_AUTH = {"adminTokenSecretRef": {"name": "auth", "key": "admin"}}
 
 
 def base() -> dict[str, Any]:
@@ -98,6 +99,8 @@ HAND_WRITTEN = [
     change("jwt-claims-with-secret", None, spec__proxy__auth={
         "jwtIssuer": "https://issuer", "jwtAudience": "gpu",
         "jwtSecretRef": {"name": "jwt", "key": "secret"}}),
+    change("api-key-cache-bounds", None, spec__proxy__auth={
+        "apiKeyCacheSeconds": 600, "apiKeyCacheMaxStaleSeconds": 0}),
     change("grace-override-of-drain-delay-plus-margin", None,
            spec__proxy__terminationGracePeriodSeconds=30),
     change("grace-override-without-drain-delay", None,
@@ -118,6 +121,8 @@ HAND_WRITTEN = [
         "metricsFrom": [{"namespaceSelector": {"kubernetes.io/metadata.name": "monitoring"}},
                         {"podSelector": {"app": "prom"}}]}),
     change("proxy-network-policy-off", None, spec__proxy__networkPolicy={"enabled": False}),
+    change("client-timeouts-for-slow-uploads", None, spec__proxy__clientTimeouts={
+        "bodySeconds": 600, "bodyMinBytesPerSecond": 0, "writeSeconds": 120}),
     change("external-redis-with-password", None, spec__redis={
         "mode": "external", "url": "rediss://r:6380/0",
         "passwordSecretRef": {"name": "redis", "key": "password"}}),
@@ -132,6 +137,17 @@ HAND_WRITTEN = [
            spec__proxy__backends=[{"name": "a", "url": "http://a:1", "weight": 5}]),
     change("port-equals-admin-port", "port and adminPort must differ",
            spec__proxy__adminPort=8080),
+    change("admin-api-port-equals-port", "adminApiPort must differ from port and adminPort",
+           spec__proxy__adminApiPort=8080, spec__proxy__auth=ADMIN_TOKEN_AUTH),
+    change("admin-api-port-equals-admin-port",
+           "adminApiPort must differ from port and adminPort", spec__proxy__adminApiPort=9090,
+           spec__proxy__auth=ADMIN_TOKEN_AUTH),
+    change("admin-api-port-moved", None, spec__proxy__adminApiPort=9443,
+           spec__proxy__auth=ADMIN_TOKEN_AUTH),
+    # Without an admin token the port is not used: an existing adminPort 9091 stays valid.
+    change("admin-port-on-9091-without-admin-token", None, spec__proxy__adminPort=9091),
+    change("admin-port-on-9091-with-admin-token", "adminApiPort must differ",
+           spec__proxy__adminPort=9091, spec__proxy__auth=ADMIN_TOKEN_AUTH),
     change("health-timeout-not-below-interval",
            "timeoutSeconds must be less than intervalSeconds",
            spec__proxy__healthCheck={"timeoutSeconds": 5, "intervalSeconds": 5}),
@@ -150,6 +166,13 @@ HAND_WRITTEN = [
            "terminationGracePeriodSeconds must be at least shutdown.drainDelaySeconds + 20",
            spec__proxy__terminationGracePeriodSeconds=60,
            spec__proxy__shutdown={"drainDelaySeconds": 60}),
+    change("backup-without-claim", "enabled backups need claimName",
+           spec__database__backup={"enabled": True}),
+    change("backup-with-claim", None,
+           spec__database__backup={"enabled": True, "claimName": "gpuproxy-backups",
+                                   "schedule": "@daily", "timeZone": "Europe/Berlin"}),
+    change("backup-schedule-not-cron", "",
+           spec__database__backup={"enabled": True, "claimName": "b", "schedule": "daily"}),
     change("empty-policies-not-disabled", "policies must not be empty",
            spec__autoscaling__behavior__scaleUp__policies=[]),
     change("network-peer-without-selectors", "a peer needs namespaceSelector or podSelector",
@@ -166,6 +189,9 @@ HAND_WRITTEN = [
     change("typo-in-a-field", "", spec__proxy__replica=3),
     change("typo-in-a-section", "", spec__autoscalng={"enabled": True}),
     change("typo-in-a-list-item", "", spec__proxy__backends__0__wieght=2),
+    change("client-timeout-in-milliseconds", "", spec__proxy__clientTimeouts={
+        "bodyMilliseconds": 500}),
+    change("client-timeout-fractional", "", spec__proxy__clientTimeouts={"bodySeconds": 0.5}),
     change("integer-as-string", "", spec__proxy__replicas="3"),
     change("integer-as-float", "", spec__proxy__replicas=3.5),
     change("boolean-as-string", "", spec__paused="true"),

@@ -181,7 +181,9 @@ def test_proxy_image_matches_the_builders_deployment() -> None:
     final = stages[-1]
     defaults = ProxySpec.model_fields
     client_port, admin_port = defaults["port"].default, defaults["admin_port"].default
-    assert {int(p) for p in final.last("EXPOSE").split()} == {client_port, admin_port}
+    admin_api_port = defaults["admin_api_port"].default
+    assert {int(p) for p in final.last("EXPOSE").split()} == {client_port, admin_port,
+                                                              admin_api_port}
     cmd = exec_form(final.last("CMD"))
     assert cmd == ["--config", f"{proxy_builder.CONFIG_DIR}/{proxy_builder.CONFIG_FILE}"]
     probe = exec_form(final.last("HEALTHCHECK").split(" CMD ", 1)[1])

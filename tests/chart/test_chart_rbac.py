@@ -390,3 +390,28 @@ def one_sa(manifests: list[dict[str, Any]]) -> dict[str, Any]:
 def test_rbac_can_be_left_to_the_user() -> None:
     manifests = render((), ("rbac.create=false",))
     assert not [m for m in manifests if m["apiVersion"].startswith("rbac.")]
+
+
+def node_tuning_status_roles(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in by_kind(manifests, "Role")
+            if r["metadata"]["name"].endswith("-node-tuning-status")]
+
+
+def test_node_tuning_status_is_one_get_on_the_charts_own_daemonset() -> None:
+    """NodeTuningReady reads the DaemonSet the operator is told about (GPUPROXY_NODE_TUNING):
+    a namespaced install grants exactly that object in the release namespace; a cluster-wide
+    install's ClusterRole covers it already."""
+    manifests = render((NAMESPACED_VALUES,), ("nodeTuning.enabled=true",))
+    (role,) = node_tuning_status_roles(manifests)
+    (ds,) = by_kind(manifests, "DaemonSet")
+    assert role["metadata"]["namespace"] == ds["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                              "resourceNames": [ds["metadata"]["name"]], "verbs": ["get"]}]
+    (operator,) = by_kind(manifests, "Deployment")
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["GPUPROXY_NODE_TUNING"] == f"{NAMESPACE}/{ds['metadata']['name']}"
+    assert node_tuning_status_roles(render((NAMESPACED_VALUES,))) == []
+    wide = render((), ("nodeTuning.enabled=true",))
+    assert node_tuning_status_roles(wide) == []
+    assert ("apps", "daemonsets", "get") in grants(operator_roles(wide, "ClusterRole"))

@@ -80,6 +80,8 @@ def production_body() -> dict[str, Any]:
             "database": {
                 "host": "postgres.aiserve-farm.svc", "port": 5433, "database": "usage",
                 "credentialsSecret": "gpuproxy-db", "sslMode": "require",
+                "backup": {"enabled": True, "claimName": "gpuproxy-backups",
+                           "timeZone": "Europe/Berlin", "retentionDays": 14},
             },
             "redis": {
                 "passwordSecretRef": {"name": "gpuproxy-redis", "key": "password"},

@@ -188,8 +188,8 @@ def test_proxy_replicas_are_not_part_of_the_spec_hash() -> None:
 def test_apply_order() -> None:
     kinds = [m["kind"] for m in ALL["production-100k"]]
     order = ["ServiceAccount", "ConfigMap", "Secret", "Service", "StatefulSet",
-             "Deployment", "PodDisruptionBudget", "NetworkPolicy", "PrometheusRule",
-             "ServiceMonitor"]
+             "Deployment", "PodDisruptionBudget", "NetworkPolicy", "CronJob",
+             "PrometheusRule", "ServiceMonitor"]
     assert kinds == sorted(kinds, key=order.index)
     assert set(kinds) == set(order)
 

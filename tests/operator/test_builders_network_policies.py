@@ -141,3 +141,21 @@ def test_without_a_known_operator_namespace_only_metrics_from_is_admitted() -> N
     assert not allowed(policy, "ingress", Peer("gpuproxy-system", OPERATOR.pod_labels), 9090)
     assert allowed(policy, "ingress",
                    Peer("monitoring", {"app.kubernetes.io/name": "prometheus"}), 9090)
+
+
+def test_admin_api_port_only_from_the_operator_and_only_with_an_admin_token() -> None:
+    """Issue 11: key management is neither for clients nor for scrapers (metricsFrom)."""
+    policy = _policy(production_body())
+    operator_pod = Peer("gpuproxy-system", OPERATOR.pod_labels)
+    assert allowed(policy, "ingress", operator_pod, 9091)
+    assert not allowed(policy, "ingress", Peer("gpuproxy-system", {"app": "other"}), 9091)
+    assert not allowed(policy, "ingress", Peer("aiserve-farm", {"app": "curl"}), 9091)
+    assert not allowed(policy, "ingress", Peer("x", ip="203.0.113.9"), 9091)
+    # Prometheus (the default metricsFrom) scrapes 9090 and gets nothing here.
+    prometheus = Peer("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    assert allowed(policy, "ingress", prometheus, 9090)
+    assert not allowed(policy, "ingress", prometheus, 9091)
+    # No admin token: no admin API, no rule for it.
+    assert not allowed(_policy(minimal_body()), "ingress", operator_pod, 9091)
+    # Without a known operator peer nobody is admitted (port-forward still works).
+    assert not allowed(_policy(production_body(), operator=None), "ingress", operator_pod, 9091)

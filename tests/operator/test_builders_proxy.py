@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 from tests.operator.clusters import (
     CREDENTIALS,
+    EXAMPLES,
     by_key,
     cluster,
     lean_body,
@@ -18,7 +20,8 @@ from tests.operator.clusters import (
 from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.naming import CONFIG_HASH_ANNOTATION
-from gpuproxy_proxy.config import ProxyConfig, SecretFilesConfig, parse_config
+from gpuproxy_proxy.auth.authenticator import MIN_ADMIN_TOKEN_CHARS
+from gpuproxy_proxy.config import LimitsConfig, ProxyConfig, SecretFilesConfig, parse_config
 
 
 def _objects(body: dict[str, Any], replicas: int | None = None) -> dict[tuple[str, str], Manifest]:
@@ -54,10 +57,25 @@ def test_minimal_config_parses_with_the_proxy_and_carries_the_defaults() -> None
     # 100000 connections * 1.1 / 4 workers
     assert cfg.limits.max_connections_per_worker == 27500
     assert cfg.limits.max_body_bytes == 10 * 1024 * 1024
+    # Client deadlines: the CR's defaults are the proxy's own.
+    proxy_defaults = LimitsConfig()
+    assert (cfg.limits.body_read_timeout_seconds, cfg.limits.body_min_bytes_per_second,
+            cfg.limits.client_write_timeout_seconds) == (
+        proxy_defaults.body_read_timeout_seconds, proxy_defaults.body_min_bytes_per_second,
+        proxy_defaults.client_write_timeout_seconds) == (60, 1024, 30)
     # Shutdown: 10 s drain delay, idle closes spread over 10 s, streams up to 600 s.
     assert (cfg.limits.drain_delay_seconds, cfg.limits.idle_close_seconds) == (10, 10)
     assert cfg.upstream.max_request_seconds == 600
     assert cfg.limits.shutdown_grace_seconds == 600
+
+
+def test_client_timeouts_reach_the_proxy_limits() -> None:
+    body = minimal_body()
+    body["spec"]["proxy"]["clientTimeouts"] = {"bodySeconds": 600, "bodyMinBytesPerSecond": 0,
+                                               "writeSeconds": 120}
+    limits = _config(body).limits
+    assert (limits.body_read_timeout_seconds, limits.body_min_bytes_per_second,
+            limits.client_write_timeout_seconds) == (600, 0, 120)
 
 
 def test_production_config_follows_the_spec() -> None:
@@ -296,3 +314,40 @@ def test_metrics_service_service_account_and_pdb() -> None:
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["maxUnavailable"] == 2
     assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "proxy"
+
+
+def test_admin_api_port_only_with_an_admin_token() -> None:
+    """Issue 11: the admin API has its own port, declared and configured only when the spec
+    references an admin token (the proxy opens nothing for it otherwise)."""
+    for body, expected in ((minimal_body(), None), (production_body(), 9091)):
+        assert _config(body).listen.admin_api_port == expected
+        [c] = _pod(body)["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports.get("admin-api") == expected
+    body = production_body()
+    body["spec"]["proxy"]["adminApiPort"] = 9443
+    cfg = _config(body)
+    assert (cfg.listen.port, cfg.listen.admin_port, cfg.listen.admin_api_port) == (8080, 9090,
+                                                                                  9443)
+    # Never on a Service: it is not for clients, and kubectl port-forward needs none.
+    for (kind, _), obj in _objects(body).items():
+        if kind == "Service":
+            assert 9443 not in [p["port"] for p in obj["spec"]["ports"]]
+
+
+def test_example_admin_tokens_are_long_enough_for_the_proxy() -> None:
+    """A placeholder the proxy would refuse (under 32 characters) makes a broken example."""
+    found = 0
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if not doc or doc.get("kind") != "GpuProxyCluster":
+                continue
+            ref = doc["spec"]["proxy"].get("auth", {}).get("adminTokenSecretRef")
+            if ref is None:
+                continue
+            [secret] = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+                        if d and d.get("kind") == "Secret"
+                        and d["metadata"]["name"] == ref["name"]]
+            assert len(secret["stringData"][ref["key"]]) >= MIN_ADMIN_TOKEN_CHARS, path
+            found += 1
+    assert found

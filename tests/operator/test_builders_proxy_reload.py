@@ -52,6 +52,8 @@ RELOADED = [
     ("health-check", {"healthCheck": {"intervalSeconds": 9, "timeoutSeconds": 3}}),
     ("rate-limits", {"rateLimits": {"perIp": 50, "perUser": 60}}),
     ("body-limit", {"maxBodyBytes": 2048}),
+    ("client-timeouts", {"clientTimeouts": {"bodySeconds": 300, "bodyMinBytesPerSecond": 0,
+                                            "writeSeconds": 90}}),
     # Shorter than maxRequestSeconds, so the grace period stays.
     ("drain-timing", {"shutdown": {"idleCloseSeconds": 30}}),
 ]

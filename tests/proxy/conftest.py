@@ -9,15 +9,17 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import BaseTestServer, TestClient, get_port_socket
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer, get_port_socket
 from tests.proxy.fakes import FakeBackend
 from yarl import URL
 
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.config import ProxyConfig, Secrets
+from gpuproxy_proxy.http.adminlistener import build_admin_api_app
 from gpuproxy_proxy.http.frontend import ClientPort
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+AdminApiFactory = Callable[[TestClient[Any, Any]], Awaitable[TestClient[Any, Any]]]
 
 
 def proxy_config(fakes: list[FakeBackend], **overrides: Any) -> ProxyConfig:
@@ -90,6 +92,24 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
                       **kwargs: Any) -> TestClient[Any, Any]:
         app = build_app(config, secrets or Secrets(), **kwargs)
         client: TestClient[Any, Any] = TestClient(ProxyTestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def make_admin_api() -> AsyncIterator[AdminApiFactory]:
+    """The admin API's own listener (http/adminlistener.py) over a started proxy's services,
+    as a worker serves it on listen.admin_api_port."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def factory(proxy: TestClient[Any, Any]) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = TestClient(TestServer(build_admin_api_app(proxy.app),
+                                                             host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         return client

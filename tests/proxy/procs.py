@@ -34,10 +34,17 @@ class ProxyProcess:
     port: int
     admin_port: int
     log_path: Path
+    admin_api_port: int | None = None  # listen.admin_api_port, when the config opens one
 
     @property
     def admin(self) -> str:
         return f"http://{self.host}:{self.admin_port}"
+
+    @property
+    def admin_api(self) -> str:
+        """The admin API's own listener (key management), never the client port."""
+        assert self.admin_api_port, "this proxy's config opens no listen.admin_api_port"
+        return f"http://{self.host}:{self.admin_api_port}"
 
     @property
     def url(self) -> str:
@@ -109,7 +116,7 @@ async def start_proxy(config_path: Path, config: ProxyConfig, log_path: Path,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         stderr=log_path.open("w"))
     handle = ProxyProcess(proc, config.listen.host, config.listen.port,
-                          config.listen.admin_port, log_path)
+                          config.listen.admin_port, log_path, config.listen.admin_api_port)
     try:
         await wait_ready(handle.admin, proc)
     except BaseException:

@@ -160,9 +160,11 @@ async def test_changed_claims_settings_invalidate_cached_tokens() -> None:
         await auth.authenticate_token(tok)  # now requires iss
 
 
-async def test_new_admin_token_is_never_shadowed_by_a_cached_jwt() -> None:
+async def test_a_cached_jwt_that_becomes_the_admin_token_is_refused_at_once() -> None:
     auth = authenticator(admin_token="admin-" + uuid.uuid4().hex)
     tok = token()
     assert (await auth.authenticate_token(tok)).kind == "jwt"
     auth.set_admin_token(tok)
-    assert (await auth.authenticate_token(tok)).is_admin
+    assert auth.is_admin_token(tok)
+    with pytest.raises(web.HTTPUnauthorized):
+        await auth.authenticate_token(tok)  # the admin token is never a client credential

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
-from tests.proxy.conftest import ProxyFactory, proxy_config
+from tests.proxy.conftest import AdminApiFactory, ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 
 from gpuproxy_proxy.appkeys import METRICS
@@ -339,22 +339,27 @@ async def test_failed_credentials_spend_the_ip_quota(backends: list[FakeBackend]
     assert statuses == [401, 401, 401, 429, 429]
 
 
-async def test_errors_before_the_backend_carry_the_request_id(backends: list[FakeBackend],
-                                                             make_proxy: ProxyFactory) -> None:
+async def test_errors_before_the_backend_carry_the_request_id(
+    backends: list[FakeBackend], make_proxy: ProxyFactory, make_admin_api: AdminApiFactory,
+) -> None:
     """Auth, admin API and routing errors, not only the forwarding ones."""
     await _backend(backends, "a")
     config = proxy_config(backends, auth={"enabled": True}, limits={"max_body_bytes": 1024})
-    client = await make_proxy(config, Secrets(jwt_secret="s" * 32, admin_token="adm"))
-    admin = {"Authorization": "Bearer adm"}
+    token = "adm-" + "t" * 40
+    client = await make_proxy(config, Secrets(jwt_secret="s" * 32, admin_token=token))
+    admin_api = await make_admin_api(client)
+    admin = {"Authorization": f"Bearer {token}"}
     answers = [
         (401, await client.post("/v1/chat/completions", json={})),
         (401, await client.post("/v1/chat/completions", headers={"Authorization": "Basic x"})),
         (404, await client.get("/nope")),
-        (401, await client.get("/admin/keys")),
-        (400, await client.get("/admin/keys", params={"limit": "0"}, headers=admin)),
-        (413, await client.post("/admin/keys", data=b"x" * 4096, headers=admin)),
-        (404, await client.delete("/admin/keys/k", headers=admin)),
-        (503, await client.get("/admin/keys", headers=admin)),  # no database
+        (401, await admin_api.get("/admin/keys")),
+        (400, await admin_api.get("/admin/keys", params={"limit": "0"}, headers=admin)),
+        (413, await admin_api.post("/admin/keys", data=b"x" * 4096, headers=admin)),
+        (404, await admin_api.delete("/admin/keys/k", headers=admin)),
+        (404, await admin_api.get("/nope", headers=admin)),
+        (405, await admin_api.put("/admin/keys", headers=admin)),
+        (503, await admin_api.get("/admin/keys", headers=admin)),  # no database
     ]
     for status, resp in answers:
         assert resp.status == status, await resp.text()
@@ -364,7 +369,7 @@ async def test_errors_before_the_backend_carry_the_request_id(backends: list[Fak
     resp = await client.get("/nope", headers={"X-Request-ID": "client-42"})
     assert (await _error(resp))["request_id"] == "client-42"
 
-    no_admin = await make_proxy(config, Secrets(jwt_secret="s" * 32))
+    no_admin = await make_admin_api(await make_proxy(config, Secrets(jwt_secret="s" * 32)))
     resp = await no_admin.get("/admin/keys", headers=admin)
     assert resp.status == 403
     assert (await _error(resp))["type"] == "permission_error"

@@ -1,4 +1,6 @@
-"""OpenAI usage extraction from JSON bodies and SSE streams; merging of worker stats/metrics."""
+"""OpenAI usage extraction from JSON bodies and SSE streams; merging of worker stats/metrics.
+
+The parsers of bodies of every shape and size: test_metering_usage_parsers.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import json
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpuproxy_proxy.metering.usage import SseUsageScanner, Usage, usage_from_json
+from gpuproxy_proxy.metering.sse_usage import SseUsage
+from gpuproxy_proxy.metering.usage import Usage, usage_from_json
 from gpuproxy_proxy.observability.aggregate import merge_metrics, merge_stats
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
@@ -34,14 +37,14 @@ def test_sse_usage_in_last_chunk_even_when_split() -> None:
                                   "total_tokens": 13}},
     )
     for size in (1, 7, 64, len(stream)):
-        scanner = SseUsageScanner()
+        scanner = SseUsage(strip=False)
         for i in range(0, len(stream), size):
             scanner.feed(stream[i:i + size])
         assert scanner.result() == Usage(11, 2, 13), size
 
 
 def test_sse_without_usage() -> None:
-    scanner = SseUsageScanner()
+    scanner = SseUsage(strip=False)
     scanner.feed(_events({"choices": [], "usage": None}))
     assert scanner.result() is None
 

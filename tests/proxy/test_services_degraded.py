@@ -10,7 +10,7 @@ from typing import Any
 
 import jwt
 from aiohttp.test_utils import TestClient, TestServer
-from tests.proxy.conftest import ProxyFactory, proxy_config
+from tests.proxy.conftest import AdminApiFactory, ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend
 
 from gpuproxy_proxy.config import Secrets
@@ -20,7 +20,7 @@ from gpuproxy_proxy.process.lifecycle import ProcessLifecycle
 from gpuproxy_proxy.runtime import RUNTIME
 
 JWT_SECRET = "degraded-test-secret-" + "d" * 32
-ADMIN = "degraded-admin-token"
+ADMIN = "degraded-admin-token-" + "a" * 32
 CHAT = "/v1/chat/completions"
 
 
@@ -32,7 +32,8 @@ async def _until(check: Any, what: str, timeout: float = 60.0) -> None:
 
 
 async def test_pgbouncer_outage_degrades_only_what_needs_the_database(
-    pgbouncer_server: Any, backends: list[FakeBackend], make_proxy: ProxyFactory
+    pgbouncer_server: Any, backends: list[FakeBackend], make_proxy: ProxyFactory,
+    make_admin_api: AdminApiFactory,
 ) -> None:
     backends.append(await FakeBackend("gpu").start())
     proxy = await make_proxy(proxy_config(
@@ -47,6 +48,7 @@ async def test_pgbouncer_outage_degrades_only_what_needs_the_database(
     status: TestClient[Any, Any] = TestClient(TestServer(
         build_status_app([LocalSource(proxy.app)], ProcessLifecycle(runtime)), host="127.0.0.1"))
     await status.start_server()
+    admin_api = await make_admin_api(proxy)
 
     async def database_up(up: bool) -> bool:
         stats = await (await status.get("/stats")).json()
@@ -61,7 +63,7 @@ async def test_pgbouncer_outage_degrades_only_what_needs_the_database(
         await _until(lambda: database_up(True), "the database never came up")
         keys = []
         for user in ("cached", "uncached"):
-            resp = await proxy.post("/admin/keys", json={"user_id": user},
+            resp = await admin_api.post("/admin/keys", json={"user_id": user},
                                     headers={"Authorization": f"Bearer {ADMIN}"})
             assert resp.status == 201
             keys.append((await resp.json())["key"])

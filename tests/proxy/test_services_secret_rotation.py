@@ -5,6 +5,7 @@ lost usage record; the JWT secret with its overlap; the admin token; the Redis p
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import signal
@@ -19,7 +20,7 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
-from tests.proxy.conftest import ProxyFactory, proxy_config
+from tests.proxy.conftest import AdminApiFactory, ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend
 from tests.services import (
     PgBouncerServer,
@@ -183,7 +184,7 @@ class Traffic:
 @pytest.mark.parametrize("order", ["database_first", "file_first"])
 async def test_database_password_rotation_never_fails_a_request(
     order: str, tmp_path: Path, role: Role, pgbouncer_server: PgBouncerServer,
-    backends: list[FakeBackend], make_proxy: ProxyFactory,
+    backends: list[FakeBackend], make_proxy: ProxyFactory, make_admin_api: AdminApiFactory,
 ) -> None:
     backends.append(await FakeBackend("gpu").start())
     volume = SecretVolume(tmp_path)
@@ -205,8 +206,9 @@ async def test_database_password_rotation_never_fails_a_request(
     db: Database | None = client.app[DB_POOL]
     assert db is not None
     await _until(lambda: db.pool is not None, "the proxy never connected")
-    created = await client.post("/admin/keys", json={"user_id": "rot"},
-                                headers={"Authorization": f"Bearer {admin_token}"})
+    admin_api = await make_admin_api(client)
+    created = await admin_api.post("/admin/keys", json={"user_id": "rot"},
+                                   headers={"Authorization": f"Bearer {admin_token}"})
     assert created.status == 201, await created.text()
     traffic = Traffic(client, (await created.json())["key"], f"rot-{uuid.uuid4().hex[:8]}")
     new_password = secrets.token_hex(12)
@@ -294,15 +296,17 @@ async def test_jwt_secret_rotation_keeps_old_tokens_for_the_overlap(
 
 
 async def test_admin_token_swap_applies_at_once(
-    tmp_path: Path, backends: list[FakeBackend], make_proxy: ProxyFactory
+    tmp_path: Path, backends: list[FakeBackend], make_proxy: ProxyFactory,
+    make_admin_api: AdminApiFactory,
 ) -> None:
     volume = SecretVolume(tmp_path)
     old, new = secrets.token_hex(16), secrets.token_hex(16)
     volume.update(admin_token=old)
     # No database: the admin API answers 503 after the token check, 401 before it passes.
-    client = await _proxy(make_proxy, proxy_config(
+    proxy = await _proxy(make_proxy, proxy_config(
         backends, auth={"enabled": True}, reload={"interval_seconds": 0.1},
         secret_files={"admin_token": volume.path("admin_token")}))
+    client = await make_admin_api(proxy)
     assert await _status(client, old, "/admin/keys") == 503
     assert await _status(client, new, "/admin/keys") == 401
     volume.update(admin_token=new)
@@ -311,6 +315,39 @@ async def test_admin_token_swap_applies_at_once(
         assert time.monotonic() < deadline, "the new admin token was never applied"
         await asyncio.sleep(0.05)
     assert await _status(client, old, "/admin/keys") == 401
+
+
+async def test_rotation_to_a_short_admin_token_turns_the_admin_api_off_without_a_crash(
+    tmp_path: Path, backends: list[FakeBackend], make_proxy: ProxyFactory,
+    make_admin_api: AdminApiFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    volume = SecretVolume(tmp_path)
+    good, short = secrets.token_hex(16), "s" + secrets.token_hex(15)  # 32 and 31 characters
+    volume.update(admin_token=good)
+    proxy = await _proxy(make_proxy, proxy_config(
+        backends, auth={"enabled": True}, reload={"interval_seconds": 0.1},
+        secret_files={"admin_token": volume.path("admin_token")}))
+    client = await make_admin_api(proxy)
+    assert await _status(client, good, "/admin/keys") == 503  # accepted (no database)
+    caplog.set_level(logging.ERROR, "gpuproxy_proxy.auth.authenticator")
+    volume.update(admin_token=short)
+    deadline = time.monotonic() + 60
+    while await _status(client, short, "/admin/keys") != 403:
+        assert time.monotonic() < deadline, "the short admin token was never refused"
+        await asyncio.sleep(0.05)
+    resp = await client.get("/admin/keys", headers={"Authorization": f"Bearer {good}"})
+    assert resp.status == 403  # the previous token is not kept either
+    assert "too short" in (await resp.json())["error"]["message"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert volume.path("admin_token") in logged, logged
+    assert "31 characters" in logged
+    assert "at least 32" in logged
+    assert short not in logged
+    # The proxy kept serving: a long token again turns the admin API back on.
+    volume.update(admin_token=good)
+    while await _status(client, good, "/admin/keys") != 503:
+        assert time.monotonic() < deadline, "the long admin token was never applied again"
+        await asyncio.sleep(0.05)
 
 
 # --- the Redis password --------------------------------------------------------------------

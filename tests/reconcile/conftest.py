@@ -20,6 +20,7 @@ from gpuproxy_operator import handlers, kube
 from gpuproxy_operator.api.base import API_VERSION, GROUP, KIND, PLURAL, SINGULAR, VERSION
 from gpuproxy_operator.engine import OperatorState
 from gpuproxy_operator.operator_metrics import OperatorMetrics
+from gpuproxy_operator.platform import Platform
 
 OPERATOR_AGENTS = ("gpuproxy-operator", "kopf/")
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -174,6 +175,7 @@ class Operator:
 
     url: str
     resync_seconds: float = 0.3
+    platform: Platform = field(default_factory=Platform)
     state: OperatorState | None = None
     _thread: threading.Thread | None = None
     _stop: threading.Event | None = None
@@ -184,7 +186,7 @@ class Operator:
         state = self.state = OperatorState(
             kube=kube.KubeClient(on_call=metrics.api_call), metrics=metrics,
             login=lambda **_: info, namespaces=namespaces, resync_seconds=self.resync_seconds,
-            consistency_timeout=5.0)
+            consistency_timeout=5.0, platform=self.platform, node_tuning_ttl=0.5)
         stop, ready = threading.Event(), threading.Event()
         self._stop = stop
         self._thread = threading.Thread(target=lambda: asyncio.run(handlers.run_operator(

@@ -144,6 +144,7 @@ async def test_streamed_chat_is_valid_sse_with_final_usage(
     assert finish_chunk["choices"][0]["finish_reason"] == "length"
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"]["completion_tokens"] == 5
+    assert all("usage" not in c for c in (*token_chunks, finish_chunk))  # as vLLM's
     streamed_text = "".join(c["choices"][0]["delta"]["content"] for c in token_chunks)
     request.pop("stream"), request.pop("stream_options")
     async with session.post(f"{fast_server}/v1/chat/completions", json=request) as response:

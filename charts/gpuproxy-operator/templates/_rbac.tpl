@@ -43,6 +43,10 @@ derives the needs from the operator's code and fails when a rule here is missing
 - apiGroups: [""]
   resources: ["services", "configmaps", "secrets", "serviceaccounts"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The database backup (spec.database.backup): a CronJob whose pods run pg_dump.
+- apiGroups: ["batch"]
+  resources: ["cronjobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Disruption budget of the proxy pods.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]

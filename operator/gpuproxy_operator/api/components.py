@@ -108,6 +108,47 @@ class AutoscalingSpec(Model):
     )
 
 
+# Five cron fields (minute hour day month weekday), or a macro such as @daily; the CronJob
+# controller parses the rest. Bounded so the CRD's CEL cost estimate stays small.
+CRON_SCHEDULE = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
+
+
+class DatabaseBackupSpec(Model):
+    """A daily `pg_dump` of the database (API keys and usage records) onto a volume the user
+    provides, old dumps deleted after retentionDays, as the deployment guide's backup does."""
+
+    enabled: bool = False
+    """Run the backup CronJob (needs claimName)."""
+    schedule: Annotated[str, Field(min_length=1, max_length=100, pattern=CRON_SCHEDULE)] = (
+        "0 2 * * *")
+    """Cron schedule (the guide's 02:00 daily)."""
+    time_zone: Annotated[str, Field(min_length=1, max_length=64,
+                                    pattern=r"^[A-Za-z0-9_+/-]+$")] | None = None
+    """IANA time zone of the schedule (e.g. Europe/Berlin); unset: the controller's (UTC)."""
+    retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    """Dumps older than this many days are deleted after each successful backup."""
+    claim_name: Name | None = None
+    """An existing PersistentVolumeClaim in the cluster's namespace that holds the dumps. The
+    operator never creates or deletes it, so backups outlive the GpuProxyCluster."""
+    image: str | None = None
+    """Image with pg_dump (a PostgreSQL client at least as new as the server). Unset: the
+    operator's default (the chart's `images.backup`)."""
+    resources: Resources = Field(default_factory=lambda: Resources(
+        requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"}))
+    """Compute resources of the backup container."""
+
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: not v["enabled"] or v["claim_name"] is not None,
+            message="enabled backups need claimName: the PersistentVolumeClaim the dumps are "
+                    "written to",
+            cel="!self.enabled || has(self.claimName)",
+            reads=("enabled",),
+            field_path=".claimName",
+        ),
+    )
+
+
 class DatabaseSpec(Model):
     """The user's PostgreSQL (usage records and API keys), reached through PgBouncer."""
 
@@ -123,6 +164,8 @@ class DatabaseSpec(Model):
     """Secret with keys `username` and `password` of the login role."""
     ssl_mode: SslMode = "prefer"
     """TLS mode from PgBouncer to PostgreSQL."""
+    backup: DatabaseBackupSpec = Field(default_factory=DatabaseBackupSpec)
+    """Scheduled pg_dump backups of the database (off unless enabled)."""
 
 
 class PgBouncerSpec(Model):

@@ -105,6 +105,22 @@ class Upstream(Model):
     long for its in-flight requests, so it sizes the termination grace period."""
 
 
+class ClientTimeouts(Model):
+    """Deadlines on clients, so none holds a connection, an in-flight slot or a backend
+    connection by being slow (a request head has a fixed 10 s)."""
+
+    body_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
+    """Longest a request body may take to arrive, whatever its rate; past it -> 408. The
+    slowest upload accepted averages maxBodyBytes / bodySeconds: raise it for large bodies
+    from clients on slow links."""
+    body_min_bytes_per_second: Annotated[int, Field(ge=0, le=100_000_000)] = 1024
+    """Slowest average rate of a request body, counted after its first 10 s; slower -> 408
+    long before bodySeconds (a stalled upload frees its slot early). 0: no rate check."""
+    write_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    """Longest a client may leave its answer unread (its buffer full, a stream included);
+    then its connection and the backend's are cut and the generation stops."""
+
+
 class Shutdown(Model):
     """How a stopping proxy pod hands its clients over (SIGTERM until exit)."""
 
@@ -124,13 +140,19 @@ class Auth(Model):
     jwt_secret_ref: SecretKeyRef | None = None
     """Secret key holding the HS256 signing secret; JWTs are rejected when unset."""
     admin_token_secret_ref: SecretKeyRef | None = None
-    """Secret key holding the admin token for /admin/keys; admin endpoints are off when unset."""
+    """Secret key holding the admin token (at least 32 characters, e.g. `openssl rand -hex
+    32`) of the admin API (/admin/keys on adminApiPort); the admin API is off when unset."""
     jwt_issuer: str | None = None
     """Required `iss` claim."""
     jwt_audience: str | None = None
     """Required `aud` claim."""
     api_key_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 30
-    """How long a looked-up API key is cached in each proxy process (revocation delay)."""
+    """How long a looked-up API key is used by each proxy process without asking the
+    database again. Revocations are pushed through Redis (under a second); this bounds one
+    that a process missed while Redis was unreachable."""
+    api_key_cache_max_stale_seconds: Annotated[int, Field(ge=0, le=86400)] = 300
+    """No cached API key is served longer than this after it was read from the database,
+    not even while the database is down (then 503): the revocation bound during an outage."""
 
     cross_field_rules = (
         CrossFieldRule(
@@ -271,6 +293,10 @@ class ProxySpec(Model):
     """Client port in the container."""
     admin_port: Annotated[int, Field(ge=1024, le=65535)] = 9090
     """Port of /health, /ready, /stats and /metrics in the container."""
+    admin_api_port: Annotated[int, Field(ge=1024, le=65535)] = 9091
+    """Port of the admin API (/admin/keys) in the container, open only with
+    auth.adminTokenSecretRef; the NetworkPolicy admits only the operator's pods (reach it with
+    `kubectl port-forward`)."""
     connections_per_replica: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     """Concurrent client connections one replica is sized for (the autoscaling unit)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
@@ -281,6 +307,8 @@ class ProxySpec(Model):
     never cuts a request short. At least drainDelaySeconds + 20."""
     shutdown: Shutdown = Field(default_factory=Shutdown)
     """Graceful shutdown: drain delay and spreading of idle-connection closes."""
+    client_timeouts: ClientTimeouts = Field(default_factory=ClientTimeouts)
+    """Deadlines on slow clients: request bodies (408) and unread answers (cut)."""
     resources: Resources | None = None
     """Container resources. Unset: derived from workers and connectionsPerReplica: 750m CPU
     requested and 1 CPU limit per (single-threaded) worker; memory from the measured idle
@@ -356,5 +384,16 @@ class ProxySpec(Model):
             cel="self.port != self.adminPort",
             reads=("port", "adminPort"),
             field_path=".adminPort",
+        ),
+        CrossFieldRule(
+            # Only while the port is used: a cluster without an admin token keeps any adminPort.
+            check=lambda v: (v["auth"].admin_token_secret_ref is None
+                             or v["admin_api_port"] not in (v["port"], v["admin_port"])),
+            message="adminApiPort must differ from port and adminPort (with "
+            "auth.adminTokenSecretRef set, the admin API listens on it)",
+            cel="!has(self.auth.adminTokenSecretRef) || (self.adminApiPort != self.port"
+            " && self.adminApiPort != self.adminPort)",
+            reads=("auth", "port", "adminPort", "adminApiPort"),
+            field_path=".adminApiPort",
         ),
     )

@@ -4,6 +4,7 @@ No I/O and no clock; equal input gives byte-identical output."""
 from __future__ import annotations
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
+from gpuproxy_operator.builders.backup import build_backup_cronjob, build_backup_network_policy
 from gpuproxy_operator.builders.common import Manifest
 from gpuproxy_operator.builders.images import OperandImages, with_images
 from gpuproxy_operator.builders.inputs import BuildInputs, DatabaseCredentials, OperatorPeer
@@ -39,9 +40,10 @@ __all__ = ["BuildInputs", "DatabaseCredentials", "Manifest", "OperandImages", "O
 
 def build_all(cluster: GpuProxyCluster, inputs: BuildInputs) -> list[Manifest]:
     """Every child manifest in apply order: ServiceAccount, ConfigMaps, Secrets, Services,
-    workloads, PodDisruptionBudget, NetworkPolicies, then the prometheus-operator objects
-    (last, since their CRDs may be missing and must not block the rest). Node tuning is
-    not among them: it is the platform's (the chart's DaemonSet), never a cluster's child."""
+    workloads, PodDisruptionBudget, NetworkPolicies, the backup CronJob, then the
+    prometheus-operator objects (last, since their CRDs may be missing and must not block the
+    rest). Node tuning is not among them: it is the platform's (the chart's DaemonSet), never
+    a cluster's child."""
     cluster = with_images(cluster, inputs.images)
     bundled_redis = cluster.spec.redis.mode == "bundled"
     candidates: list[Manifest | None] = [
@@ -62,6 +64,8 @@ def build_all(cluster: GpuProxyCluster, inputs: BuildInputs) -> list[Manifest]:
         build_proxy_network_policy(cluster, inputs.operator),
         build_redis_network_policy(cluster),
         build_pgbouncer_network_policy(cluster),
+        build_backup_network_policy(cluster),
+        build_backup_cronjob(cluster),
         build_prometheus_rule(cluster),
         build_service_monitor(cluster),
     ]

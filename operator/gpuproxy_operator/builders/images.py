@@ -11,6 +11,8 @@ from gpuproxy_operator.api.cluster import GpuProxyCluster
 DEFAULT_PROXY_IMAGE = "aiserve/gpuproxy-proxy:0.1.0"
 DEFAULT_PGBOUNCER_IMAGE = "edoburu/pgbouncer:v1.24.1-p1"
 DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
+# pg_dump must be at least as new as the server: the newest major dumps every older one.
+DEFAULT_BACKUP_IMAGE = "postgres:17-alpine"
 
 # What older CRDs defaulted into every stored cluster: the CRD wrote them, not the user, so
 # they count as unset (else those clusters would stay on these images forever).
@@ -25,6 +27,7 @@ class OperandImages:
     proxy: str = DEFAULT_PROXY_IMAGE
     pgbouncer: str = DEFAULT_PGBOUNCER_IMAGE
     redis: str = DEFAULT_REDIS_IMAGE
+    backup: str = DEFAULT_BACKUP_IMAGE
 
 
 def _chosen(spec_image: str | None, default: str) -> str:
@@ -43,6 +46,8 @@ def with_images(cluster: GpuProxyCluster, images: OperandImages) -> GpuProxyClus
             update={"image": _chosen(spec.pgbouncer.image, images.pgbouncer)}),
         "redis": spec.redis.model_copy(
             update={"image": _chosen(spec.redis.image, images.redis)}),
+        "database": spec.database.model_copy(update={"backup": spec.database.backup.model_copy(
+            update={"image": _chosen(spec.database.backup.image, images.backup)})}),
     })
     return cluster.model_copy(update={"spec": new_spec})
 
@@ -59,3 +64,7 @@ def pgbouncer_image(cluster: GpuProxyCluster) -> str:
 
 def redis_image(cluster: GpuProxyCluster) -> str:
     return cluster.spec.redis.image or DEFAULT_REDIS_IMAGE
+
+
+def backup_image(cluster: GpuProxyCluster) -> str:
+    return cluster.spec.database.backup.image or DEFAULT_BACKUP_IMAGE

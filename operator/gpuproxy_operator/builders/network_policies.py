@@ -13,7 +13,7 @@ from gpuproxy_operator.api.proxy import NetworkPeer
 from gpuproxy_operator.builders.common import Manifest, metadata, selector, with_spec_hash
 from gpuproxy_operator.builders.images import pgbouncer_image, proxy_image, redis_image
 from gpuproxy_operator.builders.inputs import OperatorPeer
-from gpuproxy_operator.builders.proxy_config import PGBOUNCER_PORT, REDIS_PORT
+from gpuproxy_operator.builders.proxy_config import PGBOUNCER_PORT, REDIS_PORT, admin_api_port
 from gpuproxy_operator.naming import Component, child_name
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -134,6 +134,11 @@ def _proxy_ingress(cluster: GpuProxyCluster, operator: OperatorPeer | None
     rules = [client]
     if admin_from:
         rules.append({"from": admin_from, "ports": [_tcp(proxy.admin_port)]})
+    api_port = admin_api_port(cluster)
+    if operator is not None and api_port is not None:
+        # Key management: the operator's namespace only, never metricsFrom (scrapers need
+        # /metrics, not keys); people reach it by port-forward, which no policy filters.
+        rules.append({"from": [_operator_peer(operator)], "ports": [_tcp(api_port)]})
     return rules
 
 

@@ -23,6 +23,7 @@ from gpuproxy_operator.builders.common import (
 from gpuproxy_operator.builders.images import proxy_image
 from gpuproxy_operator.builders.proxy_config import (
     SPOOL_DIR,
+    admin_api_port,
     build_proxy_config,
     spool_size_limit,
     termination_grace_seconds,
@@ -94,6 +95,8 @@ def _container(cluster: GpuProxyCluster) -> dict[str, Any]:
         "ports": [
             {"name": "http", "containerPort": proxy.port, "protocol": "TCP"},
             {"name": "admin", "containerPort": proxy.admin_port, "protocol": "TCP"},
+            *([{"name": "admin-api", "containerPort": api_port, "protocol": "TCP"}]
+              if (api_port := admin_api_port(cluster)) is not None else []),
         ],
         "resources": resources(proxy_resources(proxy)),
         # Startup allows 60 s for workers to spawn. Liveness is /health, the workers'

@@ -64,6 +64,7 @@ def _auth(cluster: GpuProxyCluster) -> dict[str, Any]:
     body: dict[str, Any] = {
         "enabled": auth.enabled,
         "api_key_cache_seconds": auth.api_key_cache_seconds,
+        "api_key_cache_max_stale_seconds": auth.api_key_cache_max_stale_seconds,
     }
     if auth.jwt_issuer is not None:
         body["jwt_issuer"] = auth.jwt_issuer
@@ -79,12 +80,19 @@ def spool_size_limit(spool_size_mib: int) -> str:
     return f"{2 * spool_size_mib + 64}Mi"
 
 
+def admin_api_port(cluster: GpuProxyCluster) -> int | None:
+    """The admin API's port, None (not listening) while no admin token is referenced."""
+    proxy = cluster.spec.proxy
+    return proxy.admin_api_port if proxy.auth.admin_token_secret_ref is not None else None
+
+
 def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
     """Everything one proxy pod needs except secrets, keyed like the proxy's YAML."""
     proxy = cluster.spec.proxy
     rl = proxy.rate_limits
     return {
-        "listen": {"host": "0.0.0.0", "port": proxy.port, "admin_port": proxy.admin_port},
+        "listen": {"host": "0.0.0.0", "port": proxy.port, "admin_port": proxy.admin_port,
+                   "admin_api_port": admin_api_port(cluster)},
         "workers": proxy.workers,
         "backends": [
             {
@@ -132,6 +140,9 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
                 proxy.connections_per_replica, proxy.workers
             ),
             "max_body_bytes": proxy.max_body_bytes,
+            "body_read_timeout_seconds": proxy.client_timeouts.body_seconds,
+            "body_min_bytes_per_second": proxy.client_timeouts.body_min_bytes_per_second,
+            "client_write_timeout_seconds": proxy.client_timeouts.write_seconds,
             "drain_delay_seconds": proxy.shutdown.drain_delay_seconds,
             "idle_close_seconds": proxy.shutdown.idle_close_seconds,
             "shutdown_grace_seconds": shutdown_grace_seconds(proxy),

@@ -84,7 +84,7 @@ def render(p: Plan, source: str) -> str:
         "",
         "Node sysctls needed" + (
             ": from the platform's node tuning (the operator chart's nodeTuning.enabled; "
-            "NodeTuningReady says whether it is installed)" if p.node_tuning
+            "NodeTuningReady says whether the nodes are tuned)" if p.node_tuning
             else " (spec.nodeTuning.enabled is false: set them on the nodes yourself)"),
     ]
     lines += [f"  {k} = {v}" for k, v in sorted(p.sysctls_missing.items())]

@@ -1,7 +1,6 @@
-"""Admin API on the client port: create, list and revoke API keys (admin token only).
-
-The handlers read only what the lean Request and aiohttp's have in common (`AdminRequest`):
-the client port serves them (`ADMIN_HANDLERS`), and they mount on an aiohttp app too."""
+"""The admin API: create, list and revoke API keys (admin token only), mounted on an aiohttp
+app: the admin API's own listener (http/adminlistener.py), never the client port. Failed
+authentication is counted per client IP (adminguard.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,8 @@ from typing import Any, Protocol
 from aiohttp import web
 from multidict import MultiMapping
 
-from gpuproxy_proxy.appkeys import CONFIG
+from gpuproxy_proxy.appkeys import CONFIG, METRICS
+from gpuproxy_proxy.auth.adminguard import AdminAuthGuard
 from gpuproxy_proxy.auth.apikeys import DatabaseUnavailable
 from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR, bearer_token
 from gpuproxy_proxy.http.errors import body_too_large
@@ -30,6 +30,7 @@ from gpuproxy_proxy.runtime import RUNTIME
 
 log = logging.getLogger(__name__)
 
+ADMIN_GUARD = web.AppKey("admin_guard", AdminAuthGuard)
 
 
 class AdminRequest(Protocol):
@@ -60,12 +61,38 @@ _MAX_LIST = 10_000
 def _require_admin(request: AdminRequest) -> None:
     auth = request.app[AUTHENTICATOR]
     if not auth.admin_enabled:
-        raise forbidden("the admin API is disabled: set GPUPROXY_ADMIN_TOKEN to enable it")
-    token = bearer_token(request)
-    if token is None:
-        raise unauthorized("missing credentials: send 'Authorization: Bearer <admin token>'", "")
-    if not auth.is_admin_token(token):
-        raise unauthorized("invalid admin token")
+        # Nothing to guess while no token is accepted: not counted as a failure.
+        raise forbidden("the admin API is disabled: " + (
+            auth.admin_refused or f"no admin token is set; set {auth.admin_token_source}"))
+    guard = request.app.get(ADMIN_GUARD)
+    metrics = request.app.get(METRICS)
+    ip = request.remote or "unknown"
+    wait = guard.retry_after(ip) if guard is not None else None
+    if wait is not None:
+        if metrics is not None:
+            metrics.admin_auth_refused.labels("locked_out").inc()
+        # Refused before the token is compared: a locked-out IP learns nothing by guessing.
+        raise json_error(web.HTTPTooManyRequests, "rate_limit_exceeded",
+                         f"too many failed admin authentications from {ip}; retry after "
+                         f"{wait} s", {"Retry-After": str(wait)})
+    reason = "malformed credentials"
+    try:
+        token = bearer_token(request)
+        if token is None:
+            reason = "no credentials"
+            raise unauthorized("missing credentials: send 'Authorization: Bearer <admin token>'",
+                               "")
+        if not auth.is_admin_token(token):
+            reason = "invalid admin token"
+            raise unauthorized("invalid admin token")
+    except web.HTTPUnauthorized:
+        if guard is not None:
+            guard.failed(ip, reason)
+        if metrics is not None:
+            metrics.admin_auth_refused.labels("failed").inc()
+        raise
+    if guard is not None:
+        guard.succeeded(ip)
 
 
 def _bad_request(message: str) -> web.HTTPException:
@@ -156,17 +183,9 @@ def _with_request_id(handler: Handler) -> Handler:
     return wrapped
 
 
-# By http/router.py's route kinds.
-ADMIN_HANDLERS: dict[str, Handler] = {
-    "admin_create": _with_request_id(create_key),
-    "admin_list": _with_request_id(list_keys),
-    "admin_revoke": _with_request_id(revoke_key),
-}
-
-
-def add_admin_routes(app: web.Application) -> None:
-    """The admin API on an aiohttp app (the services' own tests)."""
-    app.router.add_post("/admin/keys", ADMIN_HANDLERS["admin_create"])
-    app.router.add_get("/admin/keys", ADMIN_HANDLERS["admin_list"])
-    app.router.add_delete("/admin/keys/{key_id}",
-                          ADMIN_HANDLERS["admin_revoke"])
+def add_admin_routes(app: web.Application, guard: AdminAuthGuard | None = None) -> None:
+    """The admin API on an aiohttp app, with its failed-authentication guard."""
+    app[ADMIN_GUARD] = guard or AdminAuthGuard()
+    app.router.add_post("/admin/keys", _with_request_id(create_key))
+    app.router.add_get("/admin/keys", _with_request_id(list_keys))
+    app.router.add_delete("/admin/keys/{key_id}", _with_request_id(revoke_key))

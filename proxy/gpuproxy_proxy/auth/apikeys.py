@@ -1,4 +1,4 @@
-"""API keys: generation, hashed storage in PostgreSQL, and a bounded in-process lookup cache.
+"""API keys: generation, hashed storage in PostgreSQL; lookups go through keylookup.py's cache.
 
 Keys are 256-bit random tokens, so a single SHA-256 is a sufficient (and fast) one-way hash;
 only the hash and a short display prefix are stored.
@@ -6,28 +6,37 @@ only the hash and a short display prefix are stored.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import secrets
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from gpuproxy_proxy.auth.keylookup import (
+    OUTCOMES,
+    Admit,
+    DatabaseUnavailable,
+    KeyLookups,
+    LookupBusy,
+    LookupLimits,
+)
+from gpuproxy_proxy.config import AuthConfig
 from gpuproxy_proxy.database.pool import Database
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
+
+__all__ = [
+    "KEY_PREFIX", "ApiKey", "ApiKeyStore", "DatabaseUnavailable", "LookupBusy", "generate_key",
+    "hash_key", "looks_like_api_key", "lookup_limits", "well_formed",
+]
 
 KEY_PREFIX = "gpx_"
 _DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 8
-
-
-class DatabaseUnavailable(Exception):
-    """The key store cannot reach the database (or none is configured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,38 +99,23 @@ _COLUMNS = "id, prefix, user_id, name, created_at, revoked_at"
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
-class _TtlCache:
-    """LRU-bounded map with a per-entry deadline; expired entries stay readable as stale."""
+RevocationListener = Callable[["ApiKey", bytes], Awaitable[None]]
 
-    def __init__(self, max_entries: int) -> None:
-        self._max = max_entries
-        self._data: OrderedDict[bytes, tuple[float, ApiKey | None]] = OrderedDict()
 
-    def get(self, key: bytes) -> tuple[float, ApiKey | None] | None:
-        return self._data.get(key)
-
-    def put(self, key: bytes, deadline: float, value: ApiKey | None) -> None:
-        self._data[key] = (deadline, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self._max:
-            self._data.popitem(last=False)
-
-    def pop(self, key: bytes) -> None:
-        self._data.pop(key, None)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
+def lookup_limits(config: AuthConfig) -> LookupLimits:
+    return LookupLimits(
+        ttl_seconds=config.api_key_cache_seconds,
+        max_age_seconds=config.api_key_cache_max_stale_seconds,
+        timeout_seconds=config.api_key_lookup_timeout_seconds,
+        max_pending=config.api_key_max_pending_lookups,
+    )
 
 
 class ApiKeyStore:
-    """Create/list/revoke keys and look them up by hash with positive and negative caching.
+    """Create/list/revoke keys and look them up by hash, cached (see KeyLookups).
 
-    Invalid keys get their own (smaller) cache so a flood of random keys neither reaches the
-    database nor evicts valid entries. Concurrent misses for one key share one query.
-    """
+    A revocation evicts the key here at once and tells `revocation_listeners` (the Redis
+    feed, revocations.py), which evict it in every other process."""
 
     def __init__(
         self,
@@ -130,23 +124,35 @@ class ApiKeyStore:
         max_cached: int = 100_000,
         max_negative_cached: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        limits: LookupLimits | None = None,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         self._db = db
-        self._ttl = cache_seconds
-        self._clock = clock
-        self._positive = _TtlCache(max_cached)
-        self._negative = _TtlCache(max_negative_cached)
-        self._pending: dict[bytes, asyncio.Future[ApiKey | None]] = {}
-        # Cache misses may hold at most this many pool connections at once, so a flood of
-        # random keys cannot starve metering and the admin API of database connections.
-        miss_slots = 1 if db is None else max(1, db.config.pool_max_size // 2)
-        self._miss_slots = asyncio.Semaphore(miss_slots)
+        counters = None if metrics is None else {
+            outcome: metrics.api_key_lookups.labels(outcome) for outcome in OUTCOMES
+        }
+        self._lookups = KeyLookups(
+            self._query,
+            limits or LookupLimits(ttl_seconds=cache_seconds),
+            query_slots=1 if db is None else max(1, db.config.pool_max_size // 2),
+            max_cached=max_cached,
+            max_negative_cached=max_negative_cached,
+            usable=self._usable,
+            clock=clock,
+            count=None if counters is None else lambda outcome: counters[outcome].inc(),
+        )
+        self.revocation_listeners: list[RevocationListener] = []
 
     def _pool(self) -> asyncpg.Pool:
         pool = None if self._db is None else self._db.pool
         if pool is None:
             raise DatabaseUnavailable("the API key database is not connected")
         return pool
+
+    def _usable(self) -> bool:
+        db = self._db
+        return db is None or db.pool is None or db.up
 
     async def create(self, user_id: str, name: str = "") -> tuple[ApiKey, str]:
         """Returns the stored key and its plaintext, which is never retrievable again."""
@@ -181,7 +187,8 @@ class ApiKeyStore:
         return [_row_to_key(r) for r in rows]
 
     async def revoke(self, key_id: str) -> ApiKey | None:
-        """Revoke (idempotent); None when no such key. Other processes see it after the TTL."""
+        """Revoke (idempotent); None when no such key. This process forgets the key at once,
+        the others when the listeners' message reaches them (else after the cache TTL)."""
         try:
             parsed = uuid.UUID(key_id)
         except ValueError:
@@ -196,74 +203,49 @@ class ApiKeyStore:
             raise DatabaseUnavailable(str(exc)) from exc
         if row is None:
             return None
-        self._positive.pop(bytes(row["key_hash"]))  # this process sees it immediately
-        return _row_to_key(row)
-
-    async def lookup(self, key: str) -> ApiKey | None:
-        """The key's record (possibly revoked) or None when unknown.
-
-        Raises DatabaseUnavailable only when the database is down and nothing, not even a
-        stale entry, is cached (a stale hit beats rejecting every client during an outage).
-        """
-        digest = hash_key(key)
-        now = self._clock()
-        for cache in (self._positive, self._negative):
-            hit = cache.get(digest)
-            if hit is not None and hit[0] > now:
-                return hit[1]
-        pending = self._pending.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[ApiKey | None] = asyncio.get_running_loop().create_future()
-        self._pending[digest] = future
-        try:
-            result = await self._fetch(digest)
-        except BaseException as exc:
-            if not future.done():
-                # Waiters must not inherit the leader's cancellation.
-                shared = exc if isinstance(exc, Exception) else DatabaseUnavailable("cancelled")
-                future.set_exception(shared)
-                future.exception()  # mark retrieved: there may be no waiters
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._pending[digest]
-
-    async def _fetch(self, digest: bytes) -> ApiKey | None:
-        try:
-            db = self._db
-            if db is not None and db.pool is not None and not db.up:
-                # The last health check failed: answer 503 now rather than park the request
-                # for a command timeout (PgBouncer queues queries while PostgreSQL is away).
-                raise DatabaseUnavailable("the API key database failed its last health check")
-            async with self._miss_slots:
-                row = await self._query(digest)
-        except (DatabaseUnavailable, *_DB_ERRORS) as exc:
-            stale = self._positive.get(digest)
-            if stale is not None:
-                return stale[1]
-            raise DatabaseUnavailable(str(exc)) from exc
-        deadline = self._clock() + self._ttl
-        if row is None:
-            self._negative.put(digest, deadline, None)
-            return None
+        digest = bytes(row["key_hash"])
         record = _row_to_key(row)
-        self._negative.pop(digest)
-        self._positive.put(digest, deadline, record)
+        self.evict(digest)
+        for listener in self.revocation_listeners:
+            await listener(record, digest)  # each bounds its own time and handles its errors
         return record
 
-    async def _query(self, digest: bytes) -> asyncpg.Record | None:
-        return await self._pool().fetchrow(
-            f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1",  # noqa: S608
-            digest,
-        )
+    async def lookup(self, key: str, admit: Admit | None = None) -> ApiKey | None:
+        """The key's record (possibly revoked) or None when unknown; see KeyLookups.lookup.
 
-    def set_cache_seconds(self, seconds: float) -> None:
-        """A config reload: applies to entries cached from now on."""
-        self._ttl = seconds
+        Raises DatabaseUnavailable when the database cannot answer in time and no entry
+        younger than the maximum age is cached, LookupBusy when too many checks wait."""
+        return await self._lookups.lookup(hash_key(key), admit)
+
+    async def _query(self, digest: bytes) -> ApiKey | None:
+        try:
+            row = await self._pool().fetchrow(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1",  # noqa: S608
+                digest,
+            )
+        except _DB_ERRORS as exc:
+            # Also asyncpg's own command timeout: only the lookup deadline is a TimeoutError.
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        return None if row is None else _row_to_key(row)
+
+    def evict(self, digest: bytes) -> None:
+        """A revocation (this process's or one pushed from another)."""
+        self._lookups.evict(digest)
+
+    def expire_cached(self) -> None:
+        """Revocations may have been missed: check every cached key again before its use."""
+        self._lookups.expire_all()
+
+    @property
+    def pending_lookups(self) -> int:
+        return self._lookups.pending
+
+    def configure(self, config: AuthConfig) -> None:
+        """A config reload: applies to lookups from now on."""
+        self._lookups.limits = lookup_limits(config)
 
     def clear_cache(self) -> None:
-        self._positive.clear()
-        self._negative.clear()
+        self._lookups.clear()
+
+    async def close(self) -> None:
+        await self._lookups.close()

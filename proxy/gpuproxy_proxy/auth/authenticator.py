@@ -1,37 +1,47 @@
-"""Request authentication: `Authorization: Bearer <API key | JWT | admin token>` or `X-API-Key`.
+"""Request authentication: `Authorization: Bearer <API key | JWT>` or `X-API-Key`; the admin
+token (held here too) is only for the admin API's listener, never a client credential.
 
 401 for missing or invalid credentials (with `WWW-Authenticate`), 403 for revoked keys,
-503 when a key cannot be checked because the database is down and the key is not cached.
+503 when a key cannot be checked in time (database down or slow, too many checks waiting) and
+no entry younger than its maximum age is cached (see keylookup.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from gpuproxy_proxy.appkeys import CONFIG, SECRETS
+from gpuproxy_proxy.appkeys import CONFIG, METRICS, SECRETS
 from gpuproxy_proxy.auth.apikeys import (
     ApiKeyStore,
     DatabaseUnavailable,
+    LookupBusy,
     looks_like_api_key,
+    lookup_limits,
     well_formed,
 )
 from gpuproxy_proxy.auth.jwt_tokens import BadSignature, InvalidToken, JwtVerifier, looks_like_jwt
-from gpuproxy_proxy.auth.principal import ADMIN, ANONYMOUS, Principal
+from gpuproxy_proxy.auth.keylookup import Admit
+from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.auth.tokencache import VerifiedTokens
-from gpuproxy_proxy.config import AuthConfig, Secrets
+from gpuproxy_proxy.config import AuthConfig, SecretFilesConfig, Secrets
 from gpuproxy_proxy.database.pool import DB_POOL, Database
 from gpuproxy_proxy.http.exceptions import forbidden, unauthorized, unavailable
 from gpuproxy_proxy.http.request import ClientRequest
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 _MIN_JWT_SECRET_BYTES = 32
+# The admin API creates credentials: a shorter token is refused (the admin API stays off).
+MIN_ADMIN_TOKEN_CHARS = 32
+_UNKNOWN_CREDENTIAL = "the credential is neither a valid API key nor a JWT"
 
 
 def _printable_ascii(value: str) -> bool:
@@ -57,17 +67,32 @@ def bearer_token(request: ClientRequest) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
+def admin_token_source(files: SecretFilesConfig) -> str:
+    """Where the admin token comes from, for the messages that tell how to fix it."""
+    if files.admin_token is not None:
+        return (f"the admin token file {files.admin_token} (secret_files.admin_token; in "
+                "Kubernetes the Secret key spec.proxy.auth.adminTokenSecretRef names)")
+    return "GPUPROXY_ADMIN_TOKEN"
+
+
 class Authenticator:
     """Checks credentials. Settings and secrets change live (config reload, rotated secret
     files): a new JWT secret takes over at once, and tokens signed with the previous one stay
     valid for `auth.jwt_rotation_overlap_seconds`."""
 
-    def __init__(self, config: AuthConfig, secrets: Secrets, db: Database | None) -> None:
+    def __init__(self, config: AuthConfig, secrets: Secrets, db: Database | None,
+                 admin_token_source: str = "GPUPROXY_ADMIN_TOKEN",  # noqa: S107
+                 metrics: ProxyMetrics | None = None) -> None:
         self.config = config
         self.enabled = config.enabled
-        self.keys = ApiKeyStore(db, config.api_key_cache_seconds)
+        self.keys = ApiKeyStore(db, config.api_key_cache_seconds,
+                                limits=lookup_limits(config), metrics=metrics)
         self._has_db = db is not None
-        self._admin_token = secrets.admin_token.encode() if secrets.admin_token else None
+        self.admin_token_source = admin_token_source
+        self._admin_token: bytes | None = None
+        # Why the admin API is off although a token is set (too short), else None.
+        self.admin_refused: str | None = None
+        self._accept_admin_token(secrets.admin_token)
         self._jwt = self._verifier(secrets.jwt_secret)
         self._previous_jwt: JwtVerifier | None = None
         # Verified JWTs; emptied whenever what decides a token's validity changes.
@@ -84,7 +109,7 @@ class Authenticator:
         """A config reload; verifiers are rebuilt only when their claims settings changed."""
         old, self.config = self.config, config
         self.enabled = config.enabled
-        self.keys.set_cache_seconds(config.api_key_cache_seconds)
+        self.keys.configure(config)
         claims = ("jwt_issuer", "jwt_audience", "jwt_leeway_seconds")
         if any(getattr(old, f) != getattr(config, f) for f in claims):
             self.verified.clear()
@@ -112,9 +137,22 @@ class Authenticator:
         log.warning("the JWT secret changed; tokens signed with the previous one are accepted "
                     "for %g more seconds", overlap if current is not None else 0)
 
+    def _accept_admin_token(self, token: str | None) -> None:
+        self._admin_token, self.admin_refused = None, None
+        if not token:
+            return
+        if len(token) < MIN_ADMIN_TOKEN_CHARS:
+            # Logged, not raised: a rotation to a short token must not crash a serving pod.
+            self.admin_refused = "the configured admin token is too short (see the proxy's log)"
+            log.error("the admin API is off: %s holds %d characters, at least %d are needed; "
+                      "write a longer random token there (e.g. `openssl rand -hex 32`)",
+                      self.admin_token_source, len(token), MIN_ADMIN_TOKEN_CHARS)
+            return
+        self._admin_token = token.encode()
+
     def set_admin_token(self, token: str | None) -> None:
-        self._admin_token = token.encode() if token else None
-        self.verified.clear()  # a cached JWT must never shadow a new admin token
+        self._accept_admin_token(token)
+        self.verified.clear()  # a cached JWT must never outlive its becoming the admin token
 
     def _verify_jwt(self, token: str) -> tuple[str, float]:
         current, previous = self._jwt, self._previous_jwt
@@ -139,8 +177,13 @@ class Authenticator:
             token.encode(), self._admin_token
         )
 
-    async def authenticate(self, request: ClientRequest) -> Principal:
-        """The caller's Principal; raises a JSON HTTPException (401/403/503) otherwise."""
+    async def authenticate(
+        self, request: ClientRequest,
+        admit: Callable[[ClientRequest], Awaitable[None]] | None = None,
+    ) -> Principal:
+        """The caller's Principal; raises a JSON HTTPException (401/403/503) otherwise.
+        `admit(request)` runs before an API key is looked up in the database and may raise
+        to refuse that (the caller's per-IP lookup quota)."""
         if not self.enabled:
             return ANONYMOUS
         token = bearer_token(request)
@@ -149,16 +192,22 @@ class Authenticator:
                 "missing credentials: send 'Authorization: Bearer <API key or JWT>' or 'X-API-Key'",
                 error="",
             )
+        if admit is not None and looks_like_api_key(token):
+            return await self.authenticate_token(token, functools.partial(admit, request))
         return await self.authenticate_token(token)
 
-    async def authenticate_token(self, token: str) -> Principal:
+    async def authenticate_token(self, token: str, admit: Admit | None = None) -> Principal:
         cached = self.verified.get(token)
         if cached is not None:
             return cached
         if self.is_admin_token(token):
-            return ADMIN
+            # Never a client credential, even were it also a valid key or JWT; refused like
+            # any unknown one, so the open port does not tell anyone they hold the admin token.
+            log.warning("the admin token was sent as a client credential and refused; it "
+                        "only works on the admin API port (listen.admin_api_port)")
+            raise unauthorized(_UNKNOWN_CREDENTIAL)
         if looks_like_api_key(token):
-            return await self._api_key(token)
+            return await self._api_key(token, admit)
         if looks_like_jwt(token):
             try:
                 subject, valid_until = self._verify_jwt(token)
@@ -168,15 +217,18 @@ class Authenticator:
             principal = Principal(kind="jwt", user_id=subject)
             self.verified.put(token, valid_until, principal)
             return principal
-        raise unauthorized("the credential is neither a valid API key nor a JWT")
+        raise unauthorized(_UNKNOWN_CREDENTIAL)
 
-    async def _api_key(self, token: str) -> Principal:
+    async def _api_key(self, token: str, admit: Admit | None) -> Principal:
         if not self._has_db:
             raise unauthorized("API keys are not available: this proxy has no database")
         if not well_formed(token):
             raise unauthorized("invalid API key")
         try:
-            record = await self.keys.lookup(token)
+            record = await self.keys.lookup(token, admit)
+        except LookupBusy as exc:
+            raise unavailable("too many API key checks are waiting for the database; "
+                              "retry shortly") from exc
         except DatabaseUnavailable as exc:
             log.warning("API key check failed: database unavailable (%s)", exc)
             raise unavailable("cannot verify the API key right now; retry shortly") from exc
@@ -204,5 +256,10 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
                 "auth is enabled but neither GPUPROXY_JWT_SECRET nor config.database is set: "
                 "every client request will get 401"
             )
-    app[AUTHENTICATOR] = Authenticator(config.auth, secrets, app[DB_POOL])
-    yield
+    authenticator = Authenticator(config.auth, secrets, app[DB_POOL],
+                                  admin_token_source(config.secret_files), app[METRICS])
+    app[AUTHENTICATOR] = authenticator
+    try:
+        yield
+    finally:
+        await authenticator.keys.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-PrincipalKind = Literal["api_key", "jwt", "admin", "anonymous"]
+# No "admin": the admin token authenticates only on the admin API's own listener.
+PrincipalKind = Literal["api_key", "jwt", "anonymous"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,11 +19,6 @@ class Principal:
     def authenticated(self) -> bool:
         return self.kind != "anonymous"
 
-    @property
-    def is_admin(self) -> bool:
-        return self.kind == "admin"
-
 
 # One shared instance: the anonymous principal carries no state, so no per-request allocation.
 ANONYMOUS = Principal(kind="anonymous")
-ADMIN = Principal(kind="admin")

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gpuproxy_proxy.appkeys import CONFIG, SECRETS
 from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
+from gpuproxy_proxy.auth.revocations import REVOCATIONS
 from gpuproxy_proxy.config import SecretFilesConfig, Secrets
 from gpuproxy_proxy.database.pool import DB_POOL
 from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER
@@ -68,6 +69,8 @@ def apply_secrets(app: web.Application, old: Secrets, new: Secrets) -> None:
         db.set_credentials(new.db_user, new.db_password)
     if (limiter := app.get(RATE_LIMITER)) is not None and "redis_password" in changed:
         limiter.set_redis_password(new.redis_password)
+    if (feed := app.get(REVOCATIONS)) is not None and "redis_password" in changed:
+        feed.set_password(new.redis_password)
 
 
 async def _watch(app: web.Application, files: SecretFilesConfig) -> None:

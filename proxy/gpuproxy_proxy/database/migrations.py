@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 # An arbitrary constant naming "gpuproxy schema migrations" in pg_advisory_xact_lock's key space.
 _LOCK_KEY: Final = 0x67707870726F7879 & 0x7FFFFFFFFFFFFFFF
 
-# Migration 3. The old table is kept in place as the partition of everything before tomorrow
+# Migration 4. The old table is kept in place as the partition of everything before tomorrow
 # (UTC): no copy (no doubled disk, no long rewrite), its indexes are reused as the partition's;
 # only the new key (id, created_at) is built on it, and the partition bound is checked by one
 # scan. An empty old table is simply dropped. It is dropped like any other partition once its
@@ -50,6 +50,7 @@ CREATE TABLE usage_records (
     completion_tokens integer,
     total_tokens      integer,
     created_at        timestamptz NOT NULL,
+    estimated         boolean NOT NULL DEFAULT false,
     -- 'complete', or 'interrupted': settled from the spool after the proxy process died.
     outcome           text NOT NULL DEFAULT 'complete',
     -- The key must hold the partition key; created_at is the admission time, fixed in the
@@ -177,7 +178,17 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         CREATE INDEX usage_records_request_id_idx ON usage_records (request_id);
         """,
     ),
-    (3, "usage records partitioned by day, with an outcome", _PARTITIONED_USAGE),
+    (
+        3,
+        "usage records: estimated token counts",
+        # Additive only (also on a partitioned table): token counts the proxy estimated because
+        # the backend reported no usage (metering/estimate.py).
+        """
+        ALTER TABLE usage_records ADD COLUMN IF NOT EXISTS estimated boolean NOT NULL
+            DEFAULT false;
+        """,
+    ),
+    (4, "usage records partitioned by day, with an outcome", _PARTITIONED_USAGE),
 )
 
 
@@ -202,7 +213,7 @@ async def apply_migrations(
         for version, description, sql in MIGRATIONS:
             if version in done:
                 continue
-            # Beyond the pool's per-command timeout: migration 3 builds a key on, and scans,
+            # Beyond the pool's per-command timeout: migration 4 builds a key on, and scans,
             # the old usage table, which on a large table takes minutes.
             await conn.execute(sql, timeout=_MIGRATION_TIMEOUT_SECONDS)
             await conn.execute(

@@ -1,7 +1,7 @@
 """The client port's server: accepts on the worker's SO_REUSEPORT socket, holds the open
 connections (cap with idle eviction, keep-alive sweep, the drain's ConnectionSet), and routes
-each request to the Pipeline or the admin API. aiohttp's web.Application only carries the
-services' lifecycle (cleanup contexts run by an AppRunner that serves nothing)."""
+each request to the Pipeline (the admin API has its own listener). aiohttp's web.Application
+only carries the services' lifecycle (cleanup contexts run by an AppRunner that serves nothing)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import socket
 from aiohttp import web
 
 from gpuproxy_proxy.appkeys import METRICS
-from gpuproxy_proxy.auth.admin import ADMIN_HANDLERS
 from gpuproxy_proxy.config import LimitsConfig, ProxyConfig
+from gpuproxy_proxy.http.deadlines import ClientDeadlines
 from gpuproxy_proxy.http.errors import error_body
 from gpuproxy_proxy.http.exceptions import with_request_id
 from gpuproxy_proxy.http.protocol import HttpConnection, error_response, unhandled
@@ -58,6 +58,7 @@ class Frontend:
         self._cap = limits.max_connections_per_worker
         self.max_body = limits.max_body_bytes
         self.sweep = KeepAliveSweep(limits.keepalive_timeout_seconds)
+        self.deadlines = ClientDeadlines(limits, metrics)
         self._access = access_log
         self._gauge = metrics.connections_active
         self._rejected = metrics.connections_rejected.labels("connections")
@@ -82,6 +83,7 @@ class Frontend:
         self._cap = limits.max_connections_per_worker
         self.max_body = limits.max_body_bytes
         self.sweep.set_timeout(limits.keepalive_timeout_seconds)
+        self.deadlines.apply(limits)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -128,15 +130,12 @@ class Frontend:
         kind, arg = route_for(request.method, request.path)
         if kind == "proxy":
             return await self._pipeline.handle(request, arg)
-        if kind == "not_found":
-            resp = error_response(404, "not_found", f"no route for {request.method} "
-                                  f"{request.path}; the proxy serves /v1/* (OpenAI-compatible) "
-                                  "and /admin/keys", request.request_id)
-            resp.close = False
-            return resp
-        if kind == "admin_revoke":
-            request.match_info["key_id"] = arg
-        return await ADMIN_HANDLERS[kind](request)
+        # Nothing says where the admin API is: the client port is open to everyone.
+        resp = error_response(404, "not_found", f"no route for {request.method} "
+                              f"{request.path}; the proxy serves /v1/* (OpenAI-compatible)",
+                              request.request_id)
+        resp.close = False
+        return resp
 
     async def respond(self, conn: HttpConnection, request: Request) -> bool:
         """Answer `request`; True when the connection closes after it."""
@@ -197,6 +196,7 @@ class Frontend:
         for conn in list(self._conns):
             conn.abort()
         self.sweep.close()
+        self.deadlines.close()
         listeners = self._runtime.listeners
         if self._on_reload in listeners:
             listeners.remove(self._on_reload)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
+from gpuproxy_proxy.http.deadlines import NOT_READING, DeadlineHooks
 from gpuproxy_proxy.http.errors import error_body
 from gpuproxy_proxy.http.request import Request
 from gpuproxy_proxy.http.requestid import new_request_id
@@ -58,7 +59,7 @@ def error_response(status: int, kind: str, message: str, request_id: str) -> Res
     return resp
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(DeadlineHooks, asyncio.Protocol):
     """Parser callbacks feed Request objects; `_serve` answers them one after the other."""
 
     __slots__ = (
@@ -101,6 +102,7 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._read_paused = False
+        self._reading = NOT_READING  # which read deadline watches it
         self._lost = False
         self._closing = False
         self._stopped = False  # parsing stopped (an error or an upgrade): close when answered
@@ -141,6 +143,10 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             message = f"malformed HTTP request: {exc}"
             self._fail(error_response(400, "invalid_request_error", message, new_request_id()))
+        # Checked once per read, not per callback: a head or body that arrives whole in one
+        # read (nearly all) is never put on a deadline wheel.
+        if (self._partial or self._parsing is not None) and not self._reading:
+            self._watch_read()
 
     def eof_received(self) -> bool:
         # As aiohttp did: a client that half-closes is gone; its handler is cancelled.
@@ -148,9 +154,14 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        wheel = self._server.deadlines.write
+        if self not in wheel:  # (a closing one that could not flush keeps its start)
+            wheel.watch(self)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if not self._closing:  # a closing one stays watched until it has flushed
+            self._server.deadlines.write.unwatch(self)
         waiter = self._drain
         if waiter is not None:
             self._drain = None
@@ -160,6 +171,9 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._server.connection_lost(self)
+        if self._reading:
+            self._end_read_deadline()
+        self._server.deadlines.write.unwatch(self)
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -204,6 +218,8 @@ class HttpConnection(asyncio.Protocol):
         headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._reading:
+            self._end_read_deadline()
         parser, url, pairs = self._parser, self._url, self._headers
         assert parser is not None
         assert url is not None
@@ -240,6 +256,8 @@ class HttpConnection(asyncio.Protocol):
             self._close_lingering()
 
     def on_message_complete(self) -> None:
+        if self._reading:
+            self._end_read_deadline()
         request = self._parsing
         self._parsing = None
         if request is not None:
@@ -295,7 +313,8 @@ class HttpConnection(asyncio.Protocol):
         if server.draining:
             self.close()
             return
-        server.sweep.watch(self)  # idle: waiting for the next request
+        if not self._partial:  # a next head under way has its own deadline
+            server.sweep.watch(self)  # idle: waiting for the next request
 
     def _finish_closing(self, request: Request) -> None:
         if self._lost:
@@ -329,6 +348,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _fail(self, resp: Response | None) -> None:
         """Parsing stopped: answer the requests before it, then `resp` (if any), then close."""
+        if self._reading:
+            self._end_read_deadline()
         self._pause_reading()
         self._stopped = True
         request = self._parsing
@@ -375,6 +396,7 @@ class HttpConnection(asyncio.Protocol):
         """Close once what was written is sent."""
         self._closing = True
         if self.transport is not None:
+            self._watch_flush(self.transport)
             self.transport.close()
 
     def abort(self) -> None:
@@ -392,6 +414,7 @@ class HttpConnection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
+        self._watch_flush(transport)
         if transport.can_write_eof():
             transport.write_eof()
             self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS,
@@ -405,3 +428,11 @@ class HttpConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(answer)
         self._close_lingering()
+
+    def read_timed_out(self, message: str) -> str:
+        """The head or body deadline passed (http/deadlines.py): a 408 after the answers before
+        it, then close. Returns the 408's request id."""
+        request = self._parsing
+        request_id = request.request_id if request is not None else new_request_id()
+        self._fail(error_response(408, "request_timeout", message, request_id))
+        return request_id

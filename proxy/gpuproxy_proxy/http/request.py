@@ -62,7 +62,6 @@ class Request:
         "expect_continue",
         "headers",
         "keep_alive",
-        "match_info",
         "method",
         "path",
         "path_error",
@@ -96,7 +95,6 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.app = app
-        self.match_info: dict[str, str] = {}
         length = headers.get("Content-Length")
         # llhttp has checked it: digits only, one value, never with Transfer-Encoding.
         self.content_length = int(length) if length is not None else None
@@ -133,6 +131,11 @@ class Request:
         return self._complete
 
     @property
+    def received(self) -> int:
+        """Body bytes arrived so far (also those past the limit)."""
+        return self._size
+
+    @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
 
@@ -142,6 +145,7 @@ class Request:
             if self.expect_continue:
                 self.expect_continue = False
                 self._conn.write_raw(_CONTINUE)
+                self._conn.continue_sent(self)
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter

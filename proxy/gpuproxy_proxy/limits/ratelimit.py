@@ -25,7 +25,7 @@ from gpuproxy_proxy.http.clientaddr import IPNetwork, client_ip, parse_networks
 from gpuproxy_proxy.http.errors import json_error
 from gpuproxy_proxy.http.request import ClientRequest
 from gpuproxy_proxy.limits.batch import ScriptBatcher
-from gpuproxy_proxy.limits.scopes import ScopeSets, build_scopes
+from gpuproxy_proxy.limits.scopes import ScopeSet, ScopeSets, build_scopes
 from gpuproxy_proxy.limits.window import (
     UNLIMITED,
     LocalWindowLimiter,
@@ -38,6 +38,7 @@ from gpuproxy_proxy.observability.metrics import ProxyMetrics
 __all__ = [
     "RATE_LIMITER",
     "RateLimitDecision",
+    "RateLimited",
     "RateLimiter",
     "client_ip",
     "rate_limit_headers",
@@ -54,6 +55,14 @@ _PROBE_INTERVAL_SECONDS = 1.0
 _RETIRE_DELAY_SECONDS = 2.0
 _MAX_DENIED = 100_000
 _FAILURES = (RedisError, OSError, TimeoutError)
+
+
+class RateLimited(Exception):
+    """Raised through code that does not answer requests itself (the API-key lookup quota)."""
+
+    def __init__(self, decision: RateLimitDecision) -> None:
+        super().__init__(f"rate limit exceeded for scope {decision.scope!r}")
+        self.decision = decision
 
 
 def rate_limit_headers(decision: RateLimitDecision) -> dict[str, str]:
@@ -101,7 +110,7 @@ class RateLimiter:
         # Label children bound once: .labels() is a locked dict lookup per call otherwise.
         self._rejections = {
             scope: metrics.ratelimit_rejections.labels(scope)
-            for scope in ("ip", "user", "api_key")
+            for scope in ("ip", "user", "api_key", "key_lookup")
         } if metrics is not None else {}
         self._redis_config = redis_config
         self._redis: aioredis.Redis | None = None
@@ -193,7 +202,15 @@ class RateLimiter:
     async def check(self, client_ip: str, principal: Principal) -> RateLimitDecision:
         if not self.config.enabled:
             return UNLIMITED
-        scope_set = self._scope_sets.get(client_ip, principal)
+        return await self._check(self._scope_sets.get(client_ip, principal))
+
+    async def check_lookup(self, client_ip: str) -> RateLimitDecision:
+        """Charge one API-key database query to `client_ip` (see scopes.lookup_scope)."""
+        if not self.config.enabled:
+            return UNLIMITED
+        return await self._check(self._scope_sets.lookup(client_ip))
+
+    async def _check(self, scope_set: ScopeSet) -> RateLimitDecision:
         scopes = scope_set.scopes
         if self._redis is None:
             return self._count(self._local.check(scopes))

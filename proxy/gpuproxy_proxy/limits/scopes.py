@@ -48,20 +48,38 @@ def build_scopes(config: RateLimitConfig, ip: str, principal: Principal) -> tupl
     return tuple(scopes)
 
 
+def lookup_scope(config: RateLimitConfig, ip: str) -> Scope:
+    """An API-key query on behalf of `ip`: a quota of its own, as large as the IP's request
+    quota, charged before the query (failed credentials are charged to the IP after)."""
+    return Scope("key_lookup", "rl:lookup:" + ip_scope_key(ip), config.per_ip)
+
+
 class ScopeSets:
     """(client address, user, API key) -> ScopeSet under one config; bounded. The owner calls
     `reset(config)` when the limits change."""
 
-    __slots__ = ("_config", "_entries", "_max")
+    __slots__ = ("_config", "_entries", "_lookups", "_max")
 
     def __init__(self, config: RateLimitConfig, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._config = config
         self._max = max_entries
         self._entries: dict[tuple[str, str | None, str | None], ScopeSet] = {}
+        self._lookups: dict[str, ScopeSet] = {}
 
     def reset(self, config: RateLimitConfig) -> None:
         self._config = config
         self._entries = {}
+        self._lookups = {}
+
+    def lookup(self, ip: str) -> ScopeSet:
+        """The one scope an API-key query on behalf of `ip` counts against."""
+        found = self._lookups.get(ip)
+        if found is None:
+            found = ScopeSet.of((lookup_scope(self._config, ip),))
+            if len(self._lookups) >= self._max:
+                self._lookups = {}
+            self._lookups[ip] = found
+        return found
 
     def get(self, ip: str, principal: Principal) -> ScopeSet:
         key = (ip, principal.user_id, principal.api_key_id)

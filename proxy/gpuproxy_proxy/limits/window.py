@@ -17,7 +17,7 @@ Source = Literal["redis", "local", "open", "closed", "disabled"]
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    name: Literal["ip", "user", "api_key"]
+    name: Literal["ip", "user", "api_key", "key_lookup"]
     key: str
     limit: int
 
@@ -29,7 +29,7 @@ class RateLimitDecision:
     remaining: int
     reset_seconds: int
     retry_after_seconds: int
-    scope: str  # the most restrictive scope ("ip", "user", "api_key") or "" when none
+    scope: str  # the most restrictive scope ("ip", "user", "api_key", "key_lookup") or ""
     source: Source = "redis"
 
     @property

@@ -38,12 +38,11 @@ class Ticket:
 
     def progress(self, status: int, backend: str | None, bytes_out: int,
                  tokens: int | None) -> None:
-        """Called as a response streams; writes a progress line at most once per interval."""
-        now = time.monotonic()
-        if now >= self.due:
-            self.due = now + self._log.config.progress_interval_seconds
-            self._log.write(self, {**self.admitted, "t": "p", "at": time.time(), "st": status,
-                                   "b": backend, "bo": bytes_out, "ct": tokens})
+        """A progress line: the caller (a streaming response) calls it once `due` passed,
+        with the completion tokens counted so far, however it counts them."""
+        self.due = time.monotonic() + self._log.config.progress_interval_seconds
+        self._log.write(self, {**self.admitted, "t": "p", "at": time.time(), "st": status,
+                               "b": backend, "bo": bytes_out, "ct": tokens})
 
     def release(self) -> None:
         if self.segment is not None:

@@ -37,6 +37,9 @@ class UsageRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    # The token counts are metering/estimate.py's: the backend reported no usage (and an
+    # interrupted stream's count so far).
+    estimated: bool = False
     # Wall-clock seconds of the request's admission (part of the row key, so kept exact in
     # the spool); time.time() is a fraction of datetime.now()'s cost on the request path.
     created_unix: float = field(default_factory=time.time)
@@ -57,7 +60,7 @@ class UsageRecord:
                 "k": self.api_key_id, "b": self.backend, "r": self.route, "st": self.status,
                 "bi": self.bytes_in, "bo": self.bytes_out, "d": self.duration_ms,
                 "pt": self.prompt_tokens, "ct": self.completion_tokens,
-                "tt": self.total_tokens}
+                "tt": self.total_tokens, "e": self.estimated}
 
 
 def from_settled(e: dict[str, Any]) -> UsageRecord:
@@ -65,7 +68,8 @@ def from_settled(e: dict[str, Any]) -> UsageRecord:
         request_id=e["rid"], principal_kind=e["pk"], user_id=e["u"], api_key_id=e["k"],
         backend=e["b"], route=e["r"], status=e["st"], bytes_in=e["bi"], bytes_out=e["bo"],
         duration_ms=e["d"], prompt_tokens=e["pt"], completion_tokens=e["ct"],
-        total_tokens=e["tt"], created_unix=e["ts"], record_id=uuid.UUID(hex=e["id"]),
+        total_tokens=e["tt"], estimated=bool(e.get("e", False)), created_unix=e["ts"],
+        record_id=uuid.UUID(hex=e["id"]),
     )
 
 
@@ -78,8 +82,8 @@ def interrupted(e: dict[str, Any]) -> UsageRecord:
         backend=e.get("b"), route=e["r"], status=e.get("st", 0), bytes_in=e.get("bi", 0),
         bytes_out=e.get("bo", 0),
         duration_ms=max(0.0, (e.get("at", e["ts"]) - e["ts"]) * 1000.0),
-        completion_tokens=tokens, total_tokens=tokens, created_unix=e["ts"],
-        record_id=uuid.UUID(hex=e["id"]), outcome="interrupted",
+        completion_tokens=tokens, total_tokens=tokens, estimated=tokens is not None,
+        created_unix=e["ts"], record_id=uuid.UUID(hex=e["id"]), outcome="interrupted",
     )
 
 
@@ -88,11 +92,12 @@ def interrupted(e: dict[str, Any]) -> UsageRecord:
 INSERT = """
 INSERT INTO usage_records (
     id, request_id, principal_kind, user_id, api_key_id, backend, route, status, bytes_in,
-    bytes_out, duration_ms, prompt_tokens, completion_tokens, total_tokens, created_at, outcome)
+    bytes_out, duration_ms, prompt_tokens, completion_tokens, total_tokens, created_at, outcome,
+    estimated)
 SELECT * FROM unnest(
     $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::int[], $9::bigint[], $10::bigint[], $11::float8[], $12::int[], $13::int[], $14::int[],
-    $15::timestamptz[], $16::text[])
+    $15::timestamptz[], $16::text[], $17::bool[])
 ON CONFLICT (id, created_at) DO NOTHING
 """
 
@@ -118,6 +123,7 @@ def columns(batch: list[UsageRecord]) -> list[list[object]]:
         [r.total_tokens for r in batch],
         [datetime.fromtimestamp(r.created_unix, UTC) for r in batch],
         [r.outcome for r in batch],
+        [r.estimated for r in batch],
     ]
 
 

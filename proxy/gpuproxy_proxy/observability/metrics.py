@@ -80,6 +80,11 @@ class ProxyMetrics:
         self.usage_records_written = Counter(
             "gpuproxy_usage_records_written", "Usage records written to the database.", registry=r
         )
+        self.tokens_estimated = Counter(
+            "gpuproxy_tokens_estimated",
+            "Tokens recorded from the tokenizer-free estimate (the backend reported no usage).",
+            ["route"], registry=r,
+        )
         self.usage_records_dropped = Counter(
             "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
         )
@@ -115,9 +120,47 @@ class ProxyMetrics:
             "reclaim keeps it bounded.", registry=r,
         )
         self.gc_frozen_objects.set_function(_frozen_objects)
+        self.api_key_lookups = Counter(
+            "gpuproxy_api_key_lookups",
+            "API-key checks the cache could not answer, by outcome: found, unknown, timeout, "
+            "error (database queries); coalesced (joined a pending query for the same key), "
+            "overloaded (too many pending: 503), unavailable (database down: 503), stale "
+            "(cached entry served during an outage), too_old (cached entry past its maximum "
+            "age: 503).", ["outcome"], registry=r,
+        )
+        self.api_key_revocations_received = Counter(
+            "gpuproxy_api_key_revocations_received",
+            "Revocations received on the Redis channel (each evicts the key here).", registry=r,
+        )
+        self.api_key_revocations_published = Counter(
+            "gpuproxy_api_key_revocations_published",
+            "Revocations this process published to the other processes, by result (ok, "
+            "failed: they see it after the cache TTL).", ["result"], registry=r,
+        )
+        self.api_key_revocation_feed_up = Gauge(
+            "gpuproxy_api_key_revocation_feed_up",
+            "1 while this process is subscribed to the revocation channel (a pod sums its "
+            "workers).", registry=r,
+        )
+        self.api_key_revocation_subscriptions = Counter(
+            "gpuproxy_api_key_revocation_subscriptions",
+            "Subscriptions to the revocation channel, the first and every one after a "
+            "reconnect (each makes every cached key be checked again).", registry=r,
+        )
         self.connections_rejected = Counter(
             "gpuproxy_connections_rejected", "Connections or requests refused by admission.",
             ["reason"], registry=r,
+        )
+        # outcome: "failed" (no, malformed or wrong admin token), "locked_out" (429, the IP
+        # failed too often; its token was not compared).
+        self.admin_auth_refused = Counter(
+            "gpuproxy_admin_auth_refused", "Admin API requests refused by authentication.",
+            ["outcome"], registry=r,
+        )
+        # phase: head, body (answered 408) or write (a client that stopped reading, aborted).
+        self.client_timeouts = Counter(
+            "gpuproxy_client_timeouts", "Client connections ended by a client-side deadline.",
+            ["phase"], registry=r,
         )
 
 

@@ -1,6 +1,6 @@
-"""One worker process: the client port (SO_REUSEPORT) and its status endpoints, GC control,
-heartbeats, the limits a reload changes, and the SIGTERM drain (lifecycle.py) applied to the
-connections (http/frontend.py)."""
+"""One worker process: the client port and the admin API's port (both SO_REUSEPORT) and its
+status endpoints, GC control, heartbeats, the limits a reload changes, and the SIGTERM drain
+(lifecycle.py) applied to the connections (http/frontend.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from aiohttp import web
 
 from gpuproxy_proxy.app import build_app
 from gpuproxy_proxy.appkeys import METRICS
+from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
 from gpuproxy_proxy.config import ProxyConfig, Secrets
+from gpuproxy_proxy.http.adminlistener import AdminApiListener
 from gpuproxy_proxy.http.frontend import ClientPort
 from gpuproxy_proxy.observability.logging import reconfigure_logging
 from gpuproxy_proxy.observability.status import GC_MONITOR, LocalSource, build_status_app
@@ -59,7 +61,8 @@ def _bind(sock: socket.socket, host: str, port: int, field: str) -> None:
         ) from exc
 
 
-def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
+def reuseport_socket(host: str, port: int, backlog: int,
+                     field: str = "listen.port") -> socket.socket:
     """A listening socket every worker binds on its own; the kernel spreads connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -67,7 +70,7 @@ def reuseport_socket(host: str, port: int, backlog: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # Accepted sockets inherit it on Linux: SSE chunks leave at once.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _bind(sock, host, port, "listen.port")
+    _bind(sock, host, port, field)
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
@@ -84,6 +87,7 @@ class Worker:
         # GPU stops generating for nobody (http/protocol.py).
         self.client_port = ClientPort(self.app)
         self.status_runner: web.AppRunner | None = None
+        self.admin_api: AdminApiListener | None = None
         self.gc_monitor = GcMonitor(self.app[METRICS])
         self._full_gc_off = FullCollectionsOff()
         self.app[GC_MONITOR] = self.gc_monitor
@@ -120,10 +124,21 @@ class Worker:
             self._full_gc_off.restore()
 
     async def start(self, sock: socket.socket, *, admin: socket.socket | None = None,
-                    status_path: Path | None = None) -> None:
-        """Serve clients on `sock`; status on an admin TCP socket or a worker status socket."""
+                    status_path: Path | None = None,
+                    admin_api: socket.socket | None = None) -> None:
+        """Serve clients on `sock`; status on an admin TCP socket or a worker status socket;
+        the admin API on `admin_api` (listen.admin_api_port) when given."""
         access = logging.getLogger("gpuproxy.access") if self.config.logging.access_log else None
         await self.client_port.start(sock, self.config.listen.backlog, access)
+        if admin_api is not None:
+            self.admin_api = AdminApiListener(self.app)  # after the services: the Authenticator
+            await self.admin_api.start(admin_api)
+        else:
+            auth = self.app[AUTHENTICATOR]
+            if auth.admin_enabled or auth.admin_refused:
+                log.warning("an admin token is set (%s) but listen.admin_api_port is not: "
+                            "the admin API is off; set listen.admin_api_port (e.g. 9091) to "
+                            "serve it", auth.admin_token_source)
         self.runtime.serving = True
         if admin is not None or status_path is not None:
             status_app = build_status_app([LocalSource(self.app)],
@@ -163,6 +178,8 @@ class Worker:
         frontend = self.client_port.frontend
         assert frontend is not None, "start() first"
         report = await drain(frontend, DrainPlan.from_limits(runtime.config.limits))
+        if self.admin_api is not None:
+            await self.admin_api.close()  # before the services it uses are cleaned up
         await self.client_port.close()
         if self.status_runner is not None:
             await self.status_runner.cleanup()
@@ -185,6 +202,15 @@ class Worker:
                 return
 
 
+def admin_api_socket(config: ProxyConfig) -> socket.socket | None:
+    """This worker's socket of the admin API, None when listen.admin_api_port is off."""
+    listen = config.listen
+    if not listen.admin_api_enabled:
+        return None
+    assert listen.admin_api_port is not None
+    return reuseport_socket(listen.host, listen.admin_api_port, 128, "listen.admin_api_port")
+
+
 def admin_socket(config: ProxyConfig) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -200,11 +226,12 @@ async def serve_single(config: ProxyConfig, secrets: Secrets, config_path: Path 
     """workers == 1: one process serves the client port and the admin port."""
     worker = Worker(config, secrets, config_path=config_path)
     sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
-    await worker.start(sock, admin=admin_socket(config))
+    await worker.start(sock, admin=admin_socket(config), admin_api=admin_api_socket(config))
     worker.install_signals()
-    log.info("serving on %s:%d (admin %d), %d backends, strategy %s",
+    log.info("serving on %s:%d (admin %d, admin API %s), %d backends, strategy %s",
              config.listen.host, config.listen.port, config.listen.admin_port,
-             len(config.backends), config.load_balancing.strategy)
+             config.listen.admin_api_port or "off", len(config.backends),
+             config.load_balancing.strategy)
     task = None
     if on_ready is not None:
         task = asyncio.create_task(on_ready(worker))
@@ -225,7 +252,7 @@ async def serve_worker(config: ProxyConfig, secrets: Secrets, config_path: Path,
     to a pipe."""
     worker = Worker(config, secrets, config_path=config_path, worker_index=index)
     sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
-    await worker.start(sock, status_path=status_path)
+    await worker.start(sock, status_path=status_path, admin_api=admin_api_socket(config))
     worker.install_signals()
     if heartbeat_fd is not None:
         worker.send_heartbeats(heartbeat_fd)

@@ -170,10 +170,10 @@ async def _stream(request: web.Request, parsed: ParsedRequest,
     created = int(time.time())
 
     async def send(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+        # As vLLM (unlike OpenAI, no `"usage": null` on the others): with
+        # stream_options.include_usage only the final chunk, without choices, has usage.
         chunk = _envelope(parsed, created, streamed=True)
         chunk["choices"] = choices
-        if parsed.include_usage:
-            chunk["usage"] = None  # as OpenAI: null on every chunk but the final usage one
         chunk.update(extra or {})
         await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 

@@ -29,7 +29,9 @@ from gpuproxy_proxy.http.errors import error_body, json_error
 from gpuproxy_proxy.http.request import ClientRequest, Request
 from gpuproxy_proxy.http.response import Answer, Response, StreamResponse
 from gpuproxy_proxy.metering.durable import Ticket
-from gpuproxy_proxy.metering.usage import SseUsageScanner, Usage, usage_from_json
+from gpuproxy_proxy.metering.estimate import completion_tokens_for
+from gpuproxy_proxy.metering.usage import Usage
+from gpuproxy_proxy.metering.watch import UsageWatch, usage_watch
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import Runtime
@@ -95,6 +97,12 @@ class Outcome:
     bytes_in: int = 0
     bytes_out: int = 0
     usage: Usage | None = None
+    # Set before forwarding (upstream/stream_options.py): the usage event is ours to remove.
+    strip_usage: bool = False
+    # What was forwarded, for an estimate when the backend reports no usage.
+    body: bytes = b""
+    # The response's usage watcher: also the running count of a stream cut short.
+    watch: UsageWatch | None = None
     # The streamed response once its head is sent, so a request cut short can still end it.
     stream: StreamResponse | None = None
     is_sse: bool = False
@@ -375,8 +383,9 @@ async def _relay(
             return _late_failure(backend, runtime, request.app[METRICS], request_id, outcome,
                                  exc, extra)
         outcome.bytes_out = len(payload)
-        if meter_usage and "json" in content_type:
-            outcome.usage = usage_from_json(payload)
+        if meter_usage and (watch := usage_watch(head, False)) is not None:
+            watch.feed(payload)
+            outcome.watch, outcome.usage = watch, watch.result()
         return Response(status, payload, headers=headers, reason=reason)
 
     out = StreamResponse(status, reason, headers=headers)
@@ -386,24 +395,27 @@ async def _relay(
         out.force_close()  # the client should reconnect elsewhere after this stream
     await out.prepare(request)
     outcome.stream, outcome.is_sse = out, is_sse
-    # Usage is looked for only when it is recorded; otherwise chunks pass untouched.
-    scanner = SseUsageScanner() if is_sse and meter_usage else None
+    # Usage is looked for only when it is recorded; otherwise chunks pass untouched. A body of
+    # declared length is never shortened.
+    watch = outcome.watch = usage_watch(
+        head, outcome.strip_usage and length is None) if meter_usage else None
     sent = 0
     ticket = outcome.ticket
-    events = 0
     try:
         while chunk := await conn.read():
-            if scanner is not None:
-                scanner.feed(chunk)
+            if watch is not None and not (chunk := watch.feed(chunk)):
+                continue  # all of it held back or removed (the usage event)
             sent += len(chunk)
-            if ticket is not None:
-                # How far a stream got, should the process die before it ends: SSE events
-                # relayed stand in for completion tokens (one delta per event).
-                if is_sse:
-                    events += chunk.count(b"data:")
-                ticket.progress(status, backend.name, sent, events if is_sse else None)
+            if ticket is not None and time.monotonic() >= ticket.due:
+                # How far a stream got, should the process die before it ends.
+                ticket.progress(status, backend.name, sent, None if watch is None else
+                                completion_tokens_for(watch.completion_chunks,
+                                                      watch.completion_chars))
             # Waits while the client's write buffer is high; meanwhile the connection pauses
             # reading from the backend once its own buffer is full.
+            await out.write(chunk)
+        if watch is not None and (chunk := watch.finish()):
+            sent += len(chunk)
             await out.write(chunk)
         await out.write_eof()
     except ConnectionResetError:
@@ -425,8 +437,8 @@ async def _relay(
             request.transport.abort()
     finally:  # also when cancelled (client gone, upstream.max_request_seconds)
         outcome.bytes_out = sent
-        if scanner is not None:
-            outcome.usage = scanner.result()
+        if watch is not None:
+            outcome.usage = watch.result()
     return out
 
 
