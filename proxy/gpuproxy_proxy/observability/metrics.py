@@ -94,6 +94,12 @@ class ProxyMetrics:
             "gpuproxy_connections_rejected", "Connections or requests refused by admission.",
             ["reason"], registry=r,
         )
+        # result: reloaded (a rotated pair is in use) or error (refused, the old one stays).
+        self.tls_certificate_reloads = Counter(
+            "gpuproxy_tls_certificate_reloads",
+            "Client-port TLS certificate reloads after the files changed.", ["result"],
+            registry=r,
+        )
 
 
 def _frozen_objects() -> float:

@@ -202,7 +202,8 @@ async def serve_single(config: ProxyConfig, secrets: Secrets, config_path: Path 
     sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
     await worker.start(sock, admin=admin_socket(config))
     worker.install_signals()
-    log.info("serving on %s:%d (admin %d), %d backends, strategy %s",
+    log.info("serving %s on %s:%d (admin %d), %d backends, strategy %s",
+             "HTTPS" if config.listen.tls is not None else "plain HTTP",
              config.listen.host, config.listen.port, config.listen.admin_port,
              len(config.backends), config.load_balancing.strategy)
     task = None
