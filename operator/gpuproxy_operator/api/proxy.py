@@ -279,7 +279,8 @@ class ProxySpec(Model):
     resources: Resources | None = None
     """Container resources. Unset: derived from workers and connectionsPerReplica: 750m CPU
     requested and 1 CPU limit per (single-threaded) worker; memory from the measured idle
-    process and per-connection figures plus 20%, limit 1.5x (`gpuproxy-operator plan`)."""
+    process and per-connection figures (about 10x more per connection with tls) plus 20%,
+    limit 1.5x (`gpuproxy-operator plan`)."""
     backends: Annotated[list[Backend], Field(min_length=1, max_length=256)]
     """GPU backends; names must be unique."""
     load_balancing: LoadBalancing = Field(default_factory=LoadBalancing)
