@@ -48,6 +48,13 @@ class TestCa:
         return Pair((self.root / f"{name}.crt").read_bytes(),
                     (self.root / f"{name}.key").read_bytes())
 
+    def encrypted_key(self, pair: Pair) -> bytes:
+        """`pair`'s key under a passphrase (the proxy must refuse it, never prompt)."""
+        (self.root / "plain.key").write_bytes(pair.key)
+        _openssl("pkey", "-in", "plain.key", "-aes256", "-passout", "pass:secret",
+                 "-out", "encrypted.key", cwd=self.root)
+        return (self.root / "encrypted.key").read_bytes()
+
     def client_context(self, **versions: ssl.TLSVersion) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         for attr, version in versions.items():  # minimum_version=..., maximum_version=...

@@ -182,6 +182,7 @@ async def test_bad_rotation_keeps_the_previous_pair(
         assert (await kept.request("POST", CHAT, b"{}")).status == 200
         bad = [Pair(second.cert, first.key),  # mismatched key
                Pair(second.cert[: len(second.cert) // 2], second.key),  # half written
+               Pair(second.cert, ca.encrypted_key(second)),  # needs a passphrase
                Pair(b"", b"")]  # emptied
         for errors, pair in enumerate(bad, start=1):
             volume.update(**vars(pair))
@@ -193,7 +194,8 @@ async def test_bad_rotation_keeps_the_previous_pair(
         await _until_serial(proxy, ca, 3)
         logged = [line for line in proxy.log_lines()
                   if "TLS certificate not reloaded" in line.get("msg", "")]
-        assert len(logged) == 3, logged
+        assert len(logged) == len(bad), logged
+        assert "encrypted private key" in logged[2]["msg"]
         assert all("BEGIN" not in line["msg"] for line in logged)  # no key material
         kept.close()
     finally:

@@ -37,8 +37,9 @@ class CertificateError(ValueError):
 
 def _no_password() -> str:
     # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
-    raise CertificateError("the private key is encrypted; give an unencrypted PEM key "
-                           "(cert-manager and kubernetes.io/tls Secrets hold one)")
+    raise CertificateError("listen.tls.key_file holds an encrypted private key; give an "
+                           "unencrypted PEM key (cert-manager and kubernetes.io/tls Secrets "
+                           "hold one)")
 
 
 @contextlib.contextmanager
