@@ -136,15 +136,23 @@ async def test_client_port_is_https_only_with_modern_tls(
         await proxy.stop()
 
 
-async def test_tls13_only_refuses_tls12(tmp_path: Path, backends: list[FakeBackend],
-                                       ca: TestCa) -> None:
+async def test_tls13_only_and_the_handshake_timeout(
+        tmp_path: Path, backends: list[FakeBackend], ca: TestCa) -> None:
     volume = TlsSecretVolume(tmp_path / "tls")
     volume.update(**vars(ca.issue(1)))
-    proxy = await _start(tmp_path, backends, volume, tls={"min_version": "1.3"})
+    proxy = await _start(tmp_path, backends, volume,
+                         tls={"min_version": "1.3", "handshake_timeout_seconds": 1})
     try:
         tls12 = ca.client_context(maximum_version=ssl.TLSVersion.TLSv1_2)
         assert await _handshake_refused(proxy.port, tls12)
         assert await _served_serial(proxy, ca) == 1
+        # A connection that never starts its handshake is not held for long: before it ends,
+        # it counts for no limit (cap, keep-alive sweep).
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 60) == b""
+        assert time.monotonic() - started >= 0.9
+        writer.close()
     finally:
         await proxy.stop()
 
