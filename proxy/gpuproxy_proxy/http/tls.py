@@ -154,6 +154,8 @@ class TlsTerminator:
             new = server_context(self.config)
             fingerprint = load_pair(new, cert, key)
         except CertificateError as exc:
+            if self._signatures() != now:
+                self._seen = (None, None)  # swapped again while read: retried next poll
             log.error("TLS certificate not reloaded, the previous one stays in use: %s", exc)
             self._on_result("error")
             return False
