@@ -23,7 +23,8 @@ from tests.proxy.conftest import proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 from tests.proxy.procs import ProxyProcess, RawConnection, start_proxy
 
-from gpuproxy_proxy.config import ProxyConfig
+from gpuproxy_proxy.config import ProxyConfig, TlsConfig
+from gpuproxy_proxy.http import tls
 
 CHAT = "/v1/chat/completions"
 
@@ -235,3 +236,25 @@ def test_tls_config_refuses_old_versions() -> None:
         tls = {"cert_file": "/c", "key_file": "/k", **bad}
         with pytest.raises(ValidationError):
             ProxyConfig.model_validate({"listen": {"tls": tls}})
+
+
+def test_a_pair_swapped_again_while_read_is_retried(
+        tmp_path: Path, ca: TestCa, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = ca.issue(1), ca.issue(2)
+    volume = TlsSecretVolume(tmp_path / "tls")
+    volume.update(**vars(first))
+    terminator = tls.TlsTerminator(
+        TlsConfig(cert_file=volume.cert_file, key_file=volume.key_file), lambda: 1.0)
+    volume.update(second.cert, first.key)  # a writer that is not atomic: the cert first
+    read = tls.read_pair
+
+    def racing(config: TlsConfig) -> tuple[bytes, bytes]:
+        pair = read(config)
+        volume.update(**vars(second))  # ... and the key while the proxy reads
+        return pair
+
+    monkeypatch.setattr(tls, "read_pair", racing)
+    assert not terminator.check()  # the mismatched pair is refused
+    monkeypatch.setattr(tls, "read_pair", read)
+    assert terminator.check()  # the next poll takes the good pair: no further change needed
+    assert terminator.current is not terminator.context

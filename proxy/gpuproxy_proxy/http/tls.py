@@ -154,8 +154,7 @@ class TlsTerminator:
             new = server_context(self.config)
             fingerprint = load_pair(new, cert, key)
         except CertificateError as exc:
-            if self._signatures() != now:
-                self._seen = (None, None)  # swapped again while read: retried next poll
+            # `now` was taken before the read: a swap during it is a change the next poll sees.
             log.error("TLS certificate not reloaded, the previous one stays in use: %s", exc)
             self._on_result("error")
             return False
