@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -95,6 +96,7 @@ async def _handshake_refused(port: int, ctx: ssl.SSLContext) -> bool:
     return False
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
 async def test_client_port_is_https_only_with_modern_tls(
         tmp_path: Path, backends: list[FakeBackend], ca: TestCa) -> None:
     volume = TlsSecretVolume(tmp_path / "tls")
@@ -207,6 +209,28 @@ async def test_bad_rotation_keeps_the_previous_pair(
         assert "encrypted private key" in logged[2]["msg"]
         assert all("BEGIN" not in line["msg"] for line in logged)  # no key material
         kept.close()
+    finally:
+        await proxy.stop()
+
+
+async def test_sigterm_closes_idle_tls_connections_cleanly(
+        tmp_path: Path, backends: list[FakeBackend], ca: TestCa) -> None:
+    """The drain's idle closes on TLS: a close_notify and EOF (no half-close exists in TLS),
+    never a reset; then the process exits."""
+    volume = TlsSecretVolume(tmp_path / "tls")
+    volume.update(**vars(ca.issue(1)))
+    proxy = await _start(tmp_path, backends, volume,
+                         limits={"drain_delay_seconds": 0, "idle_close_seconds": 0.5})
+    try:
+        idle = [await RawConnection.open(proxy.host, proxy.port, ca.client_context())
+                for _ in range(3)]
+        for conn in idle:
+            assert (await conn.request("POST", CHAT, b"{}")).status == 200
+        proxy.proc.send_signal(signal.SIGTERM)
+        for conn in idle:
+            await conn.wait_closed_by_server(60)  # b"" after close_notify, not ECONNRESET
+            conn.close()
+        assert await asyncio.wait_for(proxy.proc.wait(), 60) == 0
     finally:
         await proxy.stop()
 
