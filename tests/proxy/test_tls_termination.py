@@ -112,6 +112,8 @@ async def test_client_port_is_https_only_with_modern_tls(
         assert tls.selected_alpn_protocol() == "http/1.1"  # never h2: the front end is 1.1
         assert tls.compression() is None
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        # No session tickets: they could only resume on the process that issued them.
+        assert tls.session is None or not tls.session.has_ticket
         conn.close()
 
         # Plain HTTP on the client port gets no HTTP answer, only a failed handshake.
