@@ -77,13 +77,14 @@ def start_nginx(kids: Children, work: Path, name: str, backend: int,
     port = free_port()
     conf = servers.nginx_conf(prefix, port, backend, 1, 19500)
     if pem is not None:
-        # Mozilla intermediate, as the proxy: TLS 1.2+, the same ECDHE+AEAD list.
+        # Mozilla intermediate, as the proxy: TLS 1.2+, the same ECDHE+AEAD list, no tickets.
         conf = conf.replace(f"listen 127.0.0.1:{port} reuseport backlog=4096;",
                             f"listen 127.0.0.1:{port} ssl reuseport backlog=4096;\n"
                             f"        ssl_certificate {pem[0]};\n"
                             f"        ssl_certificate_key {pem[1]};\n"
                             "        ssl_protocols TLSv1.2 TLSv1.3;\n"
-                            f"        ssl_ciphers {TLS12_CIPHERS};")
+                            f"        ssl_ciphers {TLS12_CIPHERS};\n"
+                            "        ssl_session_tickets off;")
     (prefix / "nginx.conf").write_text(conf)
     proc = kids.start(name, [servers.NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
                              "-e", "stderr"])
