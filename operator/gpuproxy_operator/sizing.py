@@ -20,10 +20,10 @@ KIB, MIB = 1024, 1024**2
 # Re-measure with that command when the client side changes, and update this one figure.
 USER_KIB_PER_CONNECTION = 2.55
 # What TLS adds to an idle client connection (OpenSSL's per-connection state, uvloop's
-# SSLProtocol and its memory BIOs). MEASURED: 25.7 KiB with TLS against 2.4 plain per idle
+# SSLProtocol and its memory BIOs). MEASURED: 25.5 KiB with TLS against 2.45 plain per idle
 # connection, one worker, 5,000 connections, bench/README.md ("TLS termination"), from
 # `.venv/bin/python bench/tls_cost.py --measure memory`; nginx adds 15 KiB for the same.
-TLS_KIB_PER_CONNECTION = 23.3
+TLS_KIB_PER_CONNECTION = 23.1
 # Kernel memory of one mostly idle TCP socket (struct sock, small skbs): ASSUMED, ~4 KiB; busy
 # sockets can use up to tcp_rmem/tcp_wmem maxima. cgroup v2 charges it to the pod.
 KERNEL_KIB_PER_SOCKET = 4.0

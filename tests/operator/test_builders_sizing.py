@@ -85,7 +85,7 @@ def test_tls_adds_its_measured_memory_per_connection() -> None:
     tls["spec"]["proxy"]["tls"] = {"secretName": "mini-tls"}
     requests = [_mib(_resources(b, "Deployment", "mini-proxy")["requests"]["memory"])
                 for b in (plain, tls)]
-    # 100k connections x 23.3 KiB of TLS state, + 20%: about 2.7 GiB more per pod.
+    # 100k connections x 23.1 KiB of TLS state, + 20%: about 2.6 GiB more per pod.
     assert requests[1] - requests[0] == pytest.approx(100_000 * TLS_KIB_PER_CONNECTION / 1024
                                                       * 1.2, abs=2)
     bench = (Path(__file__).resolve().parents[2] / "bench" / "README.md").read_text()
