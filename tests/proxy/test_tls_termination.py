@@ -174,6 +174,16 @@ async def test_rotation_reaches_new_connections_and_keeps_open_ones(
             assert (await conn.request("POST", CHAT, b"{}")).status == 200
         volume.update(**vars(ca.issue(2, rsa=True)))  # a new key type too: cert-manager may
         await _until_serial(proxy, ca, 2, runs=8)
+        # The rotated context has the same settings: ALPN http/1.1, TLS 1.2 floor, no tickets.
+        client = ca.client_context(maximum_version=ssl.TLSVersion.TLSv1_2)
+        client.set_alpn_protocols(["h2", "http/1.1"])
+        fresh = await RawConnection.open(proxy.host, proxy.port, client)
+        assert (await fresh.request("POST", CHAT, b"{}")).status == 200
+        tls_object = fresh.writer.get_extra_info("ssl_object")
+        assert tls_object.selected_alpn_protocol() == "http/1.1"
+        assert tls_object.cipher()[0].startswith("ECDHE-RSA-")  # the new RSA certificate
+        assert tls_object.session is None or not tls_object.session.has_ticket
+        fresh.close()
         for conn in kept:  # the same TLS sessions, still serving after the rotation
             assert (await conn.request("POST", CHAT, b"{}")).status == 200
             assert serial_of(conn.writer.get_extra_info("peercert")) == 1
