@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from pydantic import ValidationError
 from tests.proxy.certs import Pair, TestCa, TlsSecretVolume, serial_of
 from tests.proxy.conftest import proxy_config
@@ -26,6 +27,7 @@ from tests.proxy.procs import ProxyProcess, RawConnection, start_proxy
 
 from gpuproxy_proxy.config import ProxyConfig, TlsConfig
 from gpuproxy_proxy.http import tls
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 
 CHAT = "/v1/chat/completions"
 
@@ -77,6 +79,14 @@ async def _reload_count(proxy: ProxyProcess, result: str) -> float:
         text = await resp.text()
     pattern = rf'^gpuproxy_tls_certificate_reloads_total{{result="{result}"}} (\S+)$'
     return sum(float(m) for m in re.findall(pattern, text, re.M))
+
+
+async def _expiry(proxy: ProxyProcess) -> float:
+    async with aiohttp.ClientSession() as http, http.get(proxy.admin + "/metrics") as resp:
+        text = await resp.text()
+    found = re.search(r"^gpuproxy_tls_certificate_expiry_timestamp_seconds (\S+)$", text, re.M)
+    assert found is not None, "no certificate expiry exported"
+    return float(found.group(1))
 
 
 async def _until_count(proxy: ProxyProcess, result: str, at_least: float) -> None:
@@ -189,6 +199,9 @@ async def test_rotation_reaches_new_connections_and_keeps_open_ones(
             assert serial_of(conn.writer.get_extra_info("peercert")) == 1
             conn.close()
         assert await _reload_count(proxy, "reloaded") == 2  # one per worker
+        # The certificates are valid for 2 days: the pod exports the served one's notAfter
+        # (the earliest over its workers), for an alert before a failed renewal bites.
+        assert abs(await _expiry(proxy) - (time.time() + 2 * 86400)) < 3 * 3600
         assert await _reload_count(proxy, "error") == 0
     finally:
         await proxy.stop()
@@ -294,3 +307,11 @@ def test_a_pair_swapped_again_while_read_is_retried(
     monkeypatch.setattr(tls, "read_pair", read)
     assert terminator.check()  # the next poll takes the good pair: no further change needed
     assert terminator.current is not terminator.context
+
+
+def test_a_plain_proxy_exports_no_certificate_expiry() -> None:
+    metrics = ProxyMetrics()
+    assert b"gpuproxy_tls_certificate_expiry" not in generate_latest(metrics.registry)
+    metrics.track_tls_expiry(lambda: 1.5e9)
+    assert b"gpuproxy_tls_certificate_expiry_timestamp_seconds 1.5e+09" in generate_latest(
+        metrics.registry)

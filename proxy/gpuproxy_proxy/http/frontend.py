@@ -225,10 +225,12 @@ class ClientPort:
         tls_config = runtime.config.listen.tls
         if tls_config is not None:
             # Before the services start: a pair that does not load stops the process here.
-            reloads = self.app[METRICS].tls_certificate_reloads
-            self.tls = TlsTerminator(tls_config,
-                                     lambda: runtime.config.reload.interval_seconds,
-                                     lambda result: reloads.labels(result).inc())
+            metrics = self.app[METRICS]
+            reloads = metrics.tls_certificate_reloads
+            tls = self.tls = TlsTerminator(tls_config,
+                                           lambda: runtime.config.reload.interval_seconds,
+                                           lambda result: reloads.labels(result).inc())
+            metrics.track_tls_expiry(lambda: tls.not_after)
         await self.runner.setup()
         self.frontend = Frontend(self.app, access_log)
         if self.tls is not None:

@@ -109,6 +109,20 @@ def load_pair(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> str:
     return hashlib.sha256(leaf).hexdigest()
 
 
+def not_after(cert: bytes) -> float | None:
+    """The leaf's notAfter as a Unix time, None when it cannot be read. The standard library
+    has no public certificate parser (`cryptography` is no dependency): this is the decoder
+    behind SSLSocket.getpeercert(), present since Python 3.2."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:  # pragma: no cover - every CPython since 3.2 has it
+        return None
+    try:
+        with _as_path(cert) as path:
+            return float(ssl.cert_time_to_seconds(decode(path)["notAfter"]))
+    except (ssl.SSLError, KeyError, ValueError):  # pragma: no cover - OpenSSL just loaded it
+        return None
+
+
 def _signature(path: str) -> Signature:
     try:
         st = os.stat(path)  # follows the Secret volume's ..data symlink
@@ -136,6 +150,7 @@ class TlsTerminator:
         self._seen = self._signatures()
         cert, key = read_pair(config)  # at start a bad pair is fatal: there is nothing to keep
         self.fingerprint = load_pair(self.context, cert, key)
+        self.not_after = not_after(cert)
         self.current = self.context  # the context new handshakes use
         self.context.sni_callback = self._select
         self._task: asyncio.Task[None] | None = None
@@ -167,7 +182,7 @@ class TlsTerminator:
             return False
         log.warning("TLS certificate reloaded: sha256 %s for new connections (was %s)",
                     fingerprint, self.fingerprint)
-        self.current, self.fingerprint = new, fingerprint
+        self.current, self.fingerprint, self.not_after = new, fingerprint, not_after(cert)
         self._on_result("reloaded")
         return True
 
