@@ -13,7 +13,9 @@ from prometheus_client.registry import Collector
 # Per-process views of the same fact: the pod value is the best one, not the sum...
 _MAX_FAMILIES = frozenset({"gpuproxy_backend_healthy"})
 # ...or the worst one: a dependency one worker cannot reach is a problem of the pod.
-_MIN_FAMILIES = frozenset({"gpuproxy_dependency_up"})
+# The certificate expiring first is the one to renew.
+_MIN_FAMILIES = frozenset({"gpuproxy_dependency_up",
+                           "gpuproxy_tls_certificate_expiry_timestamp_seconds"})
 
 
 class _Static(Collector):
