@@ -19,6 +19,11 @@ KIB, MIB = 1024, 1024**2
 # `.venv/bin/python bench/idle_connections.py --targets proxy --per-worker 19000 --sources 4`.
 # Re-measure with that command when the client side changes, and update this one figure.
 USER_KIB_PER_CONNECTION = 2.55
+# What TLS adds to an idle client connection (OpenSSL's per-connection state, uvloop's
+# SSLProtocol and its memory BIOs). MEASURED: 25.5 KiB with TLS against 2.45 plain per idle
+# connection, one worker, 5,000 connections, bench/README.md ("TLS termination"), from
+# `.venv/bin/python bench/tls_cost.py --measure memory`; nginx adds 15 KiB for the same.
+TLS_KIB_PER_CONNECTION = 23.1
 # Kernel memory of one mostly idle TCP socket (struct sock, small skbs): ASSUMED, ~4 KiB; busy
 # sockets can use up to tcp_rmem/tcp_wmem maxima. cgroup v2 charges it to the pod.
 KERNEL_KIB_PER_SOCKET = 4.0
@@ -112,10 +117,11 @@ def proxy_processes(workers: int) -> int:
     return workers + 1 if workers > 1 else 1
 
 
-def proxy_memory_bytes(workers: int, connections: int) -> int:
+def proxy_memory_bytes(workers: int, connections: int, tls: bool = False) -> int:
     """Estimated memory of one proxy pod holding `connections` idle keep-alive connections,
-    each with a client and an upstream socket."""
-    per_connection = (USER_KIB_PER_CONNECTION + 2 * KERNEL_KIB_PER_SOCKET) * KIB
+    each with a client and an upstream socket (and TLS state on the client side with `tls`)."""
+    user_kib = USER_KIB_PER_CONNECTION + (TLS_KIB_PER_CONNECTION if tls else 0.0)
+    per_connection = (user_kib + 2 * KERNEL_KIB_PER_SOCKET) * KIB
     return int(proxy_processes(workers) * PROXY_PROCESS_MIB * MIB + connections * per_connection)
 
 
@@ -123,7 +129,8 @@ def proxy_resources(proxy: ProxySpec) -> Resources:
     given = _given(proxy.resources)
     if given is not None:
         return given
-    request = proxy_memory_bytes(proxy.workers, proxy.connections_per_replica) * MEMORY_MARGIN
+    request = proxy_memory_bytes(proxy.workers, proxy.connections_per_replica,
+                                 tls=proxy.tls is not None) * MEMORY_MARGIN
     return _resources(
         (proxy.workers * PROXY_CPU_MILLI_REQUEST_PER_WORKER,
          proxy.workers * PROXY_CPU_MILLI_LIMIT_PER_WORKER),

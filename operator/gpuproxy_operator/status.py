@@ -13,7 +13,7 @@ from gpuproxy_operator.naming import child_name, selector_labels
 from gpuproxy_operator.node_tuning import TuningSeen
 
 OWN_CONDITIONS = ("Ready", "Progressing", "Degraded", "Paused", "ProxyReady", "PgBouncerReady",
-                  "RedisReady", "NodeTuningReady", "AlertsReady")
+                  "RedisReady", "NodeTuningReady", "AlertsReady", "ClientTls")
 # Status fields this module owns; others (currentConnections, desiredReplicas, lastScaleTime,
 # the Scaling condition) belong to the autoscaler and are left as they are.
 OWN_FIELDS = ("phase", "observedGeneration", "replicas", "readyReplicas", "selector", "endpoints",
@@ -91,7 +91,8 @@ def component_conditions(obs: Observation) -> list[Cond]:
     c = obs.cluster
     if c is None:
         why = "the spec is invalid, nothing was built (see the Degraded condition)"
-        return [Cond(t, None, "SpecInvalid", why) for t in (*COMPONENT_CONDITIONS, "AlertsReady")]
+        return [Cond(t, None, "SpecInvalid", why)
+                for t in (*COMPONENT_CONDITIONS, "AlertsReady", "ClientTls")]
     ns, name, kids = c.metadata.namespace, c.metadata.name, obs.children
     out: list[Cond] = []
     proxy = _workload(kids.get(("Deployment", child_name(name, "proxy"))), "proxy Deployment",
@@ -112,7 +113,29 @@ def component_conditions(obs: Observation) -> list[Cond]:
         out.append(Cond("RedisReady", red.status, red.reason, red.message))
     out.append(_node_tuning(obs))
     out.append(_alerts(obs))
+    out.append(_client_tls(obs))
     return out
+
+
+def _client_tls(obs: Observation) -> Cond:
+    """How clients reach the proxy. Plain HTTP that nobody acknowledged is a warning (False),
+    never an error: every cluster created before spec.proxy.tls existed is in that state."""
+    assert obs.cluster is not None
+    proxy = obs.cluster.spec.proxy
+    if proxy.tls is not None:
+        return Cond("ClientTls", True, "Terminated",
+                    f"the client port serves HTTPS (TLS {proxy.tls.min_version}+) with the "
+                    f"certificate in Secret {proxy.tls.secret_name}; renewals are reloaded "
+                    "without a restart")
+    if proxy.allow_plain_http:
+        return Cond("ClientTls", False, "PlainHttpAllowed",
+                    "the client port serves plain HTTP, as spec.proxy.allowPlainHttp asks "
+                    "(TLS is expected to end before the proxy)")
+    return Cond("ClientTls", False, "PlainHttpNotAcknowledged",
+                "the client port serves plain HTTP because spec.proxy.tls is unset: set "
+                "spec.proxy.tls.secretName to a kubernetes.io/tls Secret (e.g. a cert-manager "
+                "Certificate's), or spec.proxy.allowPlainHttp: true when TLS ends before the "
+                "proxy")
 
 
 def _node_tuning(obs: Observation) -> Cond:
@@ -266,7 +289,8 @@ def endpoints(obs: Observation) -> dict[str, str]:
         return f"{svc}.{ns}.svc:{ports[svc]}" if svc in ports else None
 
     out: dict[str, str | None] = {
-        "proxy": (h := host(child_name(name, "proxy"))) and f"http://{h}",
+        "proxy": (h := host(child_name(name, "proxy")))
+        and f"{'https' if c.spec.proxy.tls is not None else 'http'}://{h}",
         "metrics": (h := host(child_name(name, "proxy", "metrics"))) and f"http://{h}/metrics",
         "pgbouncer": host(child_name(name, "pgbouncer")),
         "redis": _strip_userinfo(c.spec.redis.url) if c.spec.redis.mode == "external" and

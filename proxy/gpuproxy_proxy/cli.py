@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from gpuproxy_proxy.auth.secretfiles import read_secrets
 from gpuproxy_proxy.config import ProxyConfig, describe_config_error, load_config
+from gpuproxy_proxy.http.tls import CertificateError, load_pair, read_pair, server_context
 from gpuproxy_proxy.observability.logging import setup_logging
 from gpuproxy_proxy.process.server import (
     ListenError,
@@ -77,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
-    except ListenError as exc:
+    except (ListenError, CertificateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -104,6 +105,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     if args.workers is not None:
         config = config.model_copy(update={"workers": args.workers})
+    if config.listen.tls is not None and args.worker_index is None:
+        # Refused before any worker starts, with the field to fix.
+        load_pair(server_context(config.listen.tls), *read_pair(config.listen.tls))
     setup_logging(config.logging, args.worker_index)
     limit = raise_nofile_limit()
     secrets = read_secrets(config.secret_files)

@@ -41,6 +41,21 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class TlsConfig(_Frozen):
+    """HTTPS on the client port; the admin port stays plain HTTP (the kubelet's probes).
+
+    The files are a mounted kubernetes.io/tls Secret (tls.crt, tls.key, as cert-manager writes
+    them); they are polled and a rotated pair is used by new connections (http/tls.py)."""
+
+    cert_file: Annotated[str, Field(min_length=1)]
+    key_file: Annotated[str, Field(min_length=1)]
+    # TLS 1.2 with ECDHE and AEAD ciphers only (Mozilla "intermediate"), or TLS 1.3 only.
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # A connection that has not finished its handshake by then is closed: until it does, it is
+    # invisible to the connection cap and the keep-alive sweep.
+    handshake_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+
 class ListenConfig(_Frozen):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
@@ -50,6 +65,8 @@ class ListenConfig(_Frozen):
     # client port; unset or 0: no admin API (the operator sets it with an admin token).
     admin_api_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     backlog: Annotated[int, Field(ge=1)] = 65535
+    # Unset: the client port serves plain HTTP (the operator decides whether that is allowed).
+    tls: TlsConfig | None = None
 
     @property
     def admin_api_enabled(self) -> bool:

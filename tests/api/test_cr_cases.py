@@ -130,7 +130,18 @@ HAND_WRITTEN = [
         "spoolSizeMib": 2048, "onSpoolFull": "drop_oldest", "retentionDays": 365}),
     change("metering-unknown-spool-policy", "", spec__proxy__metering={
         "onSpoolFull": "block"}),
+    change("tls-from-a-cert-manager-secret", None,
+           spec__proxy__tls={"secretName": "gpuproxy-tls", "minVersion": "1.3"}),
+    change("tls-with-plain-http-refused", None,
+           spec__proxy__tls={"secretName": "gpuproxy-tls"}, spec__proxy__allowPlainHttp=False),
+    change("plain-http-acknowledged", None, spec__proxy__allowPlainHttp=True),
+    change("tls-version-below-1.2", "", spec__proxy__tls={"secretName": "t", "minVersion": "1.1"}),
+    change("tls-without-secret-name", "", spec__proxy__tls={}),
     # One row per cross-field (CEL) rule.
+    change("plain-http-refused-without-tls", "allowPlainHttp is false, so tls is required",
+           spec__proxy__allowPlainHttp=False),
+    change("plain-http-allowed-with-tls", "allowPlainHttp true and tls together",
+           spec__proxy__tls={"secretName": "gpuproxy-tls"}, spec__proxy__allowPlainHttp=True),
     change("min-above-max", "minReplicas must be less than or equal to maxReplicas",
            spec__autoscaling__minReplicas=5, spec__autoscaling__maxReplicas=4),
     change("weight-without-weighted-round-robin", "only takes effect with",

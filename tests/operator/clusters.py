@@ -75,6 +75,7 @@ def production_body() -> dict[str, Any]:
                 "priorityClassName": "gpuproxy-critical",
                 "podAnnotations": {"example.com/team": "inference"},
                 "terminationGracePeriodSeconds": 120,
+                "tls": {"secretName": "gpuproxy-tls"},  # a cert-manager Certificate's
             },
             "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 10},
             "database": {

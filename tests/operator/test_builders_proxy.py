@@ -210,6 +210,9 @@ def test_secrets_are_mounted_files_named_in_the_config() -> None:
         "secret-redis": {"secretName": "gpuproxy-redis",
                          "items": [{"key": "password", "path": "password"}],
                          "defaultMode": 0o440},
+        "secret-tls": {"secretName": "gpuproxy-tls", "items": [
+            {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+            "defaultMode": 0o440},
     }
     mounts = {m["name"]: m for m in c["volumeMounts"] if m["name"] in volumes}
     # Whole volumes, no subPath: the kubelet swaps the files on a rotation.
@@ -293,7 +296,7 @@ def test_client_service_follows_spec_proxy_service() -> None:
     assert svc["spec"]["externalTrafficPolicy"] == "Local"
     assert svc["spec"]["loadBalancerSourceRanges"] == ["0.0.0.0/0"]
     assert svc["spec"]["ports"] == [{"name": "http", "port": 443, "targetPort": "http",
-                                     "protocol": "TCP"}]
+                                     "protocol": "TCP", "appProtocol": "https"}]
     minimal = _objects(minimal_body())[("Service", "mini-proxy")]["spec"]
     assert minimal["type"] == "ClusterIP"
     assert minimal["ports"][0]["port"] == 80

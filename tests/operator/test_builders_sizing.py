@@ -4,6 +4,7 @@ per client, the bundled Redis from maxmemory; defaults that a 4-vCPU / 16 GiB no
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from gpuproxy_operator.builders import BuildInputs, build_all
 from gpuproxy_operator.sizing import (
     KERNEL_KIB_PER_SOCKET,
     PROXY_PROCESS_MIB,
+    TLS_KIB_PER_CONNECTION,
     USER_KIB_PER_CONNECTION,
     cpu_quantity,
     memory_quantity,
@@ -76,6 +78,18 @@ def test_proxy_memory_follows_connections_per_replica() -> None:
     per_connection_kib = USER_KIB_PER_CONNECTION + 2 * KERNEL_KIB_PER_SOCKET
     assert requests[1] - requests[0] == pytest.approx(190_000 * per_connection_kib / 1024 * 1.2,
                                                       abs=2)
+
+
+def test_tls_adds_its_measured_memory_per_connection() -> None:
+    plain, tls = minimal_body(), minimal_body()
+    tls["spec"]["proxy"]["tls"] = {"secretName": "mini-tls"}
+    requests = [_mib(_resources(b, "Deployment", "mini-proxy")["requests"]["memory"])
+                for b in (plain, tls)]
+    # 100k connections x 23.1 KiB of TLS state, + 20%: about 2.6 GiB more per pod.
+    assert requests[1] - requests[0] == pytest.approx(100_000 * TLS_KIB_PER_CONNECTION / 1024
+                                                      * 1.2, abs=2)
+    bench = (Path(__file__).resolve().parents[2] / "bench" / "README.md").read_text()
+    assert f"**{TLS_KIB_PER_CONNECTION:g} KiB more per idle TLS connection**" in bench
 
 
 def test_pgbouncer_uses_one_core_and_memory_for_max_client_conn() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -143,8 +144,9 @@ class RawConnection:
         self.requests = 0
 
     @classmethod
-    async def open(cls, host: str, port: int) -> RawConnection:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def open(cls, host: str, port: int,
+                   tls: ssl.SSLContext | None = None) -> RawConnection:
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         return cls(reader, writer)
 
     @property

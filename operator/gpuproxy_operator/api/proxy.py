@@ -202,6 +202,18 @@ class Metering(Model):
     """Days of usage records kept; older daily partitions are dropped."""
 
 
+class ProxyTls(Model):
+    """HTTPS on the client port, terminated by the proxy (the admin port stays plain HTTP)."""
+
+    secret_name: Name
+    """Secret of type kubernetes.io/tls in the cluster's namespace (keys tls.crt and tls.key;
+    ca.crt is not used), e.g. the secretName of a cert-manager Certificate. Mounted as files:
+    a renewed certificate reaches new connections within about a minute (the kubelet's sync)
+    without a restart and without closing open connections."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Oldest TLS version accepted; TLS 1.2 uses ECDHE key exchange and AEAD ciphers only."""
+
+
 class ServiceSpec(Model):
     """The Service clients connect to."""
 
@@ -312,7 +324,8 @@ class ProxySpec(Model):
     resources: Resources | None = None
     """Container resources. Unset: derived from workers and connectionsPerReplica: 750m CPU
     requested and 1 CPU limit per (single-threaded) worker; memory from the measured idle
-    process and per-connection figures plus 20%, limit 1.5x (`gpuproxy-operator plan`)."""
+    process and per-connection figures (about 10x more per connection with tls) plus 20%,
+    limit 1.5x (`gpuproxy-operator plan`)."""
     backends: Annotated[list[Backend], Field(min_length=1, max_length=256)]
     """GPU backends; names must be unique."""
     load_balancing: LoadBalancing = Field(default_factory=LoadBalancing)
@@ -327,6 +340,13 @@ class ProxySpec(Model):
     """Rate limits (guide: 1000 / 10000 / 100000 per minute)."""
     metering: Metering = Field(default_factory=Metering)
     """Usage metering: crash spool and retention."""
+    tls: ProxyTls | None = None
+    """HTTPS on the client port. Unset: plain HTTP, which allowPlainHttp must acknowledge."""
+    allow_plain_http: bool | None = None
+    """Serve plain HTTP on the client port (no tls): true when TLS ends before the proxy (an
+    ingress, a mesh sidecar, a load balancer). false refuses a spec without tls. Unset without
+    tls: plain HTTP, as before tls existed, with the ClientTls condition False
+    (PlainHttpNotAcknowledged) until tls or allowPlainHttp is set."""
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     """Client-facing Service."""
     pod_disruption_budget: PodDisruptionBudgetSpec = Field(default_factory=PodDisruptionBudgetSpec)
@@ -377,6 +397,22 @@ class ProxySpec(Model):
             f" >= self.shutdown.drainDelaySeconds + {SHUTDOWN_MARGIN_SECONDS}",
             reads=("shutdown.drainDelaySeconds",),
             field_path=".terminationGracePeriodSeconds",
+        ),
+        CrossFieldRule(
+            check=lambda v: v["allow_plain_http"] is not False or v["tls"] is not None,
+            message="allowPlainHttp is false, so tls is required: set tls.secretName to a "
+            "kubernetes.io/tls Secret (e.g. from cert-manager), or allowPlainHttp to true",
+            cel="self.allowPlainHttp || has(self.tls)",
+            reads=("allowPlainHttp",),
+            field_path=".tls",
+        ),
+        CrossFieldRule(
+            check=lambda v: not (v["allow_plain_http"] is True and v["tls"] is not None),
+            message="allowPlainHttp true and tls together: with tls the client port serves "
+            "HTTPS only; remove allowPlainHttp",
+            cel="!self.allowPlainHttp",
+            reads=("allowPlainHttp", "tls"),
+            field_path=".allowPlainHttp",
         ),
         CrossFieldRule(
             check=lambda v: v["port"] != v["admin_port"],

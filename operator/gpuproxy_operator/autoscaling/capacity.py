@@ -128,7 +128,7 @@ def plan(spec: GpuProxyClusterSpec, connections: int) -> Plan:
         warnings.append(
             f"{fds_worker} open files per worker exceed the {GUIDE_NOFILE} nofile limit: raise "
             "spec.proxy.workers or lower connectionsPerReplica")
-    memory = proxy_memory_bytes(proxy.workers, cpr)
+    memory = proxy_memory_bytes(proxy.workers, cpr, tls=proxy.tls is not None)
     proxy_res = proxy_resources(proxy)
     limit = quantity_bytes(proxy_res.limits.get("memory", ""))
     if limit is not None and limit < memory:

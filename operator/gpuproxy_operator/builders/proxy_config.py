@@ -10,7 +10,7 @@ from typing import Any
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
 from gpuproxy_operator.api.proxy import SHUTDOWN_MARGIN_SECONDS, ProxySpec
-from gpuproxy_operator.builders.proxy_secrets import secret_files
+from gpuproxy_operator.builders.proxy_secrets import secret_files, tls_files
 from gpuproxy_operator.naming import Component, child_name
 
 PGBOUNCER_PORT = 6432
@@ -86,13 +86,23 @@ def admin_api_port(cluster: GpuProxyCluster) -> int | None:
     return proxy.admin_api_port if proxy.auth.admin_token_secret_ref is not None else None
 
 
+def _listen(cluster: GpuProxyCluster) -> dict[str, Any]:
+    proxy = cluster.spec.proxy
+    listen: dict[str, Any] = {"host": "0.0.0.0", "port": proxy.port,
+                              "admin_port": proxy.admin_port,
+                              "admin_api_port": admin_api_port(cluster)}
+    tls = tls_files(cluster)
+    if tls is not None:
+        listen["tls"] = tls  # paths only: the certificate itself is reloaded by the proxy
+    return listen
+
+
 def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
     """Everything one proxy pod needs except secrets, keyed like the proxy's YAML."""
     proxy = cluster.spec.proxy
     rl = proxy.rate_limits
     return {
-        "listen": {"host": "0.0.0.0", "port": proxy.port, "admin_port": proxy.admin_port,
-                   "admin_api_port": admin_api_port(cluster)},
+        "listen": _listen(cluster),
         "workers": proxy.workers,
         "backends": [
             {

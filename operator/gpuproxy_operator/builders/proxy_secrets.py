@@ -57,7 +57,35 @@ def secret_files(cluster: GpuProxyCluster) -> dict[str, str]:
             for m in secret_mounts(cluster) for field, (_, file_name) in m.files.items()}
 
 
+def tls_mount(cluster: GpuProxyCluster) -> SecretMount | None:
+    """The client port's kubernetes.io/tls Secret (cert-manager's layout), if any. Only the
+    operator's spec names it: its content is never read here, so a renewal changes no pod
+    template and restarts nothing (the proxy polls the files, http/tls.py)."""
+    tls = cluster.spec.proxy.tls
+    if tls is None:
+        return None
+    return SecretMount("secret-tls", tls.secret_name, {
+        "cert_file": ("tls.crt", "tls.crt"), "key_file": ("tls.key", "tls.key"),
+    })
+
+
+def tls_files(cluster: GpuProxyCluster) -> dict[str, str] | None:
+    """The proxy config's `listen.tls` section."""
+    mount, tls = tls_mount(cluster), cluster.spec.proxy.tls
+    if mount is None or tls is None:
+        return None
+    files = {field: f"{mount.directory}/{file_name}"
+             for field, (_, file_name) in mount.files.items()}
+    return {**files, "min_version": tls.min_version}
+
+
+def _all_mounts(cluster: GpuProxyCluster) -> list[SecretMount]:
+    tls = tls_mount(cluster)
+    return [*secret_mounts(cluster), *([tls] if tls is not None else [])]
+
+
 def secret_volumes(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
+    # Whole-volume mounts, never subPath: the kubelet swaps the files on a rotation only then.
     return [
         {
             "name": m.volume,
@@ -67,10 +95,10 @@ def secret_volumes(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
                 "defaultMode": SECRET_FILE_MODE,
             },
         }
-        for m in secret_mounts(cluster)
+        for m in _all_mounts(cluster)
     ]
 
 
 def secret_volume_mounts(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
     return [{"name": m.volume, "mountPath": m.directory, "readOnly": True}
-            for m in secret_mounts(cluster)]
+            for m in _all_mounts(cluster)]

@@ -30,6 +30,10 @@ def build_proxy_service(cluster: GpuProxyCluster) -> Manifest:
         "selector": selector(cluster, "proxy"),
         "ports": [service_port("http", svc.port, "http")],
     }
+    if proxy.tls is not None:
+        # The port keeps its name (Ingresses may refer to it); ingress controllers and meshes
+        # read appProtocol to speak TLS to the proxy.
+        spec["ports"][0]["appProtocol"] = "https"
     if svc.type != "ClusterIP" and svc.external_traffic_policy is not None:
         spec["externalTrafficPolicy"] = svc.external_traffic_policy
     if svc.type == "LoadBalancer" and svc.load_balancer_source_ranges:

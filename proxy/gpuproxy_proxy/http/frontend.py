@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 from aiohttp import web
 
@@ -22,6 +23,7 @@ from gpuproxy_proxy.http.requestid import new_request_id
 from gpuproxy_proxy.http.response import Answer, Response, StreamResponse, from_aiohttp
 from gpuproxy_proxy.http.router import route_for
 from gpuproxy_proxy.http.timers import KeepAliveSweep
+from gpuproxy_proxy.http.tls import TlsTerminator
 from gpuproxy_proxy.routes import PIPELINE
 from gpuproxy_proxy.runtime import RUNTIME
 
@@ -65,9 +67,13 @@ class Frontend:
         self._evicted = metrics.connections_rejected.labels("idle_evicted")
         runtime.listeners.append(self._on_reload)
 
-    async def listen(self, sock: socket.socket, backlog: int = 2048) -> None:
+    async def listen(self, sock: socket.socket, backlog: int = 2048,
+                     tls: ssl.SSLContext | None = None, handshake_timeout: float = 10.0) -> None:
+        """Serve `sock`; with `tls`, HTTPS only (a plain request fails its handshake). A
+        connection counts (cap, sweep) once its handshake is done."""
         self._server = await self._loop.create_server(
-            lambda: HttpConnection(self), sock=sock, backlog=backlog)
+            lambda: HttpConnection(self), sock=sock, backlog=backlog, ssl=tls,
+            ssl_handshake_timeout=handshake_timeout if tls is not None else None)
 
     @property
     def draining(self) -> bool:
@@ -211,16 +217,35 @@ class ClientPort:
         self.app = app
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         self.frontend: Frontend | None = None
+        self.tls: TlsTerminator | None = None
 
     async def start(self, sock: socket.socket, backlog: int = 2048,
                     access_log: logging.Logger | None = None) -> Frontend:
+        runtime = self.app[RUNTIME]
+        tls_config = runtime.config.listen.tls
+        if tls_config is not None:
+            # Before the services start: a pair that does not load stops the process here.
+            metrics = self.app[METRICS]
+            reloads = metrics.tls_certificate_reloads
+            tls = self.tls = TlsTerminator(tls_config,
+                                           lambda: runtime.config.reload.interval_seconds,
+                                           lambda result: reloads.labels(result).inc())
+            metrics.track_tls_expiry(lambda: tls.not_after)
         await self.runner.setup()
         self.frontend = Frontend(self.app, access_log)
-        await self.frontend.listen(sock, backlog)
+        if self.tls is not None:
+            assert tls_config is not None
+            await self.frontend.listen(sock, backlog, self.tls.context,
+                                       tls_config.handshake_timeout_seconds)
+            self.tls.start()  # polled even with reload.enabled false, like the secret files
+        else:
+            await self.frontend.listen(sock, backlog)
         return self.frontend
 
     async def close(self) -> None:
         """Stop serving at once (tests, and after the drain), then the cleanup contexts."""
+        if self.tls is not None:
+            await self.tls.close()
         if self.frontend is not None:
             await self.frontend.stop_accepting()
             await self.frontend.close_all()

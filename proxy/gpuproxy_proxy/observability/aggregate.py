@@ -14,7 +14,9 @@ from prometheus_client.registry import Collector
 # oldest spool segment of the pod is its oldest worker's)...
 _MAX_FAMILIES = frozenset({"gpuproxy_backend_healthy", "gpuproxy_metering_spool_oldest_seconds"})
 # ...or the worst one: a dependency one worker cannot reach is a problem of the pod.
-_MIN_FAMILIES = frozenset({"gpuproxy_dependency_up"})
+# The certificate expiring first is the one to renew.
+_MIN_FAMILIES = frozenset({"gpuproxy_dependency_up",
+                           "gpuproxy_tls_certificate_expiry_timestamp_seconds"})
 
 
 class _Static(Collector):

@@ -7,6 +7,7 @@ from config, routes from a fixed list, status codes are grouped into classes).
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -162,6 +163,21 @@ class ProxyMetrics:
             "gpuproxy_client_timeouts", "Client connections ended by a client-side deadline.",
             ["phase"], registry=r,
         )
+        # result: reloaded (a rotated pair is in use) or error (refused, the old one stays).
+        self.tls_certificate_reloads = Counter(
+            "gpuproxy_tls_certificate_reloads",
+            "Client-port TLS certificate reloads after the files changed.", ["result"],
+            registry=r,
+        )
+
+    def track_tls_expiry(self, not_after: Callable[[], float | None]) -> None:
+        """Only with TLS on: a plain-HTTP proxy exports no expiry at all (not a 0)."""
+        gauge = Gauge(
+            "gpuproxy_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the client-port certificate new connections get (Unix time); the pod "
+            "shows the earliest over its workers.", registry=self.registry,
+        )
+        gauge.set_function(lambda: not_after() or float("nan"))
 
 
 def _frozen_objects() -> float:

@@ -228,7 +228,8 @@ async def serve_single(config: ProxyConfig, secrets: Secrets, config_path: Path 
     sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
     await worker.start(sock, admin=admin_socket(config), admin_api=admin_api_socket(config))
     worker.install_signals()
-    log.info("serving on %s:%d (admin %d, admin API %s), %d backends, strategy %s",
+    log.info("serving %s on %s:%d (admin %d, admin API %s), %d backends, strategy %s",
+             "HTTPS" if config.listen.tls is not None else "plain HTTP",
              config.listen.host, config.listen.port, config.listen.admin_port,
              config.listen.admin_api_port or "off", len(config.backends),
              config.load_balancing.strategy)
