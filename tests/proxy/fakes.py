@@ -145,3 +145,16 @@ async def wait_ready(admin: str, proc: asyncio.subprocess.Process, timeout: floa
                 pass
             assert time.monotonic() < deadline, "proxy did not become ready"
             await asyncio.sleep(0.1)
+
+
+class RecordingMeter:
+    """Stands in for metering.meter.Meter: keeps every usage record, spools nothing."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def admit(self, *_: Any) -> None:
+        return None  # no spool: nothing to hand the request path
+
+    def record(self, rec: Any, ticket: Any = None) -> None:
+        self.records.append(rec)

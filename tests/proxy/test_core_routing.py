@@ -10,22 +10,11 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 from tests.proxy.conftest import AdminApiFactory, ProxyFactory, proxy_config
-from tests.proxy.fakes import FakeBackend, free_port
+from tests.proxy.fakes import FakeBackend, RecordingMeter, free_port
 
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.config import Secrets
 from gpuproxy_proxy.routes import PIPELINE
-
-
-class RecordingMeter:
-    def __init__(self) -> None:
-        self.records: list[Any] = []
-
-    def admit(self, *_: Any) -> None:
-        return None  # no spool: nothing to hand the request path
-
-    def record(self, rec: Any, ticket: Any = None) -> None:
-        self.records.append(rec)
 
 
 async def _backend(backends: list[FakeBackend], name: str, **kwargs: Any) -> FakeBackend:

@@ -9,18 +9,11 @@ from typing import Any
 
 import pytest
 from tests.proxy.conftest import ProxyFactory, proxy_config
+from tests.proxy.fakes import RecordingMeter
 
 from gpuproxy_proxy.routes import PIPELINE
 from gpuproxy_proxy.simulator.app import start_server
 from gpuproxy_proxy.simulator.config import SimulatorConfig
-
-
-class RecordingMeter:
-    def __init__(self) -> None:
-        self.records: list[Any] = []
-
-    def record(self, rec: Any) -> None:
-        self.records.append(rec)
 
 
 @pytest.fixture
