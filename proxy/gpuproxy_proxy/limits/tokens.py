@@ -1,0 +1,335 @@
+"""Token limits and budgets on the request path: one Redis script call at admission reserves
+the request's tokens (and price) in every applicable window and budget, or in none; one at
+the end settles the reservation with the real usage; a stream past its reservation asks for
+more at most once a second, and is cut when a budget refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gpuproxy_proxy.appkeys import CONFIG, METRICS
+from gpuproxy_proxy.auth.principal import Principal
+from gpuproxy_proxy.config import ProxyConfig
+from gpuproxy_proxy.database.pool import DB_POOL
+from gpuproxy_proxy.http.errors import json_error
+from gpuproxy_proxy.limits.budgets import BudgetStore
+from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, RateLimiter
+from gpuproxy_proxy.limits.reservation import (
+    Request,
+    budget_base,
+    cost_micro_usd,
+    parse_request,
+    price_for,
+    scope_ids,
+    settle_delta,
+    window_scopes,
+)
+from gpuproxy_proxy.limits.token_lua import RESERVE_LUA, SETTLE_LUA
+from gpuproxy_proxy.metering.usage import Usage
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+TOKEN_ROUTES = frozenset({"chat_completions", "completions", "embeddings"})
+
+
+@dataclass(slots=True)
+class Admission:
+    """One admitted request's reservation, to be settled once."""
+
+    request_id: str
+    request: Request
+    micro_usd: int
+    windows: list[str] = field(default_factory=list)  # concrete window keys
+    # (scope, id, period prefix, unit) of each budget that applies
+    budgets: list[tuple[str, str, str, str]] = field(default_factory=list)
+    budget_bases: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    reserved_tokens: int = 0  # what the budgets hold for this request (grows as it streams)
+    settled: bool = False
+    cut_message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    kind: str  # token_limit | budget | unavailable
+    scope: str
+    ident: str
+    limit: int
+    remaining: int
+    reset_seconds: int
+    unit: str
+
+    def response(self, request_id: str) -> web.Response:
+        if self.kind == "unavailable":
+            return json_error(503, "service_unavailable", "token limits and budgets are "
+                              "unavailable (Redis unreachable); retry shortly", request_id,
+                              {"Retry-After": "1"})
+        retry = {"Retry-After": str(max(1, self.reset_seconds))}
+        if self.kind == "budget":
+            return json_error(429, "budget_exceeded",
+                              f"the {self.unit} budget of {self.scope} {self.ident} does not "
+                              f"cover this request: {self.remaining} of {self.limit} left, "
+                              f"resets in {self.reset_seconds} s", request_id, retry)
+        return json_error(429, "token_limit_exceeded",
+                          f"token limit exceeded for {self.scope} {self.ident}: {self.limit} "
+                          f"tokens per window; retry after {self.reset_seconds} s",
+                          request_id, {**retry, **token_headers(self.limit, self.remaining,
+                                                                self.reset_seconds)})
+
+
+def token_headers(limit: int, remaining: int, reset: int) -> dict[str, str]:
+    return {"X-RateLimit-Limit-Tokens": str(limit),
+            "X-RateLimit-Remaining-Tokens": str(max(0, remaining)),
+            "X-RateLimit-Reset-Tokens": f"{max(1, reset)}s"}
+
+
+class LocalTokenWindows:
+    """Per-process fixed windows while Redis is down (on_redis_failure: local)."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._counts: dict[str, int] = {}
+        self._max = max_keys
+
+    def reserve(self, plan: list[tuple[str, str, int, int]], tokens: int) -> int:
+        """Index of the first window over its limit, or -1 (then all are charged)."""
+        now = int(time.time())
+        keys = [f"{base}:{now // seconds}" for _, base, seconds, _ in plan]
+        for i, (key, (_, _, _, limit)) in enumerate(zip(keys, plan, strict=True)):
+            if self._counts.get(key, 0) + tokens > limit:
+                return i
+        if len(self._counts) > self._max:
+            self._counts.clear()
+        for key in keys:
+            self._counts[key] = self._counts.get(key, 0) + tokens
+        return -1
+
+
+class TokenGate:
+    def __init__(self, config: ProxyConfig, limiter: RateLimiter, budgets: BudgetStore,
+                 metrics: ProxyMetrics | None) -> None:
+        self._limiter = limiter
+        self.budgets = budgets
+        self._local = LocalTokenWindows()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._token_rejections = {s: metrics.token_limit_rejections.labels(s)
+                                  for s in ("api_key", "user", "team")} if metrics else {}
+        self._budget_rejections = {s: metrics.budget_rejections.labels(s)
+                                   for s in ("api_key", "user", "team")} if metrics else {}
+        self._cuts = metrics.budget_stream_cuts if metrics else None
+        self.reconfigure(config)
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        self.config = config
+        rl = config.rate_limits
+        self.limits_on = rl.enabled and (rl.tokens_per_minute.any or rl.tokens_per_day.any)
+        self.budgets_on = config.budgets.enabled and config.redis is not None
+        self.active = self.limits_on or self.budgets_on
+
+    def _redis(self) -> aioredis.Redis | None:
+        return self._limiter.redis_client
+
+    @property
+    def redis_client(self) -> aioredis.Redis | None:
+        return self._limiter.redis_client
+
+    async def admit(self, route: str, principal: Principal, body: bytes,
+                    request_id: str) -> Admission | Refusal | None:
+        """None: nothing to reserve (no scope, not a token route)."""
+        if route not in TOKEN_ROUTES:
+            return None
+        rl = self.config.rate_limits
+        plan = window_scopes(rl, principal) if self.limits_on else []
+        idents = scope_ids(principal) if self.budgets_on else []
+        if not plan and not idents:
+            return None
+        req = parse_request(route, body, rl.default_max_tokens)
+        price = price_for(self.config.budgets, req.model)
+        adm = Admission(request_id, req, cost_micro_usd(price, req.prompt_tokens,
+                                                        req.max_completion_tokens))
+        adm.budget_bases = [budget_base(s, i) for s, i in idents]
+        client = self._redis()
+        if client is None or not self._limiter.redis_ready():
+            return self._fallback(plan, idents, adm)
+        try:
+            reply = await self._reserve(client, plan, adm.budget_bases, adm, adm.request.tokens,
+                                        adm.micro_usd)
+        except _FAILURES as exc:
+            self._limiter.mark_down(exc)
+            return self._fallback(plan, idents, adm)
+        allowed, denied, entries = reply
+        if allowed != 1:
+            i = denied - 1
+            key, cur, limit, reset, unit = entries[i]
+            if i < len(plan):
+                scope = plan[i][0]
+                ident = _ident_of(principal, scope)
+                counter = self._token_rejections.get(scope)
+                refusal = Refusal(429, "token_limit", scope, ident, limit, limit - cur, reset,
+                                  "tokens")
+            else:
+                scope, ident = idents[i - len(plan)]
+                counter = self._budget_rejections.get(scope)
+                refusal = Refusal(429, "budget", scope, ident, limit, limit - cur, reset, unit)
+            if counter is not None:
+                counter.inc()
+            return refusal
+        tightest: tuple[int, int, int] | None = None
+        for i, (key, cur, limit, reset, unit) in enumerate(entries):
+            if i < len(plan):
+                adm.windows.append(key)
+                if tightest is None or limit - cur < tightest[1]:
+                    tightest = (limit, limit - cur, reset)
+            elif key:
+                scope, ident = idents[i - len(plan)]
+                adm.budgets.append((scope, ident, key, unit))
+        adm.reserved_tokens = adm.request.tokens
+        if tightest is not None:
+            adm.headers = token_headers(*tightest)
+        return adm
+
+    async def _reserve(
+        self, client: aioredis.Redis, plan: list[tuple[str, str, int, int]],
+        bases: list[str], adm: Admission, tokens: int, micro_usd: int,
+    ) -> tuple[int, int, list[tuple[str, int, int, int, str]]]:
+        keys = [p[1] for p in plan] + bases
+        args: list[str | int] = [len(plan), len(bases), adm.request_id, tokens, micro_usd,
+                                 int(self.config.budgets.reservation_ttl_seconds * 1000)]
+        for _, _, seconds, limit in plan:
+            args += [seconds, limit]
+        for _ in range(2):
+            raw = await self._script(client, RESERVE_LUA, keys, args)
+            if int(raw[0]) != -1:
+                break
+            await self.budgets.load_into_redis(client)  # Redis lost them (restart, eviction)
+        else:
+            raise ConnectionError("budgets could not be loaded into Redis")
+        entries = []
+        for j in range(2, len(raw), 5):
+            key = raw[j].decode() if isinstance(raw[j], bytes) else str(raw[j])
+            unit = raw[j + 4].decode() if isinstance(raw[j + 4], bytes) else str(raw[j + 4])
+            entries.append((key, int(raw[j + 1]), int(raw[j + 2]), int(raw[j + 3]), unit))
+        return int(raw[0]), int(raw[1]), entries
+
+    async def _script(self, client: aioredis.Redis, script: str, keys: list[str],
+                      args: list[str | int]) -> list[Any]:
+        timeout = self.config.redis.socket_timeout_seconds if self.config.redis else 1.0
+        async with asyncio.timeout(timeout * 4):
+            raw = await client.eval(script, len(keys), *keys, *args)
+        return list(raw)
+
+    def _fallback(self, plan: list[tuple[str, str, int, int]], idents: list[tuple[str, str]],
+                  adm: Admission) -> Admission | Refusal:
+        mode = self.config.rate_limits.on_redis_failure
+        # Budgets cannot be checked per process without spending them N times over: they
+        # admit only when failing open.
+        if mode == "closed" or (idents and mode != "open"):
+            return Refusal(503, "unavailable", "", "", 0, 0, 1, "")
+        if mode == "local" and plan:
+            i = self._local.reserve(plan, adm.request.tokens)
+            if i >= 0:
+                scope, _, seconds, limit = plan[i]
+                return Refusal(429, "token_limit", scope, "", limit, 0, seconds, "tokens")
+        return adm  # nothing in Redis to settle
+
+    def settle(self, adm: Admission, usage: Usage | None, cut: bool = False) -> None:
+        """At the response's end: the real usage replaces the reservation (in the background,
+        so the answer is not held by Redis)."""
+        if adm.settled or (not adm.windows and not adm.budgets):
+            return
+        adm.settled = True
+        task = asyncio.create_task(self._settle(adm, usage))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, adm: Admission, usage: Usage | None) -> None:
+        prompt, completion = adm.request.prompt_tokens, 0
+        if usage is not None:
+            prompt = usage.prompt_tokens or 0
+            completion = usage.completion_tokens or 0
+            if usage.total_tokens is not None and not usage.completion_tokens:
+                completion = max(0, usage.total_tokens - prompt)
+        actual = prompt + completion
+        price = price_for(self.config.budgets, adm.request.model)
+        spend = [actual if unit != "usd" else cost_micro_usd(price, prompt, completion)
+                 for _, _, _, unit in adm.budgets]
+        keys = adm.windows + [b[2] for b in adm.budgets]
+        args: list[str | int] = [len(adm.windows), len(adm.budgets), adm.request_id,
+                                 settle_delta(adm.request.tokens, actual), *spend]
+        client = self._redis()
+        if client is None:
+            return
+        try:
+            await self._script(client, SETTLE_LUA, keys, args)
+        except _FAILURES as exc:
+            # The budget's reservation expires after reservation_ttl_seconds instead.
+            log.warning("settling request %s in Redis failed (%s: %s)", adm.request_id,
+                        type(exc).__name__, exc)
+
+    def stream_check_due(self, adm: Admission, completion_so_far: int) -> bool:
+        """Cheap, per chunk: the stream has used up what it reserved in its budgets (then one
+        Redis call reserves `stream_extend_tokens` more: at most one call per that many)."""
+        return bool(adm.budgets) and \
+            adm.request.prompt_tokens + completion_so_far >= adm.reserved_tokens
+
+    async def extend(self, adm: Admission, completion_so_far: int) -> bool:
+        """The stream needs more than it reserved: reserve another step in every budget (or
+        none). False: a budget is spent, the stream must end (adm.cut_message says why)."""
+        step = self.config.budgets.stream_extend_tokens
+        need = adm.request.prompt_tokens + completion_so_far - adm.reserved_tokens + step
+        price = price_for(self.config.budgets, adm.request.model)
+        client = self._redis()
+        if client is None:
+            return True
+        try:
+            allowed, denied, _ = await self._reserve(
+                client, [], [budget_base(b[0], b[1]) for b in adm.budgets], adm, need,
+                cost_micro_usd(price, 0, need))
+        except _FAILURES:
+            return True  # the settle counts what was streamed; do not cut on an outage
+        if allowed == 1:
+            adm.reserved_tokens += need
+            return True
+        scope, ident, _, unit = adm.budgets[min(denied, len(adm.budgets)) - 1]
+        adm.cut_message = (f"the {unit} budget of {scope} {ident} was reached; the response "
+                           "was ended")
+        if self._cuts is not None:
+            self._cuts.inc()
+        return False
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+
+
+def _ident_of(principal: Principal, scope: str) -> str:
+    return {"api_key": principal.api_key_id, "user": principal.user_id,
+            "team": principal.team}.get(scope) or ""
+
+
+TOKEN_GATE = web.AppKey("token_gate", TokenGate)
+BUDGET_STORE = web.AppKey("budget_store", BudgetStore)
+
+
+async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: after the rate limiter (whose Redis client it shares) and the database."""
+    config = app[CONFIG]
+    budgets = BudgetStore(app[DB_POOL])
+    app[BUDGET_STORE] = budgets
+    gate = TokenGate(config, app[RATE_LIMITER], budgets, app[METRICS])
+    app[TOKEN_GATE] = gate
+    try:
+        yield
+    finally:
+        await gate.close()
