@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 from tests.proxy.conftest import proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 from tests.proxy.procs import ProxyProcess, start_proxy
@@ -142,6 +143,15 @@ async def _chat(proxy: ProxyProcess, key: str, **extra: Any) -> tuple[int, dict[
                        {"model": "m", "messages": PROMPT, "max_tokens": 3, **extra})
 
 
+async def _metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(
+        proxy.admin + "/metrics", timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        text = await resp.text()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
 async def _until(check: Any, what: str) -> None:
     deadline = time.monotonic() + 60
     while not await check():
@@ -239,6 +249,13 @@ async def test_token_limits_and_budgets_are_exact_across_workers_and_proxies(
         state = await budget()
         assert round(state["spent"] * 1e6) == 13 * ok <= 200 < 13 * ok + 20, state
         assert state["resets_at"].endswith("Z")
+        # Redis loses the budgets (a restart without persistence, an eviction): the next
+        # request loads them again from PostgreSQL and is refused as before.
+        await redis.delete("bg:loaded", f"bg:user:{user}")
+        status, _, body = await _chat(b, user_key)
+        assert status == 429, body
+        assert json.loads(body)["error"]["type"] == "budget_exceeded"
+        assert (await budget())["limit"] == 0.0002
 
         # A stream cut at its budget: 30 tokens; it reserves 14 + 4 (default_max_tokens) and
         # asks for 4 more at a time until the budget refuses, then ends with an SSE error.
@@ -265,6 +282,11 @@ async def test_token_limits_and_budgets_are_exact_across_workers_and_proxies(
         await _until(stream_settled, "the cut stream was never settled")
         status, _, body = await _call(a, "GET", f"/admin/budgets/user/{user}", ADMIN)
         assert json.loads(body)["spent"] <= 30, body
+        assert await _metric(b, "gpuproxy_budget_stream_cuts_total") == 1
+        rejected = [await _metric(p, "gpuproxy_token_limit_rejections_total", scope="team")
+                    + await _metric(p, "gpuproxy_budget_rejections_total", scope="user")
+                    for p in (a, b)]
+        assert sum(rejected) >= 3, rejected
     finally:
         for proxy in (b, a):
             if proxy is not None:

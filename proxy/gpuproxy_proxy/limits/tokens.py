@@ -6,6 +6,7 @@ more at most once a second, and is cut when a budget refuses."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.principal import Principal
@@ -40,6 +41,8 @@ from gpuproxy_proxy.observability.metrics import ProxyMetrics
 log = logging.getLogger(__name__)
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+_SHAS = {script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+         for script in (RESERVE_LUA, SETTLE_LUA)}
 TOKEN_ROUTES = frozenset({"chat_completions", "completions", "embeddings"})
 
 
@@ -136,6 +139,10 @@ class TokenGate:
         self.limits_on = rl.enabled and (rl.tokens_per_minute.any or rl.tokens_per_day.any)
         self.budgets_on = config.budgets.enabled and config.redis is not None
         self.active = self.limits_on or self.budgets_on
+        # A reservation outlives the longest request, so a running one is never released
+        # (each stream extension restarts its clock).
+        self._ttl_ms = int(1000 * max(config.budgets.reservation_ttl_seconds,
+                                      config.upstream.max_request_seconds + 60))
 
     def _redis(self) -> aioredis.Redis | None:
         return self._limiter.redis_client
@@ -160,14 +167,17 @@ class TokenGate:
                                                         req.max_completion_tokens))
         adm.budget_bases = [budget_base(s, i) for s, i in idents]
         client = self._redis()
-        if client is None or not self._limiter.redis_ready():
-            return self._fallback(plan, idents, adm)
+        if client is None:
+            # No Redis configured (budgets need it): per-process windows, as request limits.
+            return self._local_windows(principal, plan, adm)
+        if not self._limiter.redis_ready():
+            return self._fallback(principal, plan, idents, adm)
         try:
             reply = await self._reserve(client, plan, adm.budget_bases, adm, adm.request.tokens,
                                         adm.micro_usd)
         except _FAILURES as exc:
             self._limiter.mark_down(exc)
-            return self._fallback(plan, idents, adm)
+            return self._fallback(principal, plan, idents, adm)
         allowed, denied, entries = reply
         if allowed != 1:
             i = denied - 1
@@ -205,7 +215,7 @@ class TokenGate:
     ) -> tuple[int, int, list[tuple[str, int, int, int, str]]]:
         keys = [p[1] for p in plan] + bases
         args: list[str | int] = [len(plan), len(bases), adm.request_id, tokens, micro_usd,
-                                 int(self.config.budgets.reservation_ttl_seconds * 1000)]
+                                 self._ttl_ms]
         for _, _, seconds, limit in plan:
             args += [seconds, limit]
         for _ in range(2):
@@ -225,23 +235,39 @@ class TokenGate:
     async def _script(self, client: aioredis.Redis, script: str, keys: list[str],
                       args: list[str | int]) -> list[Any]:
         timeout = self.config.redis.socket_timeout_seconds if self.config.redis else 1.0
+        sha = _SHAS[script]
         async with asyncio.timeout(timeout * 4):
-            raw = await client.eval(script, len(keys), *keys, *args)
+            try:
+                raw = await client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                # First use, or Redis restarted: NOSCRIPT means nothing ran, so resend once.
+                await client.script_load(script)
+                raw = await client.evalsha(sha, len(keys), *keys, *args)
         return list(raw)
 
-    def _fallback(self, plan: list[tuple[str, str, int, int]], idents: list[tuple[str, str]],
-                  adm: Admission) -> Admission | Refusal:
+    def _fallback(self, principal: Principal, plan: list[tuple[str, str, int, int]],
+                  idents: list[tuple[str, str]], adm: Admission) -> Admission | Refusal:
+        """Redis is unreachable: on_redis_failure decides, as for request limits."""
         mode = self.config.rate_limits.on_redis_failure
         # Budgets cannot be checked per process without spending them N times over: they
         # admit only when failing open.
         if mode == "closed" or (idents and mode != "open"):
             return Refusal(503, "unavailable", "", "", 0, 0, 1, "")
-        if mode == "local" and plan:
-            i = self._local.reserve(plan, adm.request.tokens)
-            if i >= 0:
-                scope, _, seconds, limit = plan[i]
-                return Refusal(429, "token_limit", scope, "", limit, 0, seconds, "tokens")
-        return adm  # nothing in Redis to settle
+        if mode == "local":
+            return self._local_windows(principal, plan, adm)
+        return adm  # open: nothing in Redis to settle
+
+    def _local_windows(self, principal: Principal, plan: list[tuple[str, str, int, int]],
+                       adm: Admission) -> Admission | Refusal:
+        i = self._local.reserve(plan, adm.request.tokens) if plan else -1
+        if i < 0:
+            return adm  # charged with the reservation (no settle: the counts are per process)
+        scope, _, seconds, limit = plan[i]
+        counter = self._token_rejections.get(scope)
+        if counter is not None:
+            counter.inc()
+        return Refusal(429, "token_limit", scope, _ident_of(principal, scope), limit, 0,
+                       seconds, "tokens")
 
     def settle(self, adm: Admission, usage: Usage | None, cut: bool = False) -> None:
         """At the response's end: the real usage replaces the reservation (in the background,
