@@ -126,6 +126,17 @@ HAND_WRITTEN = [
     change("external-redis-with-password", None, spec__redis={
         "mode": "external", "url": "rediss://r:6380/0",
         "passwordSecretRef": {"name": "redis", "key": "password"}}),
+    change("token-limits-and-budgets", None,
+           spec__proxy__rateLimits={"tokensPerMinute": {"perApiKey": 100000, "perTeam": 0},
+                                    "tokensPerDay": {"perUser": 10_000_000},
+                                    "defaultMaxTokens": 512},
+           spec__proxy__budgets={"enabled": True, "prices": {
+               "llama-3-70b": {"input": "0.59", "output": "0.79"}, "tiny": {"input": "0"}},
+               "defaultPrice": {"input": "1", "output": "2.000001"}}),
+    change("price-as-a-number", "spec.proxy.budgets.prices.m.input",
+           spec__proxy__budgets={"prices": {"m": {"input": 0.5}}}),
+    change("price-negative", "spec.proxy.budgets.defaultPrice.output",
+           spec__proxy__budgets={"defaultPrice": {"output": "-1"}}),
     # One row per cross-field (CEL) rule.
     change("min-above-max", "minReplicas must be less than or equal to maxReplicas",
            spec__autoscaling__minReplicas=5, spec__autoscaling__maxReplicas=4),
