@@ -18,6 +18,7 @@ UNITS = ("tokens", "usd")
 PERIODS = ("day", "week", "month")
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 _LOADED = "bg:loaded"
+_DB_TIMEOUT_SECONDS = 5.0
 
 
 class BudgetDatabaseUnavailable(Exception):
@@ -62,7 +63,8 @@ class BudgetStore:
                     "INSERT INTO budgets (scope, scope_id, amount, unit, period) "
                     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, scope_id) DO UPDATE SET "
                     "amount = $3, unit = $4, period = $5, updated_at = now()",
-                    budget.scope, budget.ident, budget.limit, budget.unit, budget.period)
+                    budget.scope, budget.ident, budget.limit, budget.unit, budget.period,
+                    timeout=_DB_TIMEOUT_SECONDS)
             except _DB_ERRORS as exc:
                 raise BudgetDatabaseUnavailable(str(exc) or type(exc).__name__) from exc
         if not await client.exists(_LOADED):
@@ -76,7 +78,8 @@ class BudgetStore:
         if pool is not None:
             try:
                 status = await pool.execute(
-                    "DELETE FROM budgets WHERE scope = $1 AND scope_id = $2", scope, ident)
+                    "DELETE FROM budgets WHERE scope = $1 AND scope_id = $2", scope, ident,
+                    timeout=_DB_TIMEOUT_SECONDS)
             except _DB_ERRORS as exc:
                 raise BudgetDatabaseUnavailable(str(exc) or type(exc).__name__) from exc
             found = status.endswith(" 1")
@@ -91,7 +94,7 @@ class BudgetStore:
         if pool is not None:
             try:
                 rows = await pool.fetch("SELECT scope, scope_id, amount, unit, period "
-                                        "FROM budgets")
+                                        "FROM budgets", timeout=_DB_TIMEOUT_SECONDS)
             except _DB_ERRORS as exc:
                 raise BudgetDatabaseUnavailable(str(exc) or type(exc).__name__) from exc
         pipe = client.pipeline(transaction=False)

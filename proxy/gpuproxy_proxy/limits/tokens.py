@@ -22,7 +22,7 @@ from gpuproxy_proxy.auth.principal import Principal
 from gpuproxy_proxy.config import ProxyConfig
 from gpuproxy_proxy.database.pool import DB_POOL
 from gpuproxy_proxy.http.errors import json_error
-from gpuproxy_proxy.limits.budgets import BudgetStore
+from gpuproxy_proxy.limits.budgets import BudgetDatabaseUnavailable, BudgetStore
 from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, RateLimiter
 from gpuproxy_proxy.limits.reservation import (
     Request,
@@ -222,7 +222,11 @@ class TokenGate:
             raw = await self._script(client, RESERVE_LUA, keys, args)
             if int(raw[0]) != -1:
                 break
-            await self.budgets.load_into_redis(client)  # Redis lost them (restart, eviction)
+            try:  # Redis lost them (a restart, an eviction): PostgreSQL has them
+                await self.budgets.load_into_redis(client)
+            except BudgetDatabaseUnavailable as exc:
+                # Unknown budgets are not assumed absent: the caller's fallback decides.
+                raise ConnectionError(f"budgets not in Redis and not loadable: {exc}") from exc
         else:
             raise ConnectionError("budgets could not be loaded into Redis")
         entries = []
