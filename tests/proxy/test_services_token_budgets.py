@@ -254,7 +254,10 @@ async def test_token_limits_and_budgets_are_exact_across_workers_and_proxies(
         await redis.delete("bg:loaded", f"bg:user:{user}")
         status, _, body = await _chat(b, user_key)
         assert status == 429, body
-        assert json.loads(body)["error"]["type"] == "budget_exceeded"
+        error = json.loads(body)["error"]
+        assert error["type"] == "budget_exceeded"
+        assert f"the usd budget of user {user} does not cover this request: " in error["message"]
+        assert "of 0.0002 usd left" in error["message"]
         assert (await budget())["limit"] == 0.0002
 
         # A stream cut at its budget: 30 tokens; it reserves 14 + 4 (default_max_tokens) and

@@ -22,7 +22,7 @@ from gpuproxy_proxy.auth.principal import Principal
 from gpuproxy_proxy.config import ProxyConfig
 from gpuproxy_proxy.database.pool import DB_POOL
 from gpuproxy_proxy.http.errors import json_error
-from gpuproxy_proxy.limits.budgets import BudgetDatabaseUnavailable, BudgetStore
+from gpuproxy_proxy.limits.budgets import BudgetDatabaseUnavailable, BudgetStore, from_stored
 from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, RateLimiter
 from gpuproxy_proxy.limits.reservation import (
     Request,
@@ -81,9 +81,11 @@ class Refusal:
                               {"Retry-After": "1"})
         retry = {"Retry-After": str(max(1, self.reset_seconds))}
         if self.kind == "budget":
+            left, limit = (from_stored(max(0, self.remaining), self.unit),
+                           from_stored(self.limit, self.unit))
             return json_error(429, "budget_exceeded",
                               f"the {self.unit} budget of {self.scope} {self.ident} does not "
-                              f"cover this request: {self.remaining} of {self.limit} left, "
+                              f"cover this request: {left} of {limit} {self.unit} left, "
                               f"resets in {self.reset_seconds} s", request_id, retry)
         return json_error(429, "token_limit_exceeded",
                           f"token limit exceeded for {self.scope} {self.ident}: {self.limit} "
