@@ -406,14 +406,16 @@ async def _relay(
     sent = 0
     admission, gate = outcome.admission, outcome.gate
     # Only an SSE stream checked against budgets pays for the check (one comparison a chunk).
-    guard = admission is not None and gate is not None and watch is not None and is_sse \
-        and bool(admission.budgets)
+    if not (is_sse and watch is not None and admission is not None and admission.budgets):
+        gate = None
     try:
         while chunk := await conn.read():
             if watch is not None and not (chunk := watch.feed(chunk)):
                 continue  # all of it held back or removed (the usage event)
-            if guard and await _over_budget(watch, admission, gate):  # type: ignore[arg-type]
-                sent += await _cut_at_budget(out, conn, admission, request_id)  # type: ignore[arg-type]
+            if gate is not None and admission is not None and watch is not None and \
+                    await _over_budget(watch, admission, gate):
+                # The chunk that crossed is not sent: what the client got stays reserved.
+                sent += await _cut_at_budget(out, conn, admission, request_id)
                 outcome.status = status
                 return out
             sent += len(chunk)
