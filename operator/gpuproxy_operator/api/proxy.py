@@ -330,7 +330,7 @@ class ProxySpec(Model):
     admin_port: Annotated[int, Field(ge=1024, le=65535)] = 9090
     """Port of /health, /ready, /stats and /metrics in the container."""
     admin_api_port: Annotated[int, Field(ge=1024, le=65535)] = 9091
-    """Port of the admin API (/admin/keys) in the container, open only with
+    """Port of the admin API (/admin/keys, /admin/budgets) in the container, open only with
     auth.adminTokenSecretRef; the NetworkPolicy admits only the operator's pods (reach it with
     `kubectl port-forward`)."""
     connections_per_replica: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
