@@ -29,7 +29,8 @@ from gpuproxy_proxy.limits.ratelimit import (
     rate_limit_headers,
     rate_limit_response,
 )
-from gpuproxy_proxy.limits.tokens import TOKEN_GATE, Admission, Refusal
+from gpuproxy_proxy.limits.refusals import Refusal
+from gpuproxy_proxy.limits.tokens import TOKEN_GATE, Admission
 from gpuproxy_proxy.metering.estimate import estimate_usage
 from gpuproxy_proxy.metering.meter import USAGE_METER, UsageRecord
 from gpuproxy_proxy.metering.usage import Usage

@@ -1,10 +1,12 @@
-"""The pure parts of token limits and budgets: what a request reserves, what it costs, and
-which scopes it counts against (no I/O here; limits/tokens.py does the Redis calls)."""
+"""The pure parts of token limits and budgets: what a request reserves, what it costs, which
+scopes it counts against, and the per-process windows used without Redis (no I/O here;
+limits/tokens.py does the Redis calls)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 
 from gpuproxy_proxy.auth.principal import Principal
@@ -96,3 +98,24 @@ def budget_base(scope: str, ident: str) -> str:
 def settle_delta(reserved: int, actual: int) -> int:
     """What settling adds to a token window: negative is a refund."""
     return actual - reserved
+
+
+class LocalTokenWindows:
+    """Per-process fixed windows while Redis is down (on_redis_failure: local)."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._counts: dict[str, int] = {}
+        self._max = max_keys
+
+    def reserve(self, plan: list[tuple[str, str, int, int]], tokens: int) -> int:
+        """Index of the first window over its limit, or -1 (then all are charged)."""
+        now = int(time.time())
+        keys = [f"{base}:{now // seconds}" for _, base, seconds, _ in plan]
+        for i, (key, (_, _, _, limit)) in enumerate(zip(keys, plan, strict=True)):
+            if self._counts.get(key, 0) + tokens > limit:
+                return i
+        if len(self._counts) > self._max:
+            self._counts.clear()
+        for key in keys:
+            self._counts[key] = self._counts.get(key, 0) + tokens
+        return -1

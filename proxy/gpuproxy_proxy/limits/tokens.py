@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +20,11 @@ from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.principal import Principal
 from gpuproxy_proxy.config import ProxyConfig
 from gpuproxy_proxy.database.pool import DB_POOL
-from gpuproxy_proxy.http.errors import json_error
-from gpuproxy_proxy.limits.budgets import BudgetDatabaseUnavailable, BudgetStore, from_stored
+from gpuproxy_proxy.limits.budgets import BudgetDatabaseUnavailable, BudgetStore
 from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER, RateLimiter
+from gpuproxy_proxy.limits.refusals import Refusal, token_headers
 from gpuproxy_proxy.limits.reservation import (
+    LocalTokenWindows,
     Request,
     budget_base,
     cost_micro_usd,
@@ -61,64 +61,6 @@ class Admission:
     reserved_tokens: int = 0  # what the budgets hold for this request (grows as it streams)
     settled: bool = False
     cut_message: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    status: int
-    kind: str  # token_limit | budget | unavailable
-    scope: str
-    ident: str
-    limit: int
-    remaining: int
-    reset_seconds: int
-    unit: str
-
-    def response(self, request_id: str) -> web.Response:
-        if self.kind == "unavailable":
-            return json_error(503, "service_unavailable", "token limits and budgets are "
-                              "unavailable (Redis unreachable); retry shortly", request_id,
-                              {"Retry-After": "1"})
-        retry = {"Retry-After": str(max(1, self.reset_seconds))}
-        if self.kind == "budget":
-            left, limit = (from_stored(max(0, self.remaining), self.unit),
-                           from_stored(self.limit, self.unit))
-            return json_error(429, "budget_exceeded",
-                              f"the {self.unit} budget of {self.scope} {self.ident} does not "
-                              f"cover this request: {left} of {limit} {self.unit} left, "
-                              f"resets in {self.reset_seconds} s", request_id, retry)
-        return json_error(429, "token_limit_exceeded",
-                          f"token limit exceeded for {self.scope} {self.ident}: {self.limit} "
-                          f"tokens per window; retry after {self.reset_seconds} s",
-                          request_id, {**retry, **token_headers(self.limit, self.remaining,
-                                                                self.reset_seconds)})
-
-
-def token_headers(limit: int, remaining: int, reset: int) -> dict[str, str]:
-    return {"X-RateLimit-Limit-Tokens": str(limit),
-            "X-RateLimit-Remaining-Tokens": str(max(0, remaining)),
-            "X-RateLimit-Reset-Tokens": f"{max(1, reset)}s"}
-
-
-class LocalTokenWindows:
-    """Per-process fixed windows while Redis is down (on_redis_failure: local)."""
-
-    def __init__(self, max_keys: int = 100_000) -> None:
-        self._counts: dict[str, int] = {}
-        self._max = max_keys
-
-    def reserve(self, plan: list[tuple[str, str, int, int]], tokens: int) -> int:
-        """Index of the first window over its limit, or -1 (then all are charged)."""
-        now = int(time.time())
-        keys = [f"{base}:{now // seconds}" for _, base, seconds, _ in plan]
-        for i, (key, (_, _, _, limit)) in enumerate(zip(keys, plan, strict=True)):
-            if self._counts.get(key, 0) + tokens > limit:
-                return i
-        if len(self._counts) > self._max:
-            self._counts.clear()
-        for key in keys:
-            self._counts[key] = self._counts.get(key, 0) + tokens
-        return -1
 
 
 class TokenGate:
