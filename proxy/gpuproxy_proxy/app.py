@@ -14,6 +14,7 @@ from gpuproxy_proxy.config import ProxyConfig, Secrets
 from gpuproxy_proxy.database.partitions import partitions_ctx
 from gpuproxy_proxy.database.pool import db_ctx
 from gpuproxy_proxy.limits.ratelimit import ratelimit_ctx
+from gpuproxy_proxy.limits.tokens import tokens_ctx
 from gpuproxy_proxy.metering.meter import metering_ctx
 from gpuproxy_proxy.observability.dependencies import dependencies_ctx
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
@@ -44,7 +45,7 @@ def build_app(
         app[CONFIG_PATH] = config_path
     # Order is the contract: services first, then the pipeline that resolves them once.
     app.cleanup_ctx.extend([
-        db_ctx, partitions_ctx, auth_ctx, revocations_ctx, ratelimit_ctx, metering_ctx,
+        db_ctx, partitions_ctx, auth_ctx, revocations_ctx, ratelimit_ctx, tokens_ctx, metering_ctx,
         upstream_ctx, health_ctx, pipeline_ctx, dependencies_ctx, reload_ctx, secrets_ctx,
     ])
     return app

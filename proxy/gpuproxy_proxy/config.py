@@ -143,6 +143,18 @@ class AuthConfig(_Frozen):
     jwt_rotation_overlap_seconds: Annotated[float, Field(ge=0)] = 3600.0
 
 
+class TokenLimits(_Frozen):
+    """Tokens (prompt + completion) per window for each scope; None or 0: no limit."""
+
+    per_api_key: Annotated[int, Field(ge=0)] | None = None
+    per_user: Annotated[int, Field(ge=0)] | None = None
+    per_team: Annotated[int, Field(ge=0)] | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.per_api_key or self.per_user or self.per_team)
+
+
 class RateLimitConfig(_Frozen):
     enabled: bool = True
     per_ip: Annotated[int, Field(ge=1)] = 1000
@@ -151,6 +163,12 @@ class RateLimitConfig(_Frozen):
     window_seconds: Annotated[int, Field(ge=1)] = 60
     on_redis_failure: RedisFailureMode = "local"
     trusted_proxies: list[str] = Field(default_factory=list)
+    # Token limits (limits/tokens.py): a request reserves its prompt estimate plus max_tokens
+    # (or default_max_tokens) in fixed windows of one minute and one UTC day; the answer's
+    # real usage settles the reservation.
+    tokens_per_minute: TokenLimits = Field(default_factory=TokenLimits)
+    tokens_per_day: TokenLimits = Field(default_factory=TokenLimits)
+    default_max_tokens: Annotated[int, Field(ge=1)] = 1024
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -158,6 +176,29 @@ class RateLimitConfig(_Frozen):
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)
         return value
+
+
+class ModelPrice(_Frozen):
+    """US dollars per one million tokens."""
+
+    input: Annotated[float, Field(ge=0)] = 0.0
+    output: Annotated[float, Field(ge=0)] = 0.0
+
+
+class BudgetsConfig(_Frozen):
+    """Budgets per API key, user and team (set through the admin API, kept in Redis and
+    PostgreSQL; limits/budgets.py). Off: no budget is checked."""
+
+    enabled: bool = False
+    # Model name -> price; a model not listed costs `default_price`.
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    default_price: ModelPrice = Field(default_factory=ModelPrice)
+    # A stream whose running count passes its reservation asks Redis for this many more tokens
+    # (or their price), at most once per `stream_check_seconds`; refused: the stream is cut.
+    stream_extend_tokens: Annotated[int, Field(ge=1)] = 64
+    stream_check_seconds: Annotated[float, Field(gt=0)] = 1.0
+    # A reservation not settled within this long (its proxy died) is released by Redis.
+    reservation_ttl_seconds: Annotated[float, Field(gt=0)] = 900.0
 
 
 class RedisConfig(_Frozen):
@@ -270,6 +311,7 @@ class ProxyConfig(_Frozen):
     health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     redis: RedisConfig | None = None
     database: DatabaseConfig | None = None
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
@@ -323,7 +365,8 @@ SECRET_ENV_VARS = (
 # processes), redis and database (connections; their credentials do rotate live, see
 # secretfiles.py) and secret_files (the mounts themselves).
 RELOADABLE_SECTIONS = frozenset({
-    "backends", "load_balancing", "upstream", "health_check", "auth", "rate_limits", "limits",
+    "backends", "load_balancing", "upstream", "health_check", "auth", "rate_limits", "budgets",
+    "limits",
     "metering", "logging", "reload",
 })
 # Fields inside reloadable sections that are still fixed at start: the access logger is bound

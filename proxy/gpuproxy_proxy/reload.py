@@ -24,6 +24,7 @@ from gpuproxy_proxy.config import (
     restart_key,
 )
 from gpuproxy_proxy.limits.ratelimit import RATE_LIMITER
+from gpuproxy_proxy.limits.tokens import TOKEN_GATE
 from gpuproxy_proxy.metering.meter import USAGE_METER
 from gpuproxy_proxy.routes import PIPELINE
 from gpuproxy_proxy.routing.backends import build_pool
@@ -81,6 +82,8 @@ def apply_config(app: web.Application, new: ProxyConfig,
         auth.reconfigure(config.auth)
     if (limiter := app.get(RATE_LIMITER)) is not None:
         limiter.reconfigure(config.rate_limits)
+    if (gate := app.get(TOKEN_GATE)) is not None:
+        gate.reconfigure(config)
     if (meter := app.get(USAGE_METER)) is not None:
         meter.reconfigure(config.metering)
     if (pipeline := app.get(PIPELINE)) is not None:

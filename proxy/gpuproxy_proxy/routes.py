@@ -29,8 +29,11 @@ from gpuproxy_proxy.limits.ratelimit import (
     rate_limit_headers,
     rate_limit_response,
 )
+from gpuproxy_proxy.limits.refusals import Refusal
+from gpuproxy_proxy.limits.tokens import TOKEN_GATE, Admission
 from gpuproxy_proxy.metering.estimate import estimate_usage
 from gpuproxy_proxy.metering.meter import USAGE_METER, SpoolFull, UsageRecord
+from gpuproxy_proxy.metering.usage import Usage
 from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import RUNTIME
 from gpuproxy_proxy.upstream.forward import (
@@ -52,6 +55,9 @@ _STREAMED = frozenset({"chat_completions", "completions"})
 _TOKEN_ROUTES = ("chat_completions", "completions", "embeddings")
 
 
+_NO_USAGE = Usage(0, 0, 0)
+
+
 class Pipeline:
     """Everything the request path needs, resolved once per process (and again on reload)."""
 
@@ -64,6 +70,7 @@ class Pipeline:
         self.auth = app[AUTHENTICATOR]
         self.limiter = app[RATE_LIMITER]
         self.meter = app[USAGE_METER]
+        self.tokens = app[TOKEN_GATE]
         self.reconfigure(self.runtime.config)
         # Read at scrape time: no locked inc/dec on every request.
         metrics.requests_in_flight.set_function(self._in_flight_now)
@@ -81,6 +88,8 @@ class Pipeline:
         self.rate_limits_on = config.rate_limits.enabled
         # Mirrors UsageMeter: without a database nothing is recorded, so build no records.
         self.metering_on = config.metering.enabled and config.database is not None
+        # Token limits and budgets settle with the real usage: it is read from the answers.
+        self.tokens_on = self.tokens.active
         self.max_in_flight = config.limits.max_in_flight_per_worker
         self.max_body = config.limits.max_body_bytes
         self.strip_credentials = config.auth.enabled
@@ -161,7 +170,18 @@ class Pipeline:
                 outcome.status = 413
                 return body_too_large(self.max_body, request_id, limit_headers)
         outcome.bytes_in = len(body)
-        if self.metering_on and route in _STREAMED and request.method == "POST":
+        if self.tokens_on and request.method == "POST":
+            admitted = await self.tokens.admit(route, outcome.principal, body, request_id)
+            if isinstance(admitted, Refusal):
+                outcome.status = admitted.status
+                return admitted.response(request_id)
+            if isinstance(admitted, Admission):
+                outcome.admission = admitted
+                outcome.gate = self.tokens
+                if admitted.headers:
+                    limit_headers = {**limit_headers, **admitted.headers}
+        usage_on = self.metering_on or self.tokens_on
+        if usage_on and route in _STREAMED and request.method == "POST":
             body, outcome.strip_usage = with_stream_usage(body)
         outcome.body = body
         if route == "models":
@@ -177,7 +197,7 @@ class Pipeline:
                                   "full); retry later", request_id,
                                   {**limit_headers, "Retry-After": "5"})
         return await forward(request, self.runtime, self.pools, body, request_id, outcome,
-                             limit_headers, self.strip_credentials, self.metering_on)
+                             limit_headers, self.strip_credentials, usage_on)
 
     async def _admit_lookup(self, request: ClientRequest) -> None:
         """Before an API key is looked up in the database: one IP sending random keys gets
@@ -196,12 +216,21 @@ class Pipeline:
         if status >= 500:
             self.failed[route].inc()
         self.durations[route].observe(duration_ms)
-        if not self.metering_on:
+        admission = outcome.admission
+        if not self.metering_on and admission is None:
             return
         usage = outcome.usage
         if usage is None and 200 <= status < 300 and route in self.estimated:
             usage = estimate_usage(route, outcome.body, outcome.watch)
             self.estimated[route].inc(usage.total_tokens or 0)
+        if admission is not None:
+            # Not answered (an error, or cut before the backend said anything): what streamed
+            # is estimated; nothing at all costs nothing.
+            if usage is None and outcome.watch is not None:
+                usage = estimate_usage(route, outcome.body, outcome.watch)
+            self.tokens.settle(admission, usage if usage is not None else _NO_USAGE)
+        if not self.metering_on:
+            return
         principal = outcome.principal
         self.meter.record(UsageRecord(
             request_id=request_id,

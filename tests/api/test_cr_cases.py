@@ -137,6 +137,17 @@ HAND_WRITTEN = [
     change("plain-http-acknowledged", None, spec__proxy__allowPlainHttp=True),
     change("tls-version-below-1.2", "", spec__proxy__tls={"secretName": "t", "minVersion": "1.1"}),
     change("tls-without-secret-name", "", spec__proxy__tls={}),
+    change("token-limits-and-budgets", None,
+           spec__proxy__rateLimits={"tokensPerMinute": {"perApiKey": 100000, "perTeam": 0},
+                                    "tokensPerDay": {"perUser": 10_000_000},
+                                    "defaultMaxTokens": 512},
+           spec__proxy__budgets={"enabled": True, "prices": {
+               "llama-3-70b": {"input": "0.59", "output": "0.79"}, "tiny": {"input": "0"}},
+               "defaultPrice": {"input": "1", "output": "2.000001"}}),
+    change("price-as-a-number", "spec.proxy.budgets.prices.m.input",
+           spec__proxy__budgets={"prices": {"m": {"input": 0.5}}}),
+    change("price-negative", "spec.proxy.budgets.defaultPrice.output",
+           spec__proxy__budgets={"defaultPrice": {"output": "-1"}}),
     # One row per cross-field (CEL) rule.
     change("plain-http-refused-without-tls", "allowPlainHttp is false, so tls is required",
            spec__proxy__allowPlainHttp=False),

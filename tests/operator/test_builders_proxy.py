@@ -78,6 +78,31 @@ def test_client_timeouts_reach_the_proxy_limits() -> None:
             limits.client_write_timeout_seconds) == (600, 0, 120)
 
 
+def test_token_limits_budgets_and_prices_reach_the_proxy() -> None:
+    body = minimal_body()
+    body["spec"]["proxy"]["rateLimits"] = {"tokensPerMinute": {"perTeam": 50_000},
+                                           "tokensPerDay": {"perApiKey": 1_000_000},
+                                           "defaultMaxTokens": 256}
+    body["spec"]["proxy"]["budgets"] = {
+        "enabled": True, "prices": {"llama": {"input": "0.59", "output": "0.79"}},
+        "defaultPrice": {"output": "2"}, "streamExtendTokens": 32}
+    cfg = _config(body)
+    rl = cfg.rate_limits
+    assert (rl.tokens_per_minute.per_team, rl.tokens_per_minute.per_user) == (50_000, None)
+    assert rl.tokens_per_day.per_api_key == 1_000_000
+    assert rl.default_max_tokens == 256
+    assert cfg.budgets.enabled
+    assert (cfg.budgets.prices["llama"].input, cfg.budgets.prices["llama"].output) == (
+        0.59, 0.79)
+    assert (cfg.budgets.default_price.input, cfg.budgets.default_price.output) == (0.0, 2.0)
+    assert cfg.budgets.stream_extend_tokens == 32
+    # Off unless asked for: the CR's defaults are the proxy's own.
+    default = _config(minimal_body())
+    assert not default.budgets.enabled
+    assert not default.rate_limits.tokens_per_minute.any
+    assert not default.rate_limits.tokens_per_day.any
+
+
 def test_production_config_follows_the_spec() -> None:
     cfg = _config(production_body())
     assert cfg.workers == 32

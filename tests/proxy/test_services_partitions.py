@@ -56,7 +56,7 @@ async def test_upgrade_from_the_unpartitioned_table_keeps_every_row(
                 "INSERT INTO usage_records (id, request_id, principal_kind, route, status, "
                 "created_at) VALUES ($1, $2, 'anonymous', 'other', 200, $3)", old)
 
-            assert await migrations.apply_migrations(conn) == [3, 4]
+            assert await migrations.apply_migrations(conn) == [3, 4, 5]
 
             rows = await conn.fetch("SELECT id, request_id, outcome FROM usage_records")
             assert sorted(r["request_id"] for r in rows) == sorted(o[1] for o in old)

@@ -165,8 +165,22 @@ class Auth(Model):
     )
 
 
+TokenCount = Annotated[int, Field(ge=0, le=10**15)]
+
+
+class TokenLimits(Model):
+    """Tokens (prompt + completion) per window; unset or 0: no limit for that scope."""
+
+    per_api_key: TokenCount | None = None
+    """Tokens per window per API key."""
+    per_user: TokenCount | None = None
+    """Tokens per window per user (API keys' users and JWT subjects)."""
+    per_team: TokenCount | None = None
+    """Tokens per window per team (the team an API key was created with)."""
+
+
 class RateLimits(Model):
-    """Per-minute request limits, shared by all replicas through Redis."""
+    """Per-minute request limits and token limits, shared by all replicas through Redis."""
 
     enabled: bool = True
     """Enforce the limits."""
@@ -183,6 +197,45 @@ class RateLimits(Model):
     with 503 (closed)."""
     trusted_proxies: list[str] = Field(default_factory=list)
     """CIDRs of load balancers whose X-Forwarded-For is trusted for the client IP."""
+    tokens_per_minute: TokenLimits = Field(default_factory=TokenLimits)
+    """Token limits per fixed minute: a request reserves its prompt estimate plus max_tokens
+    and is settled with its real usage. Off by default."""
+    tokens_per_day: TokenLimits = Field(default_factory=TokenLimits)
+    """Token limits per UTC day. Off by default."""
+    default_max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] = 1024
+    """What a request without max_tokens reserves for its completion."""
+
+
+# USD per one million tokens, as a decimal string ("0.15"): no float rounding in the CR.
+Price = Annotated[str, Field(pattern=r"^[0-9]{1,7}(\.[0-9]{1,6})?$", max_length=14)]
+
+
+class ModelPrice(Model):
+    """Price of one model in USD per one million tokens."""
+
+    input: Price = "0"
+    """Prompt tokens."""
+    output: Price = "0"
+    """Completion tokens."""
+
+
+class Budgets(Model):
+    """Budgets per API key, user and team in tokens or USD, set through the admin API
+    (PUT /admin/budgets/{scope}/{id}); this section turns them on and prices the models."""
+
+    enabled: bool = False
+    """Check budgets (needs Redis; they are stored in PostgreSQL too)."""
+    prices: Annotated[dict[str, ModelPrice], Field(max_length=1024)] = Field(
+        default_factory=dict)
+    """Model name (the request's `model`) -> price."""
+    default_price: ModelPrice = Field(default_factory=ModelPrice)
+    """Price of a model not in `prices`."""
+    stream_extend_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    """A stream past its reservation reserves this many more tokens at a time; refused: the
+    stream ends with an SSE error event."""
+    reservation_ttl_seconds: Annotated[int, Field(ge=60, le=86400)] = 900
+    """A reservation never settled (its pod died) is released after this long (at least
+    upstream.maxRequestSeconds + 60 s)."""
 
 
 class Metering(Model):
@@ -306,7 +359,7 @@ class ProxySpec(Model):
     admin_port: Annotated[int, Field(ge=1024, le=65535)] = 9090
     """Port of /health, /ready, /stats and /metrics in the container."""
     admin_api_port: Annotated[int, Field(ge=1024, le=65535)] = 9091
-    """Port of the admin API (/admin/keys) in the container, open only with
+    """Port of the admin API (/admin/keys, /admin/budgets) in the container, open only with
     auth.adminTokenSecretRef; the NetworkPolicy admits only the operator's pods (reach it with
     `kubectl port-forward`)."""
     connections_per_replica: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
@@ -337,7 +390,7 @@ class ProxySpec(Model):
     auth: Auth = Field(default_factory=Auth)
     """Client authentication."""
     rate_limits: RateLimits = Field(default_factory=RateLimits)
-    """Rate limits (guide: 1000 / 10000 / 100000 per minute)."""
+    """Rate limits (guide: 1000 / 10000 / 100000 per minute) and token limits."""
     metering: Metering = Field(default_factory=Metering)
     """Usage metering: crash spool and retention."""
     tls: ProxyTls | None = None
@@ -347,6 +400,8 @@ class ProxySpec(Model):
     ingress, a mesh sidecar, a load balancer). false refuses a spec without tls. Unset without
     tls: plain HTTP, as before tls existed, with the ClientTls condition False
     (PlainHttpNotAcknowledged) until tls or allowPlainHttp is set."""
+    budgets: Budgets = Field(default_factory=Budgets)
+    """Token or USD budgets per API key, user and team, and the price table."""
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     """Client-facing Service."""
     pod_disruption_budget: PodDisruptionBudgetSpec = Field(default_factory=PodDisruptionBudgetSpec)

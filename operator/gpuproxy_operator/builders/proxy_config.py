@@ -9,7 +9,7 @@ from fractions import Fraction
 from typing import Any
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
-from gpuproxy_operator.api.proxy import SHUTDOWN_MARGIN_SECONDS, ProxySpec
+from gpuproxy_operator.api.proxy import SHUTDOWN_MARGIN_SECONDS, ModelPrice, ProxySpec
 from gpuproxy_operator.builders.proxy_secrets import secret_files, tls_files
 from gpuproxy_operator.naming import Component, child_name
 
@@ -97,6 +97,10 @@ def _listen(cluster: GpuProxyCluster) -> dict[str, Any]:
     return listen
 
 
+def _price(price: ModelPrice) -> dict[str, float]:
+    return {"input": float(price.input), "output": float(price.output)}
+
+
 def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
     """Everything one proxy pod needs except secrets, keyed like the proxy's YAML."""
     proxy = cluster.spec.proxy
@@ -136,6 +140,17 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
             "window_seconds": rl.window_seconds,
             "on_redis_failure": rl.on_redis_failure,
             "trusted_proxies": list(rl.trusted_proxies),
+            "tokens_per_minute": rl.tokens_per_minute.model_dump(),
+            "tokens_per_day": rl.tokens_per_day.model_dump(),
+            "default_max_tokens": rl.default_max_tokens,
+        },
+        "budgets": {
+            "enabled": proxy.budgets.enabled,
+            "prices": {model: _price(price) for model, price in
+                       sorted(proxy.budgets.prices.items())},
+            "default_price": _price(proxy.budgets.default_price),
+            "stream_extend_tokens": proxy.budgets.stream_extend_tokens,
+            "reservation_ttl_seconds": float(proxy.budgets.reservation_ttl_seconds),
         },
         "redis": {"url": redis_url(cluster)},
         "database": {

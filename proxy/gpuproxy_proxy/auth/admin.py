@@ -122,12 +122,16 @@ async def create_key(request: AdminRequest) -> web.Response:
         raise _bad_request("the body must be a JSON object with 'user_id' (and optional 'name')")
     user_id = _string_field(body, "user_id", required=True)
     name = _string_field(body, "name", required=False)
+    # Optional: a key without a team counts only against its own and its user's limits.
+    team = None if body.get("team") is None else _string_field(body, "team", required=False)
+    team = team or None
     try:
-        key, plaintext = await request.app[AUTHENTICATOR].keys.create(user_id, name)
+        key, plaintext = await request.app[AUTHENTICATOR].keys.create(user_id, name, team)
     except DatabaseUnavailable as exc:
         raise _db_down(exc) from exc
     # Audit trail without the secret: the plaintext is returned exactly once, never logged.
     log.info("API key created", extra={"key_id": key.id, "user_id": key.user_id,
+                                       "team": key.team,
                                        "prefix": key.prefix, "remote": request.remote})
     return web.json_response({**key.public(), "key": plaintext}, status=201)
 

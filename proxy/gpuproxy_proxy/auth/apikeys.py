@@ -47,6 +47,8 @@ class ApiKey:
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    # Token limits and budgets per team count this key's requests under it (None: no team).
+    team: str | None = None
 
     @property
     def revoked(self) -> bool:
@@ -59,6 +61,7 @@ class ApiKey:
             "prefix": self.prefix,
             "user_id": self.user_id,
             "name": self.name,
+            "team": self.team,
             "created_at": self.created_at.isoformat(),
             "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
         }
@@ -92,10 +95,11 @@ def _row_to_key(row: asyncpg.Record) -> ApiKey:
         name=row["name"],
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+        team=row["team"],
     )
 
 
-_COLUMNS = "id, prefix, user_id, name, created_at, revoked_at"
+_COLUMNS = "id, prefix, user_id, name, created_at, revoked_at, team"
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -154,18 +158,20 @@ class ApiKeyStore:
         db = self._db
         return db is None or db.pool is None or db.up
 
-    async def create(self, user_id: str, name: str = "") -> tuple[ApiKey, str]:
+    async def create(self, user_id: str, name: str = "",
+                     team: str | None = None) -> tuple[ApiKey, str]:
         """Returns the stored key and its plaintext, which is never retrievable again."""
         plaintext = generate_key()
         try:
             row = await self._pool().fetchrow(
-                f"INSERT INTO api_keys (id, key_hash, prefix, user_id, name)"  # noqa: S608
-                f" VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
+                f"INSERT INTO api_keys (id, key_hash, prefix, user_id, name, team)"  # noqa: S608
+                f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}",
                 uuid.uuid4(),
                 hash_key(plaintext),
                 plaintext[:_DISPLAY_PREFIX_LEN],
                 user_id,
                 name,
+                team,
             )
         except _DB_ERRORS as exc:
             raise DatabaseUnavailable(str(exc)) from exc

@@ -236,7 +236,8 @@ class Authenticator:
             raise unauthorized("invalid API key")
         if record.revoked:
             raise forbidden(f"the API key {record.prefix}... has been revoked")
-        return Principal(kind="api_key", user_id=record.user_id, api_key_id=record.id)
+        return Principal(kind="api_key", user_id=record.user_id, api_key_id=record.id,
+                         team=record.team)
 
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)

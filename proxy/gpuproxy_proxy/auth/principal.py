@@ -14,6 +14,8 @@ class Principal:
     kind: PrincipalKind
     user_id: str | None = None
     api_key_id: str | None = None
+    # The API key's team (token limits and budgets per team); JWTs carry none.
+    team: str | None = None
 
     @property
     def authenticated(self) -> bool:

@@ -189,6 +189,25 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         """,
     ),
     (4, "usage records partitioned by day, with an outcome", _PARTITIONED_USAGE),
+    (
+        5,
+        "api keys: team; budgets",
+        # Additive only: a key's optional team (token limits and budgets per team), and the
+        # budgets set through the admin API, so losing Redis never loses a limit
+        # (limits/budgets.py reloads them into Redis).
+        """
+        ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS team text;
+        CREATE TABLE IF NOT EXISTS budgets (
+            scope       text NOT NULL,
+            scope_id    text NOT NULL,
+            amount      bigint NOT NULL,
+            unit        text NOT NULL,
+            period      text NOT NULL,
+            updated_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (scope, scope_id)
+        );
+        """,
+    ),
 )
 
 

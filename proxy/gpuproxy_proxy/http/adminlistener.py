@@ -1,5 +1,6 @@
-"""The admin API's own listener (`listen.admin_api_port`): an aiohttp app with only /admin/keys,
-bound by every worker (SO_REUSEPORT) and sharing that worker's services, never the client port
+"""The admin API's own listener (`listen.admin_api_port`): an aiohttp app with only /admin/keys
+and /admin/budgets, bound by every worker (SO_REUSEPORT) and sharing that worker's services,
+never the client port
 (the NetworkPolicy lets only the operator's namespace reach it; people use port-forward)."""
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from aiohttp.typedefs import Handler
 
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.admin import add_admin_routes
+from gpuproxy_proxy.auth.admin_budgets import add_budget_routes
 from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
 from gpuproxy_proxy.http.exceptions import with_request_id
 from gpuproxy_proxy.http.requestid import request_id_for
+from gpuproxy_proxy.limits.tokens import TOKEN_GATE
 from gpuproxy_proxy.runtime import RUNTIME
 
 _JSON = "application/json"
@@ -41,6 +44,9 @@ def build_admin_api_app(services: web.Application) -> web.Application:
     app[RUNTIME] = runtime
     app[AUTHENTICATOR] = services[AUTHENTICATOR]
     add_admin_routes(app)
+    if (gate := services.get(TOKEN_GATE)) is not None:
+        app[TOKEN_GATE] = gate
+        add_budget_routes(app)
     return app
 
 

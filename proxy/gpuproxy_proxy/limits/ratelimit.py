@@ -184,6 +184,15 @@ class RateLimiter:
         await _close_client(client, batcher)
 
     @property
+    def redis_client(self) -> aioredis.Redis | None:
+        """The current client (token limits and budgets share it, and its rotations)."""
+        return self._redis
+
+    def mark_down(self, exc: BaseException) -> None:
+        """Another user of the client saw Redis fail: fall back until the probe sees it."""
+        self._mark_down(exc)
+
+    @property
     def uses_redis(self) -> bool:
         return self._redis is not None
 

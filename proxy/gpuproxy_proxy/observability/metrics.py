@@ -71,6 +71,18 @@ class ProxyMetrics:
             "gpuproxy_ratelimit_rejections", "Requests rejected by a rate limit.", ["scope"],
             registry=r,
         )
+        self.token_limit_rejections = Counter(
+            "gpuproxy_token_limit_rejections", "Requests rejected by a token limit.", ["scope"],
+            registry=r,
+        )
+        self.budget_rejections = Counter(
+            "gpuproxy_budget_rejections", "Requests whose reservation a budget did not cover.",
+            ["scope"], registry=r,
+        )
+        self.budget_stream_cuts = Counter(
+            "gpuproxy_budget_stream_cuts", "Streams ended because a budget was reached.",
+            registry=r,
+        )
         self.ratelimit_fallback = Counter(
             "gpuproxy_ratelimit_fallback",
             "Rate-limit decisions taken without Redis (Redis unreachable).", ["mode"], registry=r,

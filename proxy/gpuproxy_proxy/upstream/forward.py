@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -44,6 +45,9 @@ from gpuproxy_proxy.upstream.pool import (
     UpstreamPools,
     UpstreamReadTimeout,
 )
+
+if TYPE_CHECKING:
+    from gpuproxy_proxy.limits.tokens import Admission, TokenGate
 
 log = logging.getLogger("gpuproxy.upstream")
 
@@ -108,6 +112,9 @@ class Outcome:
     is_sse: bool = False
     # The metering spool's admission of this request (None without a spool).
     ticket: Ticket | None = None
+    # The token limits' and budgets' reservation (limits/tokens.py), settled at the end.
+    admission: Admission | None = None
+    gate: TokenGate | None = None
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -401,10 +408,20 @@ async def _relay(
         head, outcome.strip_usage and length is None) if meter_usage else None
     sent = 0
     ticket = outcome.ticket
+    admission, gate = outcome.admission, outcome.gate
+    # Only an SSE stream checked against budgets pays for the check (one comparison a chunk).
+    if not (is_sse and watch is not None and admission is not None and admission.budgets):
+        gate = None
     try:
         while chunk := await conn.read():
             if watch is not None and not (chunk := watch.feed(chunk)):
                 continue  # all of it held back or removed (the usage event)
+            if gate is not None and admission is not None and watch is not None and \
+                    await _over_budget(watch, admission, gate):
+                # The chunk that crossed is not sent: what the client got stays reserved.
+                sent += await _cut_at_budget(out, conn, admission, request_id)
+                outcome.status = status
+                return out
             sent += len(chunk)
             if ticket is not None and time.monotonic() >= ticket.due:
                 # How far a stream got, should the process die before it ends.
@@ -440,6 +457,31 @@ async def _relay(
         if watch is not None:
             outcome.usage = watch.result()
     return out
+
+
+async def _over_budget(watch: UsageWatch, admission: Admission, gate: TokenGate) -> bool:
+    """Whether the stream just passed what its budgets allow (a Redis call only once it has
+    used up its reservation, then once per budgets.stream_extend_tokens)."""
+    so_far = completion_tokens_for(watch.completion_chunks, watch.completion_chars)
+    if not gate.stream_check_due(admission, so_far):
+        return False
+    return not await gate.extend(admission, so_far)
+
+
+async def _cut_at_budget(out: StreamResponse, conn: UpstreamConnection, admission: Admission,
+                         request_id: str) -> int:
+    """End a stream at its budget: a final SSE error event and [DONE]; the upstream connection
+    is dropped (never pooled), so the backend stops generating."""
+    conn.abort()
+    out.force_close()
+    event = b"data: " + json.dumps({"error": {
+        "type": "budget_exceeded", "message": admission.cut_message,
+        "request_id": request_id}}).encode() + b"\n\ndata: [DONE]\n\n"
+    with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+        async with asyncio.timeout(_END_WRITE_SECONDS):
+            await out.write(event)
+            await out.write_eof()
+    return len(event)
 
 
 async def end_overlong(request: Request, outcome: Outcome, request_id: str,
