@@ -97,9 +97,13 @@ class LeastLoadConfig(_Frozen):
 class AffinityConfig(_Frozen):
     """prefix_affinity and session_affinity: rendezvous hashing with a load cap."""
 
-    # A backend takes an affine request while its load stays under load_factor x the mean
-    # load (+1); past it the request goes to the next backend in the key's order.
+    # A backend takes an affine request while its load (requests waiting + running) stays
+    # under load_factor x the mean load (+1) plus load_slack; past it the request goes to the
+    # next backend in the key's order. The slack is absolute because a few more sequences in
+    # a batch cost far less than a cache miss (a whole prefill); SGLang's cache-aware router
+    # has the same kind of threshold (balance_abs_threshold, 32).
     load_factor: Annotated[float, Field(ge=1.0)] = 1.25
+    load_slack: Annotated[int, Field(ge=0)] = 8
     # Without a leading system message the key is this many bytes of the messages / prompt.
     prefix_bytes: Annotated[int, Field(ge=16, le=65536)] = 512
     # A system message longer than this is keyed on its first prefix_max_bytes.

@@ -4,8 +4,9 @@ KV-cache use) and prefix / session affinity (rendezvous hashing with bounded loa
 Affinity keeps no index: a key's backend order is a pure function of the key and the backend
 names (highest-random-weight hashing), so every worker and replica computes the same choice,
 memory is one 64-bit hash per backend, and a backend that leaves only moves its own keys.
-The load cap (Mirrokni et al. 2016, on a rendezvous order instead of a ring) sends a key to
-the next backend in its order while its first choice is over load_factor x the mean load.
+The load cap (Mirrokni et al. 2016, on a rendezvous order instead of a ring, plus an absolute
+slack) sends a key to the next backend in its order while its first choice is over
+load_factor x the mean load + slack.
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def load_of(backend: Loaded, now: float, max_age: float) -> float:
 
 
 def bounded_choice(candidates: Sequence[B], key: int, loads: Sequence[float],
-                   load_factor: float) -> tuple[B, bool]:
+                   load_factor: float, slack: int = 0) -> tuple[B, bool]:
     """The key's first backend in rendezvous order whose load is under the cap
-    ceil(load_factor * (total + 1) / n); (backend, spilled). Some backend is always under
-    it: n * cap > total."""
+    ceil(load_factor * (total + 1) / n) + slack; (backend, spilled). Some backend is always
+    under it: n * cap > total."""
     count = len(candidates)
-    cap = math.ceil(load_factor * (sum(loads) + 1) / count)
+    cap = math.ceil(load_factor * (sum(loads) + 1) / count) + slack
     weights = [mix(key, cand.name_hash) for cand in candidates]
     first = max(range(count), key=weights.__getitem__)
     if loads[first] + 1 <= cap:
@@ -142,7 +143,9 @@ class PrefixAffinity(EngineBalancer):
             return chosen
         max_age = self.cfg.signals.max_age_seconds
         loads = [load_of(c, now, max_age) for c in candidates]
-        chosen, spilled = bounded_choice(candidates, key, loads, self.cfg.affinity.load_factor)
+        affinity = self.cfg.affinity
+        chosen, spilled = bounded_choice(candidates, key, loads, affinity.load_factor,
+                                         affinity.load_slack)
         self.reason = "spill" if spilled else "affinity"
         return chosen
 
