@@ -154,3 +154,24 @@ def test_model_affinity_and_per_model_override() -> None:
     value = metrics.registry.get_sample_value(
         "gpuproxy_routing_decisions_total", {"strategy": "prefix_affinity", "reason": "affinity"})
     assert value == 6
+
+
+def test_session_affinity_by_header_or_user_field() -> None:
+    configs = [BackendConfig(name=n, url=f"http://127.0.0.1:{9000 + i}")  # type: ignore[arg-type]
+               for i, n in enumerate(["a", "b", "c", "d"])]
+    pool = build_pool(configs, LoadBalancingConfig(strategy="session_affinity"), ProxyMetrics())
+
+    def route(headers: dict[str, str], body: bytes) -> str:
+        chosen = pool.choose(hints=pool.hints_for(headers, body))
+        assert chosen is not None
+        chosen.release()
+        return chosen.name
+
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    sessions = {f"s{i}": route({"x-session-id": f"s{i}"}, body) for i in range(40)}
+    for session, home in sessions.items():
+        assert route({"x-session-id": session}, body) == home
+    assert len(set(sessions.values())) == 4  # sessions spread over every backend
+    users = {route({}, b'{"user": "u%d", "prompt": "x"}' % i) for i in range(40)}
+    assert len(users) == 4
+    assert len({route({}, b'{"user": "alice", "prompt": "%d"}' % i) for i in range(10)}) == 1

@@ -1,5 +1,5 @@
 """Engine-aware routing through real proxy processes (2 workers: the supervisor scrapes, the
-workers read its snapshot) in front of simulated vLLM servers: least_load avoids a queue,
+workers read its snapshot; 1 worker: it scrapes itself) in front of simulated vLLM servers: least_load avoids a queue,
 prefix_affinity keeps a system prompt on one backend and spills when it is loaded, a model
 served by one backend goes there only, and stale signals fall back to connection counts."""
 
@@ -101,10 +101,10 @@ async def clogged(sim: Sim, count: int) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def proxy_for(tmp_path: Path, backends: list[Sim], **lb: Any) -> tuple[ProxyProcess,
-                                                                            ProxyConfig]:
+async def proxy_for(tmp_path: Path, backends: list[Sim], workers: int = 2,
+                    **lb: Any) -> tuple[ProxyProcess, ProxyConfig]:
     config = proxy_config(
-        backends, workers=2,
+        backends, workers=workers,
         listen={"host": "127.0.0.1", "port": free_port(), "admin_port": free_port()},
         load_balancing={"signals": {"interval_seconds": 0.3, "models_interval_seconds": 1.0,
                                     "timeout_seconds": 5.0, "max_age_seconds": 5.0}, **lb})
@@ -217,7 +217,8 @@ async def test_a_model_served_by_one_backend_only_goes_there(
         tmp_path: Path, sims: Callable[..., Any]) -> None:
     lora = await sims("with-lora", lora_adapters=("tenant-lora",))
     plain = [await sims("plain-1"), await sims("plain-2")]
-    proxy, _ = await proxy_for(tmp_path, [lora, *plain], strategy="round_robin",
+    # One process: it scrapes for itself (no supervisor, no snapshot file).
+    proxy, _ = await proxy_for(tmp_path, [lora, *plain], workers=1, strategy="round_robin",
                                signals={"enabled": True, "interval_seconds": 0.3,
                                         "models_interval_seconds": 1.0, "timeout_seconds": 5.0})
     try:
