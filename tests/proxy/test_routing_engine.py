@@ -1,7 +1,8 @@
 """Engine-aware routing through real proxy processes (2 workers: the supervisor scrapes, the
-workers read its snapshot; 1 worker: it scrapes itself) in front of simulated vLLM servers: least_load avoids a queue,
-prefix_affinity keeps a system prompt on one backend and spills when it is loaded, a model
-served by one backend goes there only, and stale signals fall back to connection counts."""
+workers read its snapshot; 1 worker: it scrapes itself) in front of simulated vLLM servers:
+least_load avoids a queue, prefix_affinity keeps a system prompt on one backend and spills when
+it is loaded, a model served by one backend goes there only, and stale signals fall back to
+connection counts."""
 
 from __future__ import annotations
 
