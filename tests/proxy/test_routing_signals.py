@@ -128,10 +128,19 @@ def test_prefix_key_is_the_system_message_whatever_follows() -> None:
     assert one == two
     assert other != one
     assert prefix_key(chat(system, "hello"), "other-model", 512, 8192) != one
-    span = prefix_span(chat(system, "hello"), 512, 8192)
-    assert span is not None
+    view = prefix_span(chat(system, "hello"), 512, 8192)
+    assert view is not None
+    span = bytes(view)
     assert span.endswith(b'slashes"')
     assert b"hello" not in span
+    # Content before role, as some clients write it: the same system text, its own key.
+    reordered = json.dumps({"model": "m", "messages": [
+        {"content": system, "role": "system"}, {"role": "user", "content": "hello"}]}).encode()
+    other_order = prefix_span(reordered, 512, 8192)
+    assert other_order is not None
+    assert bytes(other_order).endswith(b'"role": "system"')
+    assert prefix_key(reordered, "m", 512, 8192) == prefix_key(
+        reordered.replace(b"hello", b"bye"), "m", 512, 8192)
 
 
 def test_prefix_key_without_system_message_uses_the_first_bytes() -> None:
