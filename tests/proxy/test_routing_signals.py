@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuproxy_proxy.observability.aggregate import merge_stats
 from gpuproxy_proxy.routing.hints import prefix_key, prefix_span, request_model, session_key
 from gpuproxy_proxy.routing.signals import (
     BackendSignals,
@@ -169,3 +170,13 @@ def test_model_and_session_from_raw_bytes() -> None:
     by_header = session_key({"x-session-id": "s1"}, body, "x-session-id")
     assert by_header not in (None, alice)
     assert session_key({}, chat("x", "y"), "x-session-id") is None
+
+
+def test_pod_stats_show_the_newest_signals_any_worker_holds() -> None:
+    def worker(age: float | None) -> dict[str, object]:
+        signals = None if age is None else {"age_seconds": age, "waiting": age}
+        return {"backends": {"a": {"state": "healthy", "in_flight": 1, "signals": signals}}}
+
+    merged = merge_stats([worker(None), worker(0.9), worker(0.2), worker(3.0)])
+    assert merged["backends"]["a"]["signals"] == {"age_seconds": 0.2, "waiting": 0.2}
+    assert "signals" not in merge_stats([worker(None)])["backends"]["a"]
