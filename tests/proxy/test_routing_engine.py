@@ -123,11 +123,15 @@ async def wait_signals(proxy: ProxyProcess, check: Callable[[Callable[[str], dic
     await proxy.wait_for(lambda stats: check(lambda name: signals_of(stats, name)), what)
 
 
-async def decisions(proxy: ProxyProcess, reason: str) -> float:
+async def proxy_metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
     async with aiohttp.ClientSession() as http, http.get(proxy.admin + "/metrics") as resp:
         text = await resp.text()
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "gpuproxy_routing_decisions_total" and s.labels["reason"] == reason)
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+async def decisions(proxy: ProxyProcess, reason: str) -> float:
+    return await proxy_metric(proxy, "gpuproxy_routing_decisions_total", reason=reason)
 
 
 async def test_least_load_avoids_a_queue_and_falls_back_when_signals_go_stale(
@@ -140,6 +144,11 @@ async def test_least_load_avoids_a_queue_and_falls_back_when_signals_go_stale(
         async with clogged(busy, 12), aiohttp.ClientSession() as http:
             await wait_signals(proxy, lambda sig: (sig("busy").get("waiting") or 0) >= 8
                                and sig("idle").get("fresh") is True, "busy's queue seen")
+            # The pod's gauges: the same signal in each worker, so the max, not the sum.
+            depth = await proxy_metric(proxy, "gpuproxy_backend_queue_depth", backend="busy")
+            assert 8 <= depth <= 12
+            assert await proxy_metric(proxy, "gpuproxy_backend_signals_age_seconds",
+                                      backend="idle") < 30
             before = await successes(http, [busy, idle])
             # Sequential: a request sent to busy would wait behind 4000-token streams (60 s).
             for i in range(10):

@@ -22,6 +22,7 @@ from gpuproxy_proxy.config import (
 )
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.routing import hints as request_hints
+from gpuproxy_proxy.routing import signalview
 from gpuproxy_proxy.routing.affinity import ENGINE_BALANCERS, EngineBalancer
 from gpuproxy_proxy.routing.balancer import Balancer, ewma, make_balancer
 from gpuproxy_proxy.routing.signals import BackendSignals
@@ -84,45 +85,14 @@ class BackendState:
         self.signals_max_age = 5.0
         self.picks = 0
         self.name_hash = request_hints.stable_hash(self.name.encode())
-        for gauge, read in ((metrics.backend_queue_depth, self._waiting_now),
-                            (metrics.backend_running, self._running_now),
-                            (metrics.backend_kv_cache_usage, self._kv_now),
-                            (metrics.backend_prefix_hit_rate, self._hit_rate_now),
-                            (metrics.backend_signals_age, self._signals_age_now)):
-            gauge.labels(self.name).set_function(read)
+        signalview.register_gauges(metrics, self.name, lambda: self.signals,
+                                   lambda: self.signals_max_age)
         # Read at scrape time: no locked inc/dec on every request.
         metrics.backend_requests_in_flight.labels(self.name).set_function(self._in_flight_now)
         self._healthy_gauge.set(1)
 
     def _in_flight_now(self) -> float:
         return float(self.in_flight)
-
-    def _fresh_signals(self) -> BackendSignals | None:
-        sig = self.signals
-        return sig if sig is not None and sig.fresh(time.monotonic(),
-                                                    self.signals_max_age) else None
-
-    def _waiting_now(self) -> float:
-        sig = self._fresh_signals()
-        return float(sig.waiting or 0.0) if sig else 0.0
-
-    def _running_now(self) -> float:
-        sig = self._fresh_signals()
-        return float(sig.running or 0.0) if sig else 0.0
-
-    def _kv_now(self) -> float:
-        sig = self._fresh_signals()
-        return float(sig.kv_usage or 0.0) if sig else 0.0
-
-    def _hit_rate_now(self) -> float:
-        sig = self._fresh_signals()
-        return float(sig.prefix_hit_rate or 0.0) if sig else 0.0
-
-    def _signals_age_now(self) -> float:
-        sig = self.signals
-        if sig is None or not sig.scraped_at:
-            return float("inf")
-        return max(0.0, time.monotonic() - sig.scraped_at)
 
     def apply_signals(self, signals: BackendSignals | None) -> None:
         """A new scrape: its counts include the requests picked before it."""
@@ -248,25 +218,11 @@ class BackendState:
     def _publish(self) -> None:
         self._healthy_gauge.set(1 if self.available(time.monotonic()) or self.probing else 0)
 
-    def signals_snapshot(self, now: float) -> dict[str, Any] | None:
-        sig = self.signals
-        if sig is None:
-            return None
-        return {
-            "engine": sig.engine, "waiting": sig.waiting, "running": sig.running,
-            "kv_cache_usage": sig.kv_usage, "prefix_cache_hit_rate": sig.prefix_hit_rate,
-            "prefix_cache_hits": sig.prefix_hits, "prefix_cache_queries": sig.prefix_queries,
-            "age_seconds": round(now - sig.scraped_at, 3) if sig.scraped_at else None,
-            "fresh": sig.fresh(now, self.signals_max_age),
-            "models": None if sig.models is None else list(sig.models),
-            "models_age_seconds": round(now - sig.models_at, 3) if sig.models_at else None,
-            "in_flight_since_scrape": self.picks, "error": sig.error,
-        }
-
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
             "state": self.state(now),
-            "signals": self.signals_snapshot(now),
+            "signals": signalview.describe(self.signals, self.picks, now,
+                                           self.signals_max_age),
             "in_flight": self.in_flight,
             "weight": self.weight,
             "ewma_ms": None if self.ewma_ms is None else round(self.ewma_ms, 3),
@@ -399,10 +355,7 @@ def build_pool(
         for old in previous.backends:
             if old.name not in keep:
                 metrics.backend_healthy.remove(old.name)
-                for gauge in (metrics.backend_queue_depth, metrics.backend_running,
-                              metrics.backend_kv_cache_usage, metrics.backend_prefix_hit_rate,
-                              metrics.backend_signals_age):
-                    gauge.remove(old.name)
+                signalview.remove_gauges(metrics, old.name)
                 if old.in_flight == 0:
                     metrics.backend_requests_in_flight.remove(old.name)
     pool = BackendPool(states, lb, metrics)
