@@ -4,7 +4,9 @@ affinity and per-model overrides in the pool."""
 
 from __future__ import annotations
 
+import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from gpuproxy_proxy.config import BackendConfig, LoadBalancingConfig
@@ -15,7 +17,7 @@ from gpuproxy_proxy.routing.hints import RequestHints, stable_hash
 from gpuproxy_proxy.routing.signals import BackendSignals
 
 
-@dataclass
+@dataclass(eq=False)
 class Fake:
     name: str
     in_flight: int = 0
@@ -97,15 +99,19 @@ def sig(waiting: float, running: float, kv: float = 0.0) -> BackendSignals:
 
 
 def test_least_load_scores_queue_running_and_kv() -> None:
-    balancer = LeastLoad(LoadBalancingConfig(strategy="least_load"))
+    """Two random candidates, the lower score: the most loaded backend never wins a pair,
+    the least loaded one wins every pair it is in."""
+    balancer = LeastLoad(LoadBalancingConfig(strategy="least_load"), random.Random(7))
     now = time.monotonic()
     queued, busy, free = Fake("queued", signals=sig(20, 4)), Fake("busy", signals=sig(0, 9)), \
         Fake("free", signals=sig(0, 3, kv=0.9))
-    for _ in range(5):
-        assert balancer.pick_for([queued, busy, free], None, now) is free
+    picked = Counter(balancer.pick_for([queued, busy, free], None, now).name  # type: ignore[union-attr]
+                     for _ in range(300))
+    assert picked["queued"] == 0
+    assert picked["free"] > 1.5 * picked["busy"] > 0  # in 2 of 3 pairs vs 1 of 3
     assert balancer.reason == "signals"
-    free.picks = 10  # what this worker sent since the scrape counts too
-    assert balancer.pick_for([queued, busy, free], None, now) is busy
+    free.picks = 10  # what this worker sent since the scrape counts too: now the busiest
+    assert {balancer.pick_for([busy, free], None, now) for _ in range(20)} == {busy}
 
 
 def test_least_load_falls_back_to_connections_when_signals_are_stale() -> None:
@@ -114,7 +120,7 @@ def test_least_load_falls_back_to_connections_when_signals_are_stale() -> None:
                            running=0)
     a, b = Fake("a", in_flight=5, signals=stale), Fake("b", in_flight=1, signals=sig(50, 50))
     b.signals = BackendSignals(scraped_at=time.monotonic() - 60, waiting=50, running=50)
-    assert balancer.pick_for([a, b], None, time.monotonic()) is b
+    assert {balancer.pick_for([a, b], None, time.monotonic()) for _ in range(10)} == {b}
     assert balancer.reason == "connections"
 
 

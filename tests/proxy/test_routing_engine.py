@@ -168,12 +168,14 @@ async def test_least_load_avoids_a_queue_and_falls_back_when_signals_go_stale(
                                and sig("idle").get("fresh") is False
                                and sig("busy").get("error") == "HTTP 404", "signals stale")
             before = await successes(http, [busy, idle])
-            for i in range(6):
+            for i in range(20):
                 await chat(http, proxy.url, chat_body(None, f"after {i}"))
             after = await successes(http, [busy, idle])
-            assert after[0] > before[0]  # equal connection counts: turns, busy included
+            # Equal connection counts: either of the two, busy included (all 20 on one side
+            # has odds of 2 in a million).
+            assert after[0] > before[0]
             assert after[1] > before[1]
-            assert await decisions(proxy, "connections") >= 6
+            assert await decisions(proxy, "connections") >= 20
     finally:
         await proxy.stop()
 

@@ -12,6 +12,7 @@ load_factor x the mean load + slack.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
@@ -77,43 +78,50 @@ class EngineBalancer:
     """A strategy that reads engine signals and request hints; `reason` names the last
     decision for gpuproxy_routing_decisions_total."""
 
-    __slots__ = ("_next", "cfg", "reason")
+    __slots__ = ("_random", "cfg", "reason")
 
-    def __init__(self, cfg: LoadBalancingConfig) -> None:
+    def __init__(self, cfg: LoadBalancingConfig, rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.reason = ""
-        self._next = 0
+        self._random = rng or random.Random()  # noqa: S311 - load spreading, not security
 
     def pick_for(self, candidates: Sequence[B], hints: RequestHints | None,
                  now: float) -> B | None:
         raise NotImplementedError
 
     def least_load(self, candidates: Sequence[B], now: float) -> B | None:
-        """Lowest score; without any fresh signal, fewest in flight. Ties rotate."""
+        """The lower score of two candidates drawn at random (power of two choices): with
+        signals up to a second old and every worker and replica deciding on the same ones,
+        the global minimum would send each burst to one backend (the bench measured p90 TTFT
+        2x least_connections'); two random choices keep almost all of the balance.
+        Without a fresh signal a backend scores by this worker's in-flight count."""
         count = len(candidates)
         if count == 0:
             return None
-        weights = self.cfg.least_load
-        max_age = self.cfg.signals.max_age_seconds
-        start = self._next % count
-        self._next += 1
-        best: B | None = None
-        best_score = 0.0
-        informed = False
-        for offset in range(count):
-            cand = candidates[(start + offset) % count]
-            sig = cand.signals
-            if sig is not None and sig.waiting is not None and sig.fresh(now, max_age):
-                informed = True
-                score = (sig.waiting * weights.queue_weight
-                         + max(0.0, (sig.running or 0.0) + cand.picks) * weights.running_weight
-                         + (sig.kv_usage or 0.0) * weights.kv_cache_weight)
-            else:
-                score = cand.in_flight * weights.running_weight
-            if best is None or score < best_score:
-                best, best_score = cand, score
+        if count == 1:
+            first, second = candidates[0], None
+        else:
+            i = self._random.randrange(count)
+            j = self._random.randrange(count - 1)
+            first, second = candidates[i], candidates[j + (j >= i)]
+        score, informed = self.score(first, now)
+        if second is not None:
+            other, known = self.score(second, now)
+            informed = informed or known
+            if other < score:
+                first = second
         self.reason = "signals" if informed else "connections"
-        return best
+        return first
+
+    def score(self, cand: Loaded, now: float) -> tuple[float, bool]:
+        weights = self.cfg.least_load
+        sig = cand.signals
+        if sig is not None and sig.waiting is not None and sig.fresh(
+                now, self.cfg.signals.max_age_seconds):
+            return (sig.waiting * weights.queue_weight
+                    + max(0.0, (sig.running or 0.0) + cand.picks) * weights.running_weight
+                    + (sig.kv_usage or 0.0) * weights.kv_cache_weight), True
+        return cand.in_flight * weights.running_weight, False
 
 
 class LeastLoad(EngineBalancer):
