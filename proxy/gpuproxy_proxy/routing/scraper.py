@@ -62,7 +62,10 @@ class SignalScraper:
                 signals = config.load_balancing.signals
                 if config.load_balancing.signals_on and config.backends:
                     started = time.monotonic()
-                    await self.scrape_once(session, config)
+                    try:
+                        await self.scrape_once(session, config)
+                    except Exception:  # a bug here must not end scraping for the pod's life
+                        log.exception("scraping the backends' signals failed")
                     spent = time.monotonic() - started
                     await asyncio.sleep(max(0.05, signals.interval_seconds - spent))
                 else:
