@@ -28,6 +28,10 @@ Strategy = Literal[
     "least_connections",
     "least_response_time",
     "equal_weighted",
+    # Engine-aware (routing/signals.py, routing/affinity.py):
+    "least_load",
+    "prefix_affinity",
+    "session_affinity",
 ]
 # What happens while Redis is unreachable: an in-process limiter ("local"),
 # let everything through ("open"), or reject with 503 ("closed").
@@ -99,10 +103,68 @@ class BackendConfig(_Frozen):
         return self
 
 
+class SignalsConfig(_Frozen):
+    """Engine signals: each backend's /metrics and /v1/models, scraped once per pod."""
+
+    # None: on when a strategy in use needs them (least_load, prefix_affinity,
+    # session_affinity); true also gives the others model affinity and /stats signals.
+    enabled: bool | None = None
+    interval_seconds: Annotated[float, Field(gt=0)] = 1.0
+    models_interval_seconds: Annotated[float, Field(gt=0)] = 10.0
+    timeout_seconds: Annotated[float, Field(gt=0)] = 0.5
+    # An engine signal older than this is ignored (the backend is scored by connections);
+    # model lists live 3 x models_interval_seconds.
+    max_age_seconds: Annotated[float, Field(gt=0)] = 5.0
+    metrics_path: str = "/metrics"
+
+
+class LeastLoadConfig(_Frozen):
+    """least_load's score: waiting * queue_weight + running * running_weight
+    + kv_cache_usage (0..1) * kv_cache_weight; running includes this worker's net change in
+    requests sent there since the scrape."""
+
+    queue_weight: Annotated[float, Field(ge=0)] = 2.0
+    running_weight: Annotated[float, Field(ge=0)] = 1.0
+    kv_cache_weight: Annotated[float, Field(ge=0)] = 4.0
+
+
+class AffinityConfig(_Frozen):
+    """prefix_affinity and session_affinity: rendezvous hashing with a load cap."""
+
+    # A backend takes an affine request while its load (requests waiting + running) stays
+    # under load_factor x the mean load (+1) plus load_slack; past it the request goes to the
+    # next backend in the key's order. The slack is absolute because a few more sequences in
+    # a batch cost far less than a cache miss (a whole prefill); SGLang's cache-aware router
+    # has the same kind of threshold (balance_abs_threshold, 32).
+    load_factor: Annotated[float, Field(ge=1.0)] = 1.25
+    load_slack: Annotated[int, Field(ge=0)] = 8
+    # Without a leading system message the key is this many bytes of the messages / prompt.
+    prefix_bytes: Annotated[int, Field(ge=16, le=65536)] = 512
+    # A system message longer than this is keyed on its first prefix_max_bytes.
+    prefix_max_bytes: Annotated[int, Field(ge=16, le=1048576)] = 8192
+    session_header: str = "x-session-id"
+
+
 class LoadBalancingConfig(_Frozen):
     strategy: Strategy = "least_connections"
     # Smoothing factor for the least_response_time latency EWMA.
     ewma_alpha: Annotated[float, Field(gt=0, le=1)] = 0.3
+    # A strategy per requested model (the body's "model"), overriding `strategy`.
+    per_model: dict[str, Strategy] = Field(default_factory=dict)
+    signals: SignalsConfig = Field(default_factory=SignalsConfig)
+    least_load: LeastLoadConfig = Field(default_factory=LeastLoadConfig)
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
+
+    @property
+    def signals_on(self) -> bool:
+        if self.signals.enabled is not None:
+            return self.signals.enabled
+        used = {self.strategy, *self.per_model.values()}
+        return bool(used & SIGNAL_STRATEGIES)
+
+
+# Strategies that read engine signals or request hints.
+SIGNAL_STRATEGIES = frozenset({"least_load", "prefix_affinity", "session_affinity"})
 
 
 class UpstreamConfig(_Frozen):

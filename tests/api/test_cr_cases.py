@@ -84,6 +84,9 @@ HAND_WRITTEN = [
            spec__proxy__loadBalancing={"strategy": "weighted_round_robin"},
            spec__proxy__backends=[{"name": "a", "url": "http://a:1", "weight": 5},
                                   {"name": "b", "url": "https://b:2/v1"}]),
+    change("engine-aware-strategies", None,
+           spec__proxy__loadBalancing={"strategy": "least_load", "perModel": {
+               "llama-3-8b": "prefix_affinity", "tenant-lora": "session_affinity"}}),
     change("external-redis-with-url", None, spec__redis={"mode": "external",
                                                          "url": "rediss://r:6380/0"}),
     change("scale-down-disabled-without-policies", None,

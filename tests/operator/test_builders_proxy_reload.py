@@ -47,6 +47,8 @@ RELOADED = [
                          "backends": [{"name": "vllm-0", "url": "http://vllm-0.gpu.svc:8000",
                                        "weight": 5}]}),
     ("strategy", {"loadBalancing": {"strategy": "round_robin"}}),
+    ("per-model-strategy", {"loadBalancing": {"strategy": "least_load",
+                                              "perModel": {"llama": "prefix_affinity"}}}),
     ("upstream-timeouts", {"upstream": {"connectTimeoutSeconds": 2, "readTimeoutSeconds": 90}}),
     ("max-request", {"upstream": {"maxRequestSeconds": 900}}),
     ("health-check", {"healthCheck": {"intervalSeconds": 9, "timeoutSeconds": 3}}),

@@ -65,7 +65,14 @@ class LoadBalancing(Model):
 
     strategy: Strategy = "least_connections"
     """round_robin, weighted_round_robin (by backend weight), least_connections (fewest in
-    flight), least_response_time (latency EWMA) or equal_weighted (uniform random)."""
+    flight), least_response_time (latency EWMA), equal_weighted (uniform random), least_load
+    (the engines' queue, running batch and KV-cache use from their /metrics),
+    prefix_affinity (a shared prompt prefix goes to the backend caching it, within a load
+    cap) or session_affinity (by the x-session-id header or the OpenAI user field)."""
+    per_model: Annotated[dict[str, Strategy], Field(max_length=256)] = Field(
+        default_factory=dict)
+    """A strategy per requested model or LoRA adapter (the body's model), overriding
+    strategy for it."""
 
 
 class HealthCheck(Model):

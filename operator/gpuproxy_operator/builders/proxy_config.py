@@ -118,7 +118,8 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
             }
             for b in proxy.backends
         ],
-        "load_balancing": {"strategy": proxy.load_balancing.strategy},
+        "load_balancing": {"strategy": proxy.load_balancing.strategy,
+                           "per_model": dict(sorted(proxy.load_balancing.per_model.items()))},
         "upstream": {
             "connect_timeout_seconds": proxy.upstream.connect_timeout_seconds,
             "read_timeout_seconds": proxy.upstream.read_timeout_seconds,

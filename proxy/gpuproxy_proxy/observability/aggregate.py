@@ -12,7 +12,12 @@ from prometheus_client.registry import Collector
 
 # Per-process views of the same fact: the pod value is the best one, not the sum (and the
 # oldest spool segment of the pod is its oldest worker's)...
-_MAX_FAMILIES = frozenset({"gpuproxy_backend_healthy", "gpuproxy_metering_spool_oldest_seconds"})
+_MAX_FAMILIES = frozenset({
+    "gpuproxy_backend_healthy", "gpuproxy_metering_spool_oldest_seconds",
+    "gpuproxy_backend_queue_depth", "gpuproxy_backend_running_requests",
+    "gpuproxy_backend_kv_cache_usage", "gpuproxy_backend_prefix_cache_hit_rate",
+    "gpuproxy_backend_signals_age_seconds",
+})
 # ...or the worst one: a dependency one worker cannot reach is a problem of the pod.
 # The certificate expiring first is the one to renew.
 _MIN_FAMILIES = frozenset({"gpuproxy_dependency_up",
@@ -66,6 +71,13 @@ _BACKEND_SUMS = ("in_flight",)
 _STATE_RANK = {"healthy": 0, "half_open": 1, "ejected": 2, "unhealthy": 3}
 
 
+def _newer(signals: dict[str, Any], than: Any) -> bool:
+    if not isinstance(than, dict):
+        return True
+    age, other = signals.get("age_seconds"), than.get("age_seconds")
+    return other is None or (age is not None and age < other)
+
+
 def merge_stats(workers: Sequence[dict[str, Any]], draining: bool = False) -> dict[str, Any]:
     """The pod's /stats: totals over workers, per-backend sums and the per-worker breakdown."""
     backends: dict[str, dict[str, Any]] = {}
@@ -80,6 +92,11 @@ def merge_stats(workers: Sequence[dict[str, Any]], draining: bool = False) -> di
             entry["states"][state] = entry["states"].get(state, 0) + 1
             if state in ("healthy", "half_open"):
                 entry["healthy_workers"] += 1
+            # The pod's engine signals (one scraper; every worker reads its snapshot): the
+            # newest any worker holds.
+            signals = info.get("signals")
+            if isinstance(signals, dict) and _newer(signals, entry.get("signals")):
+                entry["signals"] = signals
             ewma_ms = info.get("ewma_ms")
             if isinstance(ewma_ms, int | float):
                 prev = entry["ewma_ms"]

@@ -160,6 +160,33 @@ class ProxyMetrics:
             "Subscriptions to the revocation channel, the first and every one after a "
             "reconnect (each makes every cached key be checked again).", registry=r,
         )
+        # Engine signals (routing/signals.py), read at scrape time from each backend's state;
+        # the same in every worker, so the pod's merge takes the max (aggregate.py).
+        self.backend_queue_depth = Gauge(
+            "gpuproxy_backend_queue_depth", "Requests waiting at the engine, last scrape.",
+            ["backend"], registry=r,
+        )
+        self.backend_running = Gauge(
+            "gpuproxy_backend_running_requests", "Requests running at the engine, last scrape.",
+            ["backend"], registry=r,
+        )
+        self.backend_kv_cache_usage = Gauge(
+            "gpuproxy_backend_kv_cache_usage", "Engine KV-cache use (0..1), last scrape.",
+            ["backend"], registry=r,
+        )
+        self.backend_prefix_hit_rate = Gauge(
+            "gpuproxy_backend_prefix_cache_hit_rate",
+            "Share of prompt tokens the engine served from its prefix cache between scrapes.",
+            ["backend"], registry=r,
+        )
+        self.backend_signals_age = Gauge(
+            "gpuproxy_backend_signals_age_seconds",
+            "Age of the backend's engine signals (+Inf: none yet).", ["backend"], registry=r,
+        )
+        self.routing_decisions = Counter(
+            "gpuproxy_routing_decisions", "Backend choices by strategy and reason.",
+            ["strategy", "reason"], registry=r,
+        )
         self.connections_rejected = Counter(
             "gpuproxy_connections_rejected", "Connections or requests refused by admission.",
             ["reason"], registry=r,

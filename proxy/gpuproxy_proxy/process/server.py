@@ -33,6 +33,7 @@ from gpuproxy_proxy.process.gcwatch import (
 )
 from gpuproxy_proxy.process.heartbeat import DRAINING, SERVING, send_beats
 from gpuproxy_proxy.process.lifecycle import DrainPlan, ProcessLifecycle, drain
+from gpuproxy_proxy.routing.scraper import SIGNALS_FILE, SNAPSHOT_NAME
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
 
 log = logging.getLogger("gpuproxy.server")
@@ -252,6 +253,9 @@ async def serve_worker(config: ProxyConfig, secrets: Secrets, config_path: Path,
     """One of N workers started by the supervisor; status goes to a unix socket, heartbeats
     to a pipe."""
     worker = Worker(config, secrets, config_path=config_path, worker_index=index)
+    # The supervisor scrapes the backends once for the pod and publishes next to the status
+    # sockets (routing/scraper.py): the workers only read that file.
+    worker.app[SIGNALS_FILE] = status_path.parent / SNAPSHOT_NAME
     sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
     await worker.start(sock, status_path=status_path, admin_api=admin_api_socket(config))
     worker.install_signals()

@@ -23,6 +23,7 @@ from gpuproxy_proxy.observability.status import UnixSource, build_status_app
 from gpuproxy_proxy.process.heartbeat import WorkerSlot, beat_interval
 from gpuproxy_proxy.process.server import admin_socket
 from gpuproxy_proxy.reload import effective_config, file_signature
+from gpuproxy_proxy.routing.scraper import SNAPSHOT_NAME, SignalScraper, file_publisher
 
 log = logging.getLogger("gpuproxy.supervisor")
 
@@ -158,6 +159,9 @@ class Supervisor:
         await web.SockSite(runner, admin_socket(self.config)).start()
         keepers = [asyncio.create_task(self._keep_running(i)) for i in range(self.workers)]
         watchers = [asyncio.create_task(self._watch_heartbeats(), name="heartbeats")]
+        # Engine signals once per pod, not per worker: the workers read this file.
+        scraper = SignalScraper(lambda: self.config, file_publisher(self.dir / SNAPSHOT_NAME))
+        watchers.append(asyncio.create_task(scraper.run(), name="signals-scrape"))
         if self.config.reload.enabled:
             watchers.append(asyncio.create_task(self._watch_config(), name="config-watch"))
         log.info("supervisor serving admin port %d with %d workers on port %d",

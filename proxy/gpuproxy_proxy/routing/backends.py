@@ -9,14 +9,23 @@ the actively healthy backends out, and backs off exponentially while half-open p
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from yarl import URL
 
-from gpuproxy_proxy.config import BackendConfig, HealthCheckConfig, LoadBalancingConfig
+from gpuproxy_proxy.config import (
+    SIGNAL_STRATEGIES,
+    BackendConfig,
+    HealthCheckConfig,
+    LoadBalancingConfig,
+)
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
+from gpuproxy_proxy.routing import hints as request_hints
+from gpuproxy_proxy.routing import signalview
+from gpuproxy_proxy.routing.affinity import ENGINE_BALANCERS, EngineBalancer
 from gpuproxy_proxy.routing.balancer import Balancer, ewma, make_balancer
+from gpuproxy_proxy.routing.signals import BackendSignals
 
 # Passive ejection never takes more than this share of the actively healthy backends out of
 # rotation: with one or two of them left, failures keep them in (and they keep being tried).
@@ -34,8 +43,8 @@ class BackendState:
         "_healthy_gauge", "active_healthy", "check_failures",
         "check_successes", "config", "consecutive_failures", "ejected_until", "ejections",
         "ewma_ms", "health_url", "host", "host_header", "in_flight", "last_check_error",
-        "last_success", "name", "origin", "path_prefix", "peers", "port", "probing", "scheme",
-        "use_ssl", "weight",
+        "last_success", "name", "name_hash", "origin", "path_prefix", "peers", "picks", "port",
+        "probing", "scheme", "signals", "signals_max_age", "use_ssl", "weight",
     )
 
     def __init__(self, config: BackendConfig, metrics: ProxyMetrics) -> None:
@@ -69,12 +78,35 @@ class BackendState:
         self.last_check_error: str | None = None
         self.last_success = 0.0  # monotonic time of the last good answer to real traffic
         self._healthy_gauge = metrics.backend_healthy.labels(self.name)
+        # Engine signals from the pod's scraper (routing/scraper.py), and how many more
+        # requests this worker has in flight here than at that scrape (started - finished
+        # since), so a burst between two scrapes spreads.
+        self.signals: BackendSignals | None = None
+        self.signals_max_age = 5.0
+        self.picks = 0
+        self.name_hash = request_hints.stable_hash(self.name.encode())
+        signalview.register_gauges(metrics, self.name, lambda: self.signals,
+                                   lambda: self.signals_max_age)
         # Read at scrape time: no locked inc/dec on every request.
         metrics.backend_requests_in_flight.labels(self.name).set_function(self._in_flight_now)
         self._healthy_gauge.set(1)
 
     def _in_flight_now(self) -> float:
         return float(self.in_flight)
+
+    def apply_signals(self, signals: BackendSignals | None) -> None:
+        """A new scrape: its counts include the requests picked before it."""
+        if signals is not None and (self.signals is None
+                                    or signals.scraped_at != self.signals.scraped_at):
+            self.picks = 0
+        self.signals = signals
+
+    def serves(self, model: str, now: float, max_age: float) -> bool:
+        """False only when a recent model list leaves the model out."""
+        sig = self.signals
+        if sig is None or sig.models is None or now - sig.models_at > max_age:
+            return True
+        return model in sig.models
 
     def same_target(self, config: BackendConfig) -> bool:
         return config.url == self.config.url and config.health_path == self.config.health_path
@@ -101,11 +133,13 @@ class BackendState:
 
     def acquire(self) -> None:
         self.in_flight += 1
+        self.picks += 1
         if self.ejected_until:
             self.probing = True
 
     def release(self) -> None:
         self.in_flight -= 1
+        self.picks -= 1  # may go below 0: requests the scrape counted have finished
 
     def abandon(self) -> None:
         """Release a request that ended without an answer either way (client hung up)."""
@@ -187,6 +221,8 @@ class BackendState:
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
             "state": self.state(now),
+            "signals": signalview.describe(self.signals, self.picks, now,
+                                           self.signals_max_age),
             "in_flight": self.in_flight,
             "weight": self.weight,
             "ewma_ms": None if self.ewma_ms is None else round(self.ewma_ms, 3),
@@ -197,27 +233,86 @@ class BackendState:
         }
 
 
+AnyBalancer = Balancer | EngineBalancer
+
+
+def _make_strategy(name: str, lb: LoadBalancingConfig) -> AnyBalancer:
+    engine = ENGINE_BALANCERS.get(name)
+    return engine(lb) if engine is not None else make_balancer(name)  # type: ignore[arg-type]
+
+
 class BackendPool:
-    """The backends of one config generation plus the balancer that picks among them."""
+    """The backends of one config generation plus the balancers that pick among them (the
+    cluster's strategy and the per-model overrides)."""
 
-    __slots__ = ("backends", "balancer", "by_name", "strategy")
+    __slots__ = ("_decisions", "backends", "balancer", "by_name", "lb", "need_model",
+                 "need_prefix", "need_session", "needs_hints", "per_model", "strategy")
 
-    def __init__(self, backends: Sequence[BackendState], lb: LoadBalancingConfig) -> None:
+    def __init__(self, backends: Sequence[BackendState], lb: LoadBalancingConfig,
+                 metrics: ProxyMetrics | None = None) -> None:
         self.backends = tuple(backends)
         for state in self.backends:
             state.peers = self.backends
+            state.signals_max_age = lb.signals.max_age_seconds
         self.by_name = {b.name: b for b in self.backends}
+        self.lb = lb
         self.strategy = lb.strategy
-        self.balancer: Balancer = make_balancer(lb.strategy)
+        self.balancer: AnyBalancer = _make_strategy(lb.strategy, lb)
+        self.per_model: dict[str, AnyBalancer] = {
+            model: _make_strategy(name, lb) for model, name in lb.per_model.items()}
+        used = {lb.strategy, *lb.per_model.values()}
+        # Hints cost a few regex scans of the body: only what a strategy in use reads.
+        self.need_model = bool(lb.per_model) or lb.signals_on
+        self.need_prefix = "prefix_affinity" in used
+        self.need_session = "session_affinity" in used
+        self.needs_hints = self.need_model or self.need_prefix or self.need_session
+        self._decisions: dict[tuple[str, str], Any] = {}
+        if metrics is not None:
+            for name in used & SIGNAL_STRATEGIES:
+                for reason in ("signals", "connections", "affinity", "spill", "no_key"):
+                    self._decisions[name, reason] = metrics.routing_decisions.labels(
+                        name, reason)
 
-    def choose(self, exclude: BackendState | None = None) -> BackendState | None:
+    def hints_for(self, headers: Mapping[str, str], body: bytes) -> request_hints.RequestHints:
+        model = request_hints.request_model(body) if body else None
+        affinity = self.lb.affinity
+        prefix = session = None
+        if self.need_prefix and body:
+            prefix = request_hints.prefix_key(body, model, affinity.prefix_bytes,
+                                              affinity.prefix_max_bytes)
+        if self.need_session:
+            session = request_hints.session_key(headers, body, affinity.session_header)
+        return request_hints.RequestHints(model, prefix, session)
+
+    def choose(self, exclude: BackendState | None = None,
+               hints: request_hints.RequestHints | None = None) -> BackendState | None:
         now = time.monotonic()
         candidates = [b for b in self.backends if b is not exclude and b.available(now)]
         if not candidates:
             # Passive ejection never leaves nothing to route to (the cap can be outrun when
             # active checks fail others later): all actively healthy backends, ejected or not.
             candidates = [b for b in self.backends if b is not exclude and b.active_healthy]
-        chosen = self.balancer.pick(candidates)
+        balancer = self.balancer
+        name = self.strategy
+        model = hints.model if hints is not None else None
+        if model is not None:
+            # Model and LoRA-adapter affinity: only backends whose list has the model (or
+            # whose list is unknown); when none has it, every one may answer (404 or not).
+            max_age = 3 * self.lb.signals.models_interval_seconds
+            serving = [b for b in candidates if b.serves(model, now, max_age)]
+            if serving:
+                candidates = serving
+            override = self.per_model.get(model)
+            if override is not None:
+                balancer = override
+                name = self.lb.per_model[model]
+        if isinstance(balancer, EngineBalancer):
+            chosen = balancer.pick_for(candidates, hints, now)
+            counter = self._decisions.get((name, balancer.reason))
+            if counter is not None and chosen is not None:
+                counter.inc()
+        else:
+            chosen = balancer.pick(candidates)
         if chosen is not None:
             chosen.acquire()
         return chosen
@@ -260,10 +355,11 @@ def build_pool(
         for old in previous.backends:
             if old.name not in keep:
                 metrics.backend_healthy.remove(old.name)
+                signalview.remove_gauges(metrics, old.name)
                 if old.in_flight == 0:
                     metrics.backend_requests_in_flight.remove(old.name)
-    if previous is not None and previous.strategy == lb.strategy:
-        pool = BackendPool(states, lb)
+    pool = BackendPool(states, lb, metrics)
+    if (previous is not None and previous.strategy == lb.strategy
+            and not isinstance(previous.balancer, EngineBalancer)):
         pool.balancer = previous.balancer  # keep rotation / smooth-WRR state across reloads
-        return pool
-    return BackendPool(states, lb)
+    return pool

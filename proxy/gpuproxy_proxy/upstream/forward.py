@@ -286,7 +286,9 @@ async def forward(
                         read_timeout=upstream.read_timeout_seconds)
         pools.generation = runtime.generation
     pool = runtime.pool
-    backend = pool.choose()
+    # Model, prefix and session hints, read only when a strategy in use needs them.
+    hints = pool.hints_for(request.headers, body) if pool.needs_hints else None
+    backend = pool.choose(hints=hints)
     if backend is None:
         outcome.status = 503
         # A health check can bring one back within its interval: that is when to retry.
@@ -314,7 +316,7 @@ async def forward(
             timed_out = isinstance(exc, UpstreamConnectTimeout)
             _fail(backend, metrics, exc.reason, runtime)
             if not retried and config.upstream.retry_on_connect_failure:
-                other = pool.choose(exclude=backend)
+                other = pool.choose(exclude=backend, hints=hints)
                 if other is not None:
                     log.warning("connect to backend failed, retrying on another",
                                 extra={"request_id": request_id, "backend": backend.name,
