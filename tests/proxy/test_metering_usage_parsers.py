@@ -287,3 +287,12 @@ def test_estimate_heuristic() -> None:
     assert estimate_usage("embeddings", embed, None) == Usage(5, None, 5, estimated=True)
     assert estimate_usage("chat_completions", b"not json!", None) == Usage(
         3, 0, 3, estimated=True)
+
+
+def test_request_model_is_the_first_model_key_of_the_body() -> None:
+    from gpuproxy_proxy.metering.spend import MAX_MODEL_CHARS, request_model
+
+    assert request_model(b'{"model": "gpt-x", "messages": []}') == "gpt-x"
+    assert request_model(b'{"messages": [{"role": "model"}], "model":"m\\u00e9"}') == "m\u00e9"
+    assert request_model(b'{"messages": []}') is None
+    assert request_model(b'{"model": "' + b"x" * (MAX_MODEL_CHARS + 1) + b'"}') is None
