@@ -33,6 +33,7 @@ from gpuproxy_proxy.limits.refusals import Refusal
 from gpuproxy_proxy.limits.tokens import TOKEN_GATE, Admission
 from gpuproxy_proxy.metering.estimate import estimate_usage
 from gpuproxy_proxy.metering.meter import USAGE_METER, SpoolFull, UsageRecord
+from gpuproxy_proxy.metering.spend import MAX_MODEL_CHARS, SpendCounters, request_model
 from gpuproxy_proxy.metering.usage import Usage
 from gpuproxy_proxy.routing.backends import BackendState
 from gpuproxy_proxy.runtime import RUNTIME
@@ -71,6 +72,8 @@ class Pipeline:
         self.limiter = app[RATE_LIMITER]
         self.meter = app[USAGE_METER]
         self.tokens = app[TOKEN_GATE]
+        self.spend = SpendCounters(metrics.spend_usd, metrics.tokens,
+                                   self.runtime.config.budgets)
         self.reconfigure(self.runtime.config)
         # Read at scrape time: no locked inc/dec on every request.
         metrics.requests_in_flight.set_function(self._in_flight_now)
@@ -94,6 +97,7 @@ class Pipeline:
         self.max_body = config.limits.max_body_bytes
         self.strip_credentials = config.auth.enabled
         self.max_request_seconds = config.upstream.max_request_seconds
+        self.spend.configure(config.budgets)
 
     def _in_flight_now(self) -> float:
         return float(self.runtime.in_flight)
@@ -187,9 +191,12 @@ class Pipeline:
         if route == "models":
             return await self.models(request, request_id, outcome, limit_headers)
         if self.metering_on:
+            admission = outcome.admission
+            outcome.model = (request_model(body) if admission is None
+                             else admission.request.model[:MAX_MODEL_CHARS] or None)
             try:
                 outcome.ticket = self.meter.admit(request_id, outcome.principal, route,
-                                                  outcome.bytes_in)
+                                                  outcome.bytes_in, outcome.model)
             except SpoolFull:
                 outcome.status = 503
                 return json_error(503, "metering_unavailable",
@@ -223,15 +230,20 @@ class Pipeline:
         if usage is None and 200 <= status < 300 and route in self.estimated:
             usage = estimate_usage(route, outcome.body, outcome.watch)
             self.estimated[route].inc(usage.total_tokens or 0)
+        principal = outcome.principal
         if admission is not None:
             # Not answered (an error, or cut before the backend said anything): what streamed
             # is estimated; nothing at all costs nothing.
             if usage is None and outcome.watch is not None:
                 usage = estimate_usage(route, outcome.body, outcome.watch)
             self.tokens.settle(admission, usage if usage is not None else _NO_USAGE)
+        if usage is not None:
+            model = outcome.model
+            if model is None and admission is not None:
+                model = admission.request.model or None
+            self.spend.count(principal.team, model, usage)
         if not self.metering_on:
             return
-        principal = outcome.principal
         self.meter.record(UsageRecord(
             request_id=request_id,
             principal_kind=principal.kind,
@@ -248,6 +260,8 @@ class Pipeline:
             total_tokens=usage.total_tokens if usage else None,
             estimated=usage.estimated if usage else False,
             created_unix=started_unix,
+            model=outcome.model,
+            team=principal.team,
         ), outcome.ticket)
 
     async def models(self, request: Request, request_id: str, outcome: Outcome,

@@ -97,6 +97,11 @@ HAND_WRITTEN = [
                                                               "defaultPoolSize": 900}),
     change("integer-quantity", None, spec__proxy__resources={"requests": {"cpu": 2}}),
     change("null-object-is-defaulted", None, spec__autoscaling=None),
+    change("spend-alert-amounts", None, spec__monitoring__spend={
+        "dailyBudgetUsd": 250.5, "perTeam": {"ml": 100, "": 5}, "warningPercent": 0}),
+    change("spend-budget-zero", "", spec__monitoring__spend={"dailyBudgetUsd": 0}),
+    change("spend-team-amount-negative", "", spec__monitoring__spend={"perTeam": {"ml": -1}}),
+    change("spend-warning-100", "", spec__monitoring__spend={"warningPercent": 100}),
     change("null-optional-field", None, spec__redis={"url": None}),
     change("name-of-40-characters", None, metadata__name="a" * 40),
     change("jwt-claims-with-secret", None, spec__proxy__auth={

@@ -287,3 +287,32 @@ def test_estimate_heuristic() -> None:
     assert estimate_usage("embeddings", embed, None) == Usage(5, None, 5, estimated=True)
     assert estimate_usage("chat_completions", b"not json!", None) == Usage(
         3, 0, 3, estimated=True)
+
+
+def test_request_model_is_the_first_model_key_of_the_body() -> None:
+    from gpuproxy_proxy.metering.spend import MAX_MODEL_CHARS, request_model
+
+    assert request_model(b'{"model": "gpt-x", "messages": []}') == "gpt-x"
+    assert request_model(b'{"messages": [{"role": "model"}], "model":"m\\u00e9"}') == "m\u00e9"
+    assert request_model(b'{"messages": []}') is None
+    assert request_model(b'{"model": "' + b"x" * (MAX_MODEL_CHARS + 1) + b'"}') is None
+
+
+def test_spool_lines_carry_model_and_team_to_replays() -> None:
+    from gpuproxy_proxy.metering.records import (
+        UsageRecord,
+        from_settled,
+        interrupted,
+        new_record_id,
+    )
+
+    rec = UsageRecord("r", "api_key", "u", "k", "gpu", "chat_completions", 200,
+                      prompt_tokens=1, completion_tokens=2, total_tokens=3, model="m",
+                      team="t", record_id=new_record_id())
+    back = from_settled(rec.entry())
+    assert (back.model, back.team) == ("m", "t")
+    admitted = {"t": "a", "id": new_record_id().hex, "ts": 1.0, "rid": "r", "pk": "api_key",
+                "u": "u", "k": "k", "r": "chat_completions", "bi": 0, "m": "m", "tm": "t"}
+    assert (interrupted(admitted).model, interrupted(admitted).team) == ("m", "t")
+    old = {k: v for k, v in admitted.items() if k not in ("m", "tm")}  # an older spool's line
+    assert (interrupted(old).model, interrupted(old).team) == (None, None)

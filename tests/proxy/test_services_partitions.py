@@ -56,11 +56,14 @@ async def test_upgrade_from_the_unpartitioned_table_keeps_every_row(
                 "INSERT INTO usage_records (id, request_id, principal_kind, route, status, "
                 "created_at) VALUES ($1, $2, 'anonymous', 'other', 200, $3)", old)
 
-            assert await migrations.apply_migrations(conn) == [3, 4, 5]
+            assert await migrations.apply_migrations(conn) == [3, 4, 5, 6]
 
-            rows = await conn.fetch("SELECT id, request_id, outcome FROM usage_records")
+            rows = await conn.fetch("SELECT id, request_id, outcome, model, team "
+                                    "FROM usage_records")
             assert sorted(r["request_id"] for r in rows) == sorted(o[1] for o in old)
             assert {r["outcome"] for r in rows} == {"complete"}
+            # Migration 6's columns reach the old table's partition too, empty.
+            assert {(r["model"], r["team"]) for r in rows} == {(None, None)}
             parts = {r["relname"]: r["bound"] for r in await conn.fetch(_PARTITIONS)}
             # The old table is the partition up to tomorrow; new days come after it.
             assert "MINVALUE" in parts.pop("usage_records_legacy")

@@ -333,11 +333,27 @@ class ServiceMonitorSpec(Model):
     """Scrape interval."""
 
 
+class SpendAlertSpec(Model):
+    """Spend alerts, from the proxy's gpuproxy_spend_usd_total (priced by
+    spec.proxy.budgets.prices) over the last 24 hours."""
+
+    daily_budget_usd: Annotated[float, Field(gt=0)] | None = None
+    """GpuProxyDailySpendOverBudget fires when the whole cluster spent more than this in the
+    last 24 hours (USD). Unset: no cluster-wide spend alert."""
+    per_team: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Team name -> USD per 24 hours: GpuProxyTeamDailySpendOverBudget fires for a team over
+    its amount ("" is the keys without a team)."""
+    warning_percent: Annotated[int, Field(ge=0, le=99)] = 80
+    """The *NearBudget warnings fire at this percentage of each amount; 0: no warnings."""
+
+
 class MonitoringSpec(Model):
     """Prometheus integration."""
 
     prometheus_rule: PrometheusRuleSpec = Field(default_factory=PrometheusRuleSpec)
     """Alert rules."""
+    spend: SpendAlertSpec = Field(default_factory=SpendAlertSpec)
+    """Daily spend alerts (in the PrometheusRule), with their thresholds."""
     service_monitor: ServiceMonitorSpec = Field(default_factory=ServiceMonitorSpec)
     """Scrape configuration."""
 

@@ -228,7 +228,8 @@ class ModelPrice(Model):
 
 class Budgets(Model):
     """Budgets per API key, user and team in tokens or USD, set through the admin API
-    (PUT /admin/budgets/{scope}/{id}); this section turns them on and prices the models."""
+    (PUT /admin/budgets/{scope}/{id}); this section turns them on and prices the models (the
+    prices also apply with budgets off: GET /admin/spend and gpuproxy_spend_usd_total)."""
 
     enabled: bool = False
     """Check budgets (needs Redis; they are stored in PostgreSQL too)."""
@@ -366,9 +367,9 @@ class ProxySpec(Model):
     admin_port: Annotated[int, Field(ge=1024, le=65535)] = 9090
     """Port of /health, /ready, /stats and /metrics in the container."""
     admin_api_port: Annotated[int, Field(ge=1024, le=65535)] = 9091
-    """Port of the admin API (/admin/keys, /admin/budgets) in the container, open only with
-    auth.adminTokenSecretRef; the NetworkPolicy admits only the operator's pods (reach it with
-    `kubectl port-forward`)."""
+    """Port of the admin API (/admin/keys, /admin/budgets, /admin/spend) in the container, open
+    only with auth.adminTokenSecretRef; the NetworkPolicy admits only the operator's pods (reach
+    it with `kubectl port-forward`)."""
     connections_per_replica: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     """Concurrent client connections one replica is sized for (the autoscaling unit)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024

@@ -13,6 +13,7 @@ from gpuproxy_operator.builders.proxy_services import (
     METRICS_PORT_NAME,
     METRICS_SUFFIX,
 )
+from gpuproxy_operator.builders.spend_rules import spend_rules
 from gpuproxy_operator.naming import child_name
 
 MONITORING_API = "monitoring.coreos.com/v1"
@@ -153,6 +154,7 @@ def alert_rules(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
             f"(spec.monitoring.serviceMonitor, Service {metrics_service} port "
             f"{METRICS_PORT_NAME}, and your Prometheus' serviceMonitorSelector).",
         ))
+    rules.extend(spend_rules(cluster, sel, rule))
     return rules
 
 

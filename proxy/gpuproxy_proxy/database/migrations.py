@@ -208,6 +208,17 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         );
         """,
     ),
+    (
+        6,
+        "usage records: model and team",
+        # Additive only (propagates to every partition, no rewrite: nullable, no default): the
+        # request's model and the key's team, so daily spend per model and team is one
+        # grouped scan of the day's partitions (auth/admin_spend.py).
+        """
+        ALTER TABLE usage_records ADD COLUMN IF NOT EXISTS model text;
+        ALTER TABLE usage_records ADD COLUMN IF NOT EXISTS team text;
+        """,
+    ),
 )
 
 

@@ -1,7 +1,7 @@
-"""The admin API's own listener (`listen.admin_api_port`): an aiohttp app with only /admin/keys
-and /admin/budgets, bound by every worker (SO_REUSEPORT) and sharing that worker's services,
-never the client port
-(the NetworkPolicy lets only the operator's namespace reach it; people use port-forward)."""
+"""The admin API's own listener (`listen.admin_api_port`): an aiohttp app with only /admin/keys,
+/admin/budgets and /admin/spend, bound by every worker (SO_REUSEPORT) and sharing that worker's
+services, never the client port (the NetworkPolicy lets only the operator's namespace reach it;
+people use port-forward)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from aiohttp.typedefs import Handler
 from gpuproxy_proxy.appkeys import CONFIG, METRICS
 from gpuproxy_proxy.auth.admin import add_admin_routes
 from gpuproxy_proxy.auth.admin_budgets import add_budget_routes
+from gpuproxy_proxy.auth.admin_spend import add_spend_routes
 from gpuproxy_proxy.auth.authenticator import AUTHENTICATOR
+from gpuproxy_proxy.database.pool import DB_POOL
 from gpuproxy_proxy.http.exceptions import with_request_id
 from gpuproxy_proxy.http.requestid import request_id_for
 from gpuproxy_proxy.limits.tokens import TOKEN_GATE
@@ -44,6 +46,9 @@ def build_admin_api_app(services: web.Application) -> web.Application:
     app[RUNTIME] = runtime
     app[AUTHENTICATOR] = services[AUTHENTICATOR]
     add_admin_routes(app)
+    # Spend is read from the worker's database pool (None without a database: 409).
+    app[DB_POOL] = services.get(DB_POOL)
+    add_spend_routes(app)
     if (gate := services.get(TOKEN_GATE)) is not None:
         app[TOKEN_GATE] = gate
         add_budget_routes(app)

@@ -70,13 +70,15 @@ class DurableLog:
     def reconfigure(self, config: MeteringConfig) -> None:
         self.config = config
 
-    def admit(self, request_id: str, principal: Any, route: str, bytes_in: int) -> Ticket:
+    def admit(self, request_id: str, principal: Any, route: str, bytes_in: int,
+              model: str | None = None) -> Ticket:
         if self.spool.bytes >= self.budget:
             self._full()
         ticket = Ticket(self, self.config.progress_interval_seconds)
         ticket.admitted = {"t": "a", "id": ticket.record_id.hex, "ts": ticket.created,
                            "rid": request_id, "pk": principal.kind, "u": principal.user_id,
-                           "k": principal.api_key_id, "r": route, "bi": bytes_in}
+                           "k": principal.api_key_id, "r": route, "bi": bytes_in,
+                           "m": model, "tm": principal.team}
         self.write(ticket, ticket.admitted)
         return ticket
 

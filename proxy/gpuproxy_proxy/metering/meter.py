@@ -71,12 +71,13 @@ class UsageMeter:
     def buffered(self) -> int:
         return len(self._buffer) + self._in_flight
 
-    def admit(self, request_id: str, principal: Any, route: str, bytes_in: int) -> Ticket | None:
+    def admit(self, request_id: str, principal: Any, route: str, bytes_in: int,
+              model: str | None = None) -> Ticket | None:
         """Before a request is forwarded: its admitted line is on disk (page cache) before the
         response starts. Raises SpoolFull under policy "reject"."""
         if self.durable is None or not self._enabled:
             return None
-        return self.durable.admit(request_id, principal, route, bytes_in)
+        return self.durable.admit(request_id, principal, route, bytes_in, model)
 
     def record(self, rec: UsageRecord, ticket: Ticket | None = None) -> None:
         """Queue one settled record; never blocks or raises on the request path."""

@@ -48,6 +48,10 @@ class UsageRecord:
     record_id: uuid.UUID | None = None
     # "complete", or "interrupted": the process died mid-request (settled by a replay).
     outcome: str = "complete"
+    # The request body's model (as sent, at most 200 characters) and the key's team at the
+    # time of the request: spend per model and team (auth/admin_spend.py) needs no join.
+    model: str | None = None
+    team: str | None = None
     # The spool segment holding the settled line, or the admission's Ticket if that line
     # could not be written (either released once committed); not a column.
     segment: Any = None
@@ -60,7 +64,8 @@ class UsageRecord:
                 "k": self.api_key_id, "b": self.backend, "r": self.route, "st": self.status,
                 "bi": self.bytes_in, "bo": self.bytes_out, "d": self.duration_ms,
                 "pt": self.prompt_tokens, "ct": self.completion_tokens,
-                "tt": self.total_tokens, "e": self.estimated}
+                "tt": self.total_tokens, "e": self.estimated, "m": self.model,
+                "tm": self.team}
 
 
 def from_settled(e: dict[str, Any]) -> UsageRecord:
@@ -69,7 +74,7 @@ def from_settled(e: dict[str, Any]) -> UsageRecord:
         backend=e["b"], route=e["r"], status=e["st"], bytes_in=e["bi"], bytes_out=e["bo"],
         duration_ms=e["d"], prompt_tokens=e["pt"], completion_tokens=e["ct"],
         total_tokens=e["tt"], estimated=bool(e.get("e", False)), created_unix=e["ts"],
-        record_id=uuid.UUID(hex=e["id"]),
+        record_id=uuid.UUID(hex=e["id"]), model=e.get("m"), team=e.get("tm"),
     )
 
 
@@ -84,6 +89,7 @@ def interrupted(e: dict[str, Any]) -> UsageRecord:
         duration_ms=max(0.0, (e.get("at", e["ts"]) - e["ts"]) * 1000.0),
         completion_tokens=tokens, total_tokens=tokens, estimated=tokens is not None,
         created_unix=e["ts"], record_id=uuid.UUID(hex=e["id"]), outcome="interrupted",
+        model=e.get("m"), team=e.get("tm"),
     )
 
 
@@ -93,11 +99,11 @@ INSERT = """
 INSERT INTO usage_records (
     id, request_id, principal_kind, user_id, api_key_id, backend, route, status, bytes_in,
     bytes_out, duration_ms, prompt_tokens, completion_tokens, total_tokens, created_at, outcome,
-    estimated)
+    estimated, model, team)
 SELECT * FROM unnest(
     $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::int[], $9::bigint[], $10::bigint[], $11::float8[], $12::int[], $13::int[], $14::int[],
-    $15::timestamptz[], $16::text[], $17::bool[])
+    $15::timestamptz[], $16::text[], $17::bool[], $18::text[], $19::text[])
 ON CONFLICT (id, created_at) DO NOTHING
 """
 
@@ -124,6 +130,8 @@ def columns(batch: list[UsageRecord]) -> list[list[object]]:
         [datetime.fromtimestamp(r.created_unix, UTC) for r in batch],
         [r.outcome for r in batch],
         [r.estimated for r in batch],
+        [r.model for r in batch],
+        [r.team for r in batch],
     ]
 
 

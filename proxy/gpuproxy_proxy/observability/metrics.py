@@ -98,6 +98,18 @@ class ProxyMetrics:
             "Tokens recorded from the tokenizer-free estimate (the backend reported no usage).",
             ["route"], registry=r,
         )
+        # Bounded labels (metering/spend.py): a team ("" for keys without one) and a model of
+        # the price table or "other"; per key and per user live in the database (/admin/spend).
+        self.spend_usd = Counter(
+            "gpuproxy_spend_usd",
+            "Spend in USD from the price table (budgets.prices), as requests settle.",
+            ["team", "model"], registry=r,
+        )
+        self.tokens = Counter(
+            "gpuproxy_tokens",
+            "Tokens used (the backend's counts, else the estimate), as requests settle.",
+            ["team", "model", "kind"], registry=r,
+        )
         self.usage_records_dropped = Counter(
             "gpuproxy_usage_records_dropped", "Usage records dropped (buffer full).", registry=r
         )

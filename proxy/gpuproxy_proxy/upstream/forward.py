@@ -115,6 +115,8 @@ class Outcome:
     # The token limits' and budgets' reservation (limits/tokens.py), settled at the end.
     admission: Admission | None = None
     gate: TokenGate | None = None
+    # The request body's model (metering/spend.py), for the usage record and spend counters.
+    model: str | None = None
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
