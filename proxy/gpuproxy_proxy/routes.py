@@ -34,7 +34,9 @@ from gpuproxy_proxy.limits.tokens import TOKEN_GATE, Admission
 from gpuproxy_proxy.metering.estimate import estimate_usage
 from gpuproxy_proxy.metering.meter import USAGE_METER, SpoolFull, UsageRecord
 from gpuproxy_proxy.metering.usage import Usage
+from gpuproxy_proxy.routing.admission import ADMISSION, PRIORITY_HEADER, AdmissionQueue, tenant_of
 from gpuproxy_proxy.routing.backends import BackendState
+from gpuproxy_proxy.routing.retry import Retrying
 from gpuproxy_proxy.runtime import RUNTIME
 from gpuproxy_proxy.upstream.forward import (
     UPSTREAM_POOLS,
@@ -71,7 +73,11 @@ class Pipeline:
         self.limiter = app[RATE_LIMITER]
         self.meter = app[USAGE_METER]
         self.tokens = app[TOKEN_GATE]
-        self.reconfigure(self.runtime.config)
+        config = self.runtime.config
+        self.retries = Retrying(config.upstream.retry)
+        self.admission = AdmissionQueue(config.admission, metrics, config.workers)
+        app[ADMISSION] = self.admission
+        self.reconfigure(config)
         # Read at scrape time: no locked inc/dec on every request.
         metrics.requests_in_flight.set_function(self._in_flight_now)
         self.rejected_in_flight = metrics.connections_rejected.labels("in_flight")
@@ -94,6 +100,9 @@ class Pipeline:
         self.max_body = config.limits.max_body_bytes
         self.strip_credentials = config.auth.enabled
         self.max_request_seconds = config.upstream.max_request_seconds
+        self.retries.configure(config.upstream.retry)
+        self.admission.configure(config.admission, config.workers)
+        self.admission_on = config.admission.enabled
 
     def _in_flight_now(self) -> float:
         return float(self.runtime.in_flight)
@@ -196,8 +205,27 @@ class Pipeline:
                                   "usage cannot be recorded right now (the metering spool is "
                                   "full); retry later", request_id,
                                   {**limit_headers, "Retry-After": "5"})
-        return await forward(request, self.runtime, self.pools, body, request_id, outcome,
-                             limit_headers, self.strip_credentials, usage_on)
+        # --- admission hook (routing/admission.py): O(1) and no await while a backend has room
+        admission = self.admission
+        if not self.admission_on:
+            return await forward(request, self.runtime, self.pools, body, request_id, outcome,
+                                 limit_headers, self.strip_credentials, usage_on, self.retries)
+        if not admission.fast(self.runtime.pool):
+            principal = outcome.principal
+            refused = await admission.wait(
+                self.runtime.pool, tenant_of(principal, self.limiter.client_ip(request)),
+                admission.priority_of(principal, request.headers.get(PRIORITY_HEADER)),
+                request_id)
+            if refused is not None:
+                outcome.status = refused.status
+                return refused
+        pool = self.runtime.pool
+        try:
+            return await forward(request, self.runtime, self.pools, body, request_id, outcome,
+                                 limit_headers, self.strip_credentials, usage_on, self.retries,
+                                 admission.saturated_names(pool))
+        finally:
+            admission.release(self.runtime.pool)
 
     async def _admit_lookup(self, request: ClientRequest) -> None:
         """Before an API key is looked up in the database: one IP sending random keys gets
