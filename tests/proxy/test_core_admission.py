@@ -15,9 +15,12 @@ from tests.proxy.conftest import ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend
 
 from gpuproxy_proxy.appkeys import METRICS
+from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
+from gpuproxy_proxy.config import ProxyConfig
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.observability.aggregate import merge_stats
 from gpuproxy_proxy.observability.status import LocalSource
-from gpuproxy_proxy.routing.admission import ADMISSION
+from gpuproxy_proxy.routing.admission import ADMISSION, AdmissionQueue, tenant_of
 
 _DEADLINE = 30.0  # generous: the machine may be loaded
 
@@ -296,3 +299,21 @@ async def test_client_gone_while_queued_leaves_the_queue(gated: Any,
     gpu.release_one()
     assert (await staying).status == 200
     assert len(gpu.arrived) == 2  # the one that left never reached the backend
+
+
+def test_priority_header_is_honored_only_for_granted_principals() -> None:
+    config = ProxyConfig.model_validate({"admission": {
+        "enabled": True, "priorities": {"default": {}, "gold": {
+            "weight": 4, "teams": ["search"], "api_keys": ["k-gold"]}}}})
+    queue = AdmissionQueue(config.admission, ProxyMetrics(), workers=2)
+    assert queue.per_backend == 32  # the pod's 64 split over two workers
+    granted = Principal(kind="api_key", api_key_id="k-gold")
+    team = Principal(kind="api_key", api_key_id="k-other", team="search")
+    other = Principal(kind="api_key", api_key_id="k-other", team="ads")
+    assert queue.priority_of(granted, "gold") == "gold"
+    assert queue.priority_of(team, "gold") == "gold"
+    assert queue.priority_of(other, "gold") == "default"  # no self-elevation
+    assert queue.priority_of(ANONYMOUS, "gold") == "default"
+    assert queue.priority_of(granted, "platinum") == "default"
+    assert tenant_of(granted, "10.0.0.1") == "k:k-gold"
+    assert tenant_of(ANONYMOUS, "10.0.0.1") == "ip:10.0.0.1"
