@@ -28,7 +28,8 @@ BIN = Path(sys.executable).parent
 async def one(http: aiohttp.ClientSession, url: str, max_tokens: int) -> tuple[int, float]:
     """(status, seconds to the first event) of one streamed completion."""
     started = time.monotonic()
-    body = {"model": "sim-llama-3-8b", "prompt": "x" * 400, "max_tokens": max_tokens, "stream": True}
+    body = {"model": "sim-llama-3-8b", "prompt": "x" * 400, "max_tokens": max_tokens,
+            "stream": True}
     async with http.post(url, json=body) as resp:
         if resp.status != 200:
             await resp.read()

@@ -17,8 +17,8 @@ from tests.proxy.fakes import FakeBackend
 from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.auth.principal import ANONYMOUS, Principal
 from gpuproxy_proxy.config import ProxyConfig
-from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.observability.aggregate import merge_stats
+from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.observability.status import LocalSource
 from gpuproxy_proxy.routing.admission import ADMISSION, AdmissionQueue, tenant_of
 
