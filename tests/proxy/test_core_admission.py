@@ -243,7 +243,7 @@ async def test_queue_deadline_answers_503_with_retry_after(gated: Any,
 async def test_tenant_over_its_share_gets_429(gated: Any, make_proxy: ProxyFactory) -> None:
     gpu = await gated("gpu")
     client = await make_proxy(_config([gpu], admission=_admission(
-        1, queue_timeout_seconds=1.0), rate_limits={
+        1, queue_timeout_seconds=3.0), rate_limits={
             "enabled": False, "trusted_proxies": ["127.0.0.1/32"]}))
     queue = client.server.app[ADMISSION]
     parked = asyncio.create_task(client.post("/v1/chat/completions", json={}))
