@@ -167,14 +167,68 @@ class LoadBalancingConfig(_Frozen):
 SIGNAL_STRATEGIES = frozenset({"least_load", "prefix_affinity", "session_affinity"})
 
 
+class RetryConfig(_Frozen):
+    """Retrying a refused request on another backend before any byte went to the client."""
+
+    # Extra attempts after the first, each on a backend not tried yet for this request.
+    max_attempts: Annotated[int, Field(ge=0, le=10)] = 2
+    # Backend statuses that mean "not now" (nothing was generated): retried like a refused
+    # connection. The refused answer's body is read and dropped.
+    on_statuses: list[Annotated[int, Field(ge=400, le=599)]] = Field(
+        default_factory=lambda: [429, 503])
+    # Retry budget (Envoy/Linkerd style): retries stay under this share of the requests of the
+    # last window_seconds, plus min_per_second, so retries never amplify an overload.
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
+    min_per_second: Annotated[float, Field(ge=0)] = 10.0
+    window_seconds: Annotated[int, Field(ge=1, le=300)] = 10
+    # A backend's Retry-After keeps it out of the picks for that long, at most this (0 = off).
+    max_penalty_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+
 class UpstreamConfig(_Frozen):
     connect_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     read_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_connections_per_backend: Annotated[int, Field(ge=1)] = 1024
     retry_on_connect_failure: bool = True
+    retry: RetryConfig = Field(default_factory=RetryConfig)
     # Longest a request (a stream included) may take end to end; 0 = no limit. The pod's
     # termination grace period is sized from it, so a drain never cuts a stream short.
     max_request_seconds: Annotated[float, Field(ge=0)] = 0.0
+
+
+class PriorityClass(_Frozen):
+    """One admission priority class: its share of the queue and who may ask for it."""
+
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    # Principals allowed to send `x-gpuproxy-priority: <class>`; the header of anyone else is
+    # ignored (a client cannot raise itself). Empty lists: nobody may ask for it.
+    users: list[str] = Field(default_factory=list)
+    teams: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(default_factory=list)
+
+
+class AdmissionConfig(_Frozen):
+    """Queueing in the proxy when every backend is saturated (routing/admission.py)."""
+
+    enabled: bool = False
+    # Requests in flight one backend takes from the whole pod (split over its workers) before
+    # it counts as saturated.
+    max_in_flight_per_backend: Annotated[int, Field(ge=1)] = 64
+    # Waiting requests per worker; one more is refused at once with 503.
+    max_queue: Annotated[int, Field(ge=0)] = 1000
+    queue_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 2
+    # Classes by name; "default" is every request's class unless a granted header says else.
+    priorities: dict[str, PriorityClass] = Field(
+        default_factory=lambda: {"default": PriorityClass()})
+    default_priority: str = "default"
+
+    @model_validator(mode="after")
+    def _default_known(self) -> AdmissionConfig:
+        if self.default_priority not in self.priorities:
+            raise ValueError(f"default_priority {self.default_priority!r} is not one of "
+                             "admission.priorities")
+        return self
 
 
 class HealthCheckConfig(_Frozen):
@@ -370,6 +424,7 @@ class ProxyConfig(_Frozen):
     backends: list[BackendConfig] = Field(default_factory=list)
     load_balancing: LoadBalancingConfig = Field(default_factory=LoadBalancingConfig)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
@@ -428,7 +483,7 @@ SECRET_ENV_VARS = (
 # secretfiles.py) and secret_files (the mounts themselves).
 RELOADABLE_SECTIONS = frozenset({
     "backends", "load_balancing", "upstream", "health_check", "auth", "rate_limits", "budgets",
-    "limits",
+    "limits", "admission",
     "metering", "logging", "reload",
 })
 # Fields inside reloadable sections that are still fixed at start: the access logger is bound

@@ -35,7 +35,9 @@ from gpuproxy_proxy.metering.estimate import estimate_usage
 from gpuproxy_proxy.metering.meter import USAGE_METER, SpoolFull, UsageRecord
 from gpuproxy_proxy.metering.spend import MAX_MODEL_CHARS, SpendCounters, request_model
 from gpuproxy_proxy.metering.usage import Usage
+from gpuproxy_proxy.routing.admission import ADMISSION, PRIORITY_HEADER, AdmissionQueue, tenant_of
 from gpuproxy_proxy.routing.backends import BackendState
+from gpuproxy_proxy.routing.retry import Retrying
 from gpuproxy_proxy.runtime import RUNTIME
 from gpuproxy_proxy.upstream.forward import (
     UPSTREAM_POOLS,
@@ -74,7 +76,11 @@ class Pipeline:
         self.tokens = app[TOKEN_GATE]
         self.spend = SpendCounters(metrics.spend_usd, metrics.tokens,
                                    self.runtime.config.budgets)
-        self.reconfigure(self.runtime.config)
+        config = self.runtime.config
+        self.retries = Retrying(config.upstream.retry)
+        self.admission = AdmissionQueue(config.admission, metrics, config.workers)
+        app[ADMISSION] = self.admission
+        self.reconfigure(config)
         # Read at scrape time: no locked inc/dec on every request.
         metrics.requests_in_flight.set_function(self._in_flight_now)
         self.rejected_in_flight = metrics.connections_rejected.labels("in_flight")
@@ -98,6 +104,9 @@ class Pipeline:
         self.strip_credentials = config.auth.enabled
         self.max_request_seconds = config.upstream.max_request_seconds
         self.spend.configure(config.budgets)
+        self.retries.configure(config.upstream.retry)
+        self.admission.configure(config.admission, config.workers)
+        self.admission_on = config.admission.enabled
 
     def _in_flight_now(self) -> float:
         return float(self.runtime.in_flight)
@@ -203,8 +212,27 @@ class Pipeline:
                                   "usage cannot be recorded right now (the metering spool is "
                                   "full); retry later", request_id,
                                   {**limit_headers, "Retry-After": "5"})
-        return await forward(request, self.runtime, self.pools, body, request_id, outcome,
-                             limit_headers, self.strip_credentials, usage_on)
+        # --- admission hook (routing/admission.py): O(1) and no await while a backend has room
+        queue = self.admission
+        if not self.admission_on:
+            return await forward(request, self.runtime, self.pools, body, request_id, outcome,
+                                 limit_headers, self.strip_credentials, usage_on, self.retries)
+        if not queue.fast(self.runtime.pool):
+            principal = outcome.principal
+            refused = await queue.wait(
+                self.runtime.pool, tenant_of(principal, self.limiter.client_ip(request)),
+                queue.priority_of(principal, request.headers.get(PRIORITY_HEADER)),
+                request_id)
+            if refused is not None:
+                outcome.status = refused.status
+                return refused
+        pool = self.runtime.pool
+        try:
+            return await forward(request, self.runtime, self.pools, body, request_id, outcome,
+                                 limit_headers, self.strip_credentials, usage_on, self.retries,
+                                 queue.saturated_names(pool))
+        finally:
+            queue.release(self.runtime.pool)
 
     async def _admit_lookup(self, request: ClientRequest) -> None:
         """Before an API key is looked up in the database: one IP sending random keys gets

@@ -98,6 +98,22 @@ class HealthCheck(Model):
     )
 
 
+class UpstreamRetry(Model):
+    """Retrying a request a backend refused (429/503, or a refused connection) on another
+    backend, before any byte reached the client."""
+
+    max_attempts: Annotated[int, Field(ge=0, le=10)] = 2
+    """Extra attempts after the first, each on a backend not tried yet; 0 turns retries of
+    429/503 off."""
+    budget_percent: Annotated[int, Field(ge=0, le=100)] = 20
+    """Retries stay under this share of the requests of the last 10 s (plus
+    minRetriesPerSecond), so they never amplify an overload."""
+    min_retries_per_second: Annotated[int, Field(ge=0, le=100000)] = 10
+    """Retries always allowed per worker and second, whatever the share."""
+    max_penalty_seconds: Annotated[int, Field(ge=0, le=3600)] = 30
+    """A backend's Retry-After keeps it out of the picks that long, at most this (0 = off)."""
+
+
 class Upstream(Model):
     """Timeouts and pooling toward the backends."""
 
@@ -110,6 +126,55 @@ class Upstream(Model):
     max_request_seconds: Annotated[int, Field(ge=1, le=3600)] = 600
     """Longest a request, a stream included, may take end to end. A stopping pod waits this
     long for its in-flight requests, so it sizes the termination grace period."""
+    retry: UpstreamRetry = Field(default_factory=UpstreamRetry)
+    """Retries of refused requests on another backend, within a budget."""
+
+
+class PriorityClass(Model):
+    """One admission priority class."""
+
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Share of the admission queue relative to the other classes' weights."""
+    users: Annotated[list[str], Field(max_length=1000)] = Field(default_factory=list)
+    """User ids allowed to ask for this class (header x-gpuproxy-priority)."""
+    teams: Annotated[list[str], Field(max_length=1000)] = Field(default_factory=list)
+    """Teams allowed to ask for this class."""
+    api_keys: Annotated[list[str], Field(max_length=1000)] = Field(default_factory=list)
+    """API key ids allowed to ask for this class."""
+
+
+class Admission(Model):
+    """Flow control: while every backend is saturated, requests wait in the proxy (fair across
+    tenants) instead of piling onto the GPUs, and are shed with Retry-After past a deadline."""
+
+    enabled: bool = False
+    """Queue requests while every backend is saturated."""
+    max_in_flight_per_backend: Annotated[int, Field(ge=1, le=100000)] = 64
+    """Requests one backend takes from one proxy pod before it counts as saturated (about its
+    batch size divided by the proxy replicas)."""
+    max_queue: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
+    """Waiting requests per worker; more are refused at once with 503."""
+    queue_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    """Longest wait in the queue; then 429 (the tenant used more than its share) or 503."""
+    retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 2
+    """Retry-After of the queue's refusals."""
+    priorities: Annotated[dict[str, PriorityClass], Field(max_length=64)] = Field(
+        default_factory=dict)
+    """Priority classes by name; a request asks with x-gpuproxy-priority, honored only for the
+    principals the class lists. A class "default" (weight 1) exists unless set here."""
+    default_priority: Annotated[str, Field(min_length=1, max_length=63)] = "default"
+    """The class of every request not granted another."""
+
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: v["default_priority"] == "default"
+            or v["default_priority"] in v["priorities"],
+            message="defaultPriority must be \"default\" or one of priorities",
+            cel="self.defaultPriority == 'default' || self.defaultPriority in self.priorities",
+            reads=("defaultPriority", "priorities"),
+            field_path=".defaultPriority",
+        ),
+    )
 
 
 class ClientTimeouts(Model):
@@ -394,6 +459,8 @@ class ProxySpec(Model):
     health_check: HealthCheck = Field(default_factory=HealthCheck)
     """Backend health checking."""
     upstream: Upstream = Field(default_factory=Upstream)
+    admission: Admission = Field(default_factory=Admission)
+    """Admission queue and flow control in front of saturated backends."""
     """Upstream timeouts and pooling."""
     auth: Auth = Field(default_factory=Auth)
     """Client authentication."""

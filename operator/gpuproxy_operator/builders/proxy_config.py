@@ -9,7 +9,14 @@ from fractions import Fraction
 from typing import Any
 
 from gpuproxy_operator.api.cluster import GpuProxyCluster
-from gpuproxy_operator.api.proxy import SHUTDOWN_MARGIN_SECONDS, ModelPrice, ProxySpec
+from gpuproxy_operator.api.proxy import (
+    SHUTDOWN_MARGIN_SECONDS,
+    Admission,
+    ModelPrice,
+    PriorityClass,
+    ProxySpec,
+    UpstreamRetry,
+)
 from gpuproxy_operator.builders.proxy_secrets import secret_files, tls_files
 from gpuproxy_operator.naming import Component, child_name
 
@@ -101,6 +108,27 @@ def _price(price: ModelPrice) -> dict[str, float]:
     return {"input": float(price.input), "output": float(price.output)}
 
 
+def _retry(retry: UpstreamRetry) -> dict[str, Any]:
+    return {"max_attempts": retry.max_attempts, "budget_ratio": retry.budget_percent / 100,
+            "min_per_second": float(retry.min_retries_per_second),
+            "max_penalty_seconds": float(retry.max_penalty_seconds)}
+
+
+def _admission(admission: Admission) -> dict[str, Any]:
+    priorities = {"default": PriorityClass(), **admission.priorities}
+    return {
+        "enabled": admission.enabled,
+        "max_in_flight_per_backend": admission.max_in_flight_per_backend,
+        "max_queue": admission.max_queue,
+        "queue_timeout_seconds": float(admission.queue_timeout_seconds),
+        "retry_after_seconds": admission.retry_after_seconds,
+        "priorities": {name: {"weight": float(cls.weight), "users": list(cls.users),
+                              "teams": list(cls.teams), "api_keys": list(cls.api_keys)}
+                       for name, cls in sorted(priorities.items())},
+        "default_priority": admission.default_priority,
+    }
+
+
 def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
     """Everything one proxy pod needs except secrets, keyed like the proxy's YAML."""
     proxy = cluster.spec.proxy
@@ -125,7 +153,9 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
             "read_timeout_seconds": proxy.upstream.read_timeout_seconds,
             "max_connections_per_backend": proxy.upstream.max_connections_per_backend,
             "max_request_seconds": proxy.upstream.max_request_seconds,
+            "retry": _retry(proxy.upstream.retry),
         },
+        "admission": _admission(proxy.admission),
         "health_check": {
             "interval_seconds": proxy.health_check.interval_seconds,
             "timeout_seconds": proxy.health_check.timeout_seconds,

@@ -120,10 +120,13 @@ def merge_stats(workers: Sequence[dict[str, Any]], draining: bool = False) -> di
         "dependencies": dependencies,
         "gc_max_pause_ms": max((float((w.get("gc") or {}).get("max_pause_ms", 0.0))
                                 for w in workers), default=0.0),
+        # The pod's admission queue: a scaling signal (gpuproxy_admission_queue_depth too).
+        "admission_queue_depth": sum(int((w.get("admission") or {}).get("queue_depth", 0))
+                                     for w in workers),
         "per_worker": [
             {key: w.get(key) for key in ("pid", "worker", "connections_active",
                                          "requests_in_flight", "draining", "config_generation",
-                                         "dependencies", "gc")}
+                                         "dependencies", "gc", "admission")}
             for w in workers
         ],
     }

@@ -67,6 +67,28 @@ class ProxyMetrics:
             "gpuproxy_backend_failures", "Upstream failures per backend.", ["backend", "reason"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "gpuproxy_upstream_retries", "Requests retried on another backend before any byte "
+            "reached the client.", ["reason"], registry=r,
+        )
+        self.upstream_retry_budget_exhausted = Counter(
+            "gpuproxy_upstream_retry_budget_exhausted",
+            "Retries not made because the retry budget was spent.", registry=r,
+        )
+        # Summed over the workers on /metrics: the pod's queue, a KEDA/HPA scaling signal.
+        self.admission_queue_depth = Gauge(
+            "gpuproxy_admission_queue_depth", "Requests waiting for a backend with capacity.",
+            registry=r,
+        )
+        self.admission_wait_seconds = Histogram(
+            "gpuproxy_admission_wait_seconds", "Time requests waited in the admission queue.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.admission_rejections = Counter(
+            "gpuproxy_admission_rejections", "Requests refused by the admission queue.",
+            ["reason"], registry=r,
+        )
         self.ratelimit_rejections = Counter(
             "gpuproxy_ratelimit_rejections", "Requests rejected by a rate limit.", ["scope"],
             registry=r,

@@ -22,6 +22,7 @@ from gpuproxy_proxy.appkeys import METRICS
 from gpuproxy_proxy.observability.aggregate import merge_metrics, merge_stats
 from gpuproxy_proxy.observability.dependencies import dependency_status
 from gpuproxy_proxy.process.gcwatch import GcMonitor
+from gpuproxy_proxy.routing.admission import ADMISSION
 from gpuproxy_proxy.runtime import RUNTIME
 
 # Set by the worker process (not by build_app: tests run apps without a GC monitor).
@@ -60,6 +61,7 @@ class LocalSource:
             "backends": runtime.pool.snapshot(),
             "dependencies": dependency_status(self.app),
             "gc": monitor.snapshot() if (monitor := self.app.get(GC_MONITOR)) else None,
+            "admission": queue.snapshot() if (queue := self.app.get(ADMISSION)) else None,
         }
 
     async def metrics(self) -> str:

@@ -9,7 +9,7 @@ the actively healthy backends out, and backs off exponentially while half-open p
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from yarl import URL
@@ -285,13 +285,22 @@ class BackendPool:
         return request_hints.RequestHints(model, prefix, session)
 
     def choose(self, exclude: BackendState | None = None,
-               hints: request_hints.RequestHints | None = None) -> BackendState | None:
+               hints: request_hints.RequestHints | None = None,
+               avoid: Collection[BackendState] = (),
+               avoid_names: Collection[str] = ()) -> BackendState | None:
+        """The strategy's pick among the available backends, never `exclude`, one in `avoid`
+        (tried already by this request) or one named in `avoid_names` (penalized, full)."""
         now = time.monotonic()
-        candidates = [b for b in self.backends if b is not exclude and b.available(now)]
+        if avoid or avoid_names:
+            allowed = [b for b in self.backends if b is not exclude and b not in avoid
+                       and b.name not in avoid_names]
+        else:
+            allowed = [b for b in self.backends if b is not exclude]
+        candidates = [b for b in allowed if b.available(now)]
         if not candidates:
             # Passive ejection never leaves nothing to route to (the cap can be outrun when
             # active checks fail others later): all actively healthy backends, ejected or not.
-            candidates = [b for b in self.backends if b is not exclude and b.active_healthy]
+            candidates = [b for b in allowed if b.active_healthy]
         balancer = self.balancer
         name = self.strategy
         model = hints.model if hints is not None else None

@@ -1,9 +1,9 @@
 """Forwarding to a backend: pooled protocol-level connections, header hygiene, streaming, retries.
 
 Responses are written chunk by chunk as they arrive; only small JSON bodies with a known length
-are read whole (one write, and their `usage` can be parsed). A connection failure before any
-byte was sent is retried once on another backend. The aiohttp session is kept for the cold
-paths (/v1/models aggregation); health checks have their own.
+are read whole (one write, and their `usage` can be parsed). A connection failure or a 429/503
+answer, before any byte was sent, is retried on another backend (routing/retry.py). The aiohttp
+session is kept for the cold paths (/v1/models aggregation); health checks have their own.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from gpuproxy_proxy.metering.estimate import completion_tokens_for
 from gpuproxy_proxy.metering.usage import Usage
 from gpuproxy_proxy.metering.watch import UsageWatch, usage_watch
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
-from gpuproxy_proxy.routing.backends import BackendState
+from gpuproxy_proxy.routing.backends import BackendPool, BackendState
+from gpuproxy_proxy.routing.hints import RequestHints
+from gpuproxy_proxy.routing.retry import Retrying, pick
 from gpuproxy_proxy.runtime import Runtime
 from gpuproxy_proxy.upstream.framing import ResponseHead
 from gpuproxy_proxy.upstream.pool import (
@@ -276,8 +278,12 @@ async def forward(
     extra_headers: Mapping[str, str] | None = None,
     strip_credentials: bool = True,
     meter_usage: bool = True,
+    retries: Retrying | None = None,
+    avoid: frozenset[str] = frozenset(),
 ) -> Answer:
-    """Send the request to a backend chosen by the pool and relay the answer."""
+    """Send the request to a backend chosen by the pool and relay the answer; with `retries`
+    a refusal (connect failure, 429/503) is retried on other backends within the budget.
+    `avoid` names backends to pass over while others are available (saturated ones)."""
     app = request.app
     metrics = app[METRICS]
     config = runtime.config
@@ -290,7 +296,14 @@ async def forward(
     pool = runtime.pool
     # Model, prefix and session hints, read only when a strategy in use needs them.
     hints = pool.hints_for(request.headers, body) if pool.needs_hints else None
-    backend = pool.choose(hints=hints)
+    # --- retry hook (routing/retry.py): the first pick honors Retry-After penalties ---------
+    now = time.monotonic()
+    penalized = retries.penalties.active(now) if retries is not None else frozenset()
+    if avoid:
+        penalized = penalized | avoid
+    if retries is not None:
+        retries.budget.request(now)
+    backend = pick(pool, (), penalized, hints) if penalized else pool.choose(hints=hints)
     if backend is None:
         outcome.status = 503
         # A health check can bring one back within its interval: that is when to retry.
@@ -301,7 +314,7 @@ async def forward(
     headers = forward_head(request, request_id, strip_credentials, trusted_networks(config))
     method = request.method
     path_qs = request.target
-    retried = False
+    tried: tuple[BackendState, ...] = ()
     while True:
         outcome.backend = backend.name
         started = time.monotonic()
@@ -312,18 +325,18 @@ async def forward(
                 pools.pool(backend.host, backend.port, backend.use_ssl), payload,
                 method == "HEAD",
             )
-            break
         except UpstreamConnectError as exc:
-            # Nothing reached the backend: safe to try another one, once.
+            # Nothing reached the backend: safe to try another one.
             timed_out = isinstance(exc, UpstreamConnectTimeout)
             _fail(backend, metrics, exc.reason, runtime)
-            if not retried and config.upstream.retry_on_connect_failure:
-                other = pool.choose(exclude=backend, hints=hints)
+            tried += (backend,)
+            if config.upstream.retry_on_connect_failure:
+                other = _next_attempt(pool, retries, tried, penalized, metrics, "connect", hints)
                 if other is not None:
                     log.warning("connect to backend failed, retrying on another",
                                 extra={"request_id": request_id, "backend": backend.name,
                                        "retry_backend": other.name, "error": str(exc)})
-                    backend, retried = other, True
+                    backend = other
                     continue
             if timed_out:
                 outcome.status = 504
@@ -353,6 +366,27 @@ async def forward(
         except BaseException:
             backend.abandon()  # cancelled (client hung up) or a bug: keep the counts right
             raise
+        if retries is None or head.status not in retries.statuses:
+            break
+        # --- retry hook: the backend refused (429/503); nothing went to the client yet ------
+        tried += (backend,)
+        other = _next_attempt(pool, retries, tried, penalized, metrics, str(head.status),
+                              hints)
+        if other is None:
+            break  # no attempt left: the client gets the refusal as the backend sent it
+        try:
+            await _discard(conn, head)
+        except BaseException:
+            other.abandon()
+            backend.abandon()
+            raise
+        retries.penalties.add(backend.name, _header(head, "retry-after"),
+                              retries.config.max_penalty_seconds, time.monotonic())
+        log.info("backend refused, retrying on another",
+                 extra={"request_id": request_id, "backend": backend.name,
+                        "retry_backend": other.name, "status": head.status})
+        backend.abandon()  # an answer that says nothing about the backend's speed or health
+        backend = other
     try:
         return await _relay(request, conn, head, backend, runtime, started, request_id, outcome,
                             extra_headers, meter_usage)
@@ -363,6 +397,50 @@ async def forward(
     finally:
         backend.release()
         conn.release()  # back to the pool only when the response was read whole
+
+
+def _next_attempt(pool: BackendPool, retries: Retrying | None, tried: tuple[BackendState, ...],
+                  penalized: frozenset[str], metrics: ProxyMetrics, reason: str,
+                  hints: RequestHints | None = None) -> BackendState | None:
+    """The backend for one more attempt (acquired), or None: attempts or budget spent, or no
+    backend left that was not tried. Without `retries`: one retry after a connect failure."""
+    if retries is None:
+        return pool.choose(exclude=tried[0], hints=hints) if len(tried) == 1 else None
+    if len(tried) > retries.config.max_attempts:
+        return None
+    if not any(b not in tried for b in pool.backends):
+        return None
+    if not retries.budget.try_spend():
+        metrics.upstream_retry_budget_exhausted.inc()
+        return None
+    other = pick(pool, tried, penalized, hints)
+    if other is not None:
+        metrics.upstream_retries.labels(reason).inc()
+    return other
+
+
+async def _discard(conn: UpstreamConnection, head: ResponseHead) -> None:
+    """Drop a refused answer: a small body is read so the connection is pooled again."""
+    length = head.content_length
+    if length is None or length > _BUFFER_LIMIT:
+        conn.abort()
+        return
+    try:
+        await conn.read_all()
+    except UpstreamError:
+        conn.abort()
+        return
+    except BaseException:
+        conn.abort()
+        raise
+    conn.release()
+
+
+def _header(head: ResponseHead, name: str) -> str | None:
+    for key, value in head.headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
 def _fail(backend: BackendState, metrics: ProxyMetrics, reason: str, runtime: Runtime) -> None:
