@@ -240,12 +240,14 @@ async def test_discovered_backends_follow_endpoint_slices(
             assert a.hits == hits
             assert c.hits == 0  # another Service's endpoints never join
 
-            # 410 Gone: the proxy lists again and sees what it missed meanwhile.
+            # 410 Gone: the proxy lists again (with the rotated token) and sees what it missed.
             lists = api.lists
+            (tmp_path / "token").write_text("sa-token-2\n", encoding="utf-8")  # rotated
             await api.put(endpoint_slice("vllm-c", c.port), silent=True)
             await api.expire()
             await until_routed(http, proxy, c, time.monotonic())
             assert api.lists > lists
+            assert api.tokens[-1] == "Bearer sa-token-2"  # re-read, not cached at start
     finally:
         await proxy.stop()
         for fake in (static, a, b, c):

@@ -209,7 +209,11 @@ class DiscoveryWatcher:
         self.publish(merged)
 
     async def run(self) -> None:
-        client = ApiClient(self.config)
+        try:
+            client = ApiClient(self.config)
+        except OSError as exc:  # no namespace configured and none mounted: not in a pod
+            log.error("backend discovery is off: %s (set discovery.namespace)", exc)
+            return
         try:
             await asyncio.gather(*(w.run(client) for w in self.watchers))
         finally:
