@@ -142,12 +142,12 @@ def name_of(fake: FakeBackend) -> str:
     return backend_name("pool", "127.0.0.1", fake.port)
 
 
-async def discovery_proxy(tmp_path: Path, api: FakeApiServer, static: FakeBackend,
+async def discovery_proxy(tmp_path: Path, api: FakeApiServer, static: FakeBackend | None,
                           workers: int) -> ProxyProcess:
     token = tmp_path / "token"
     token.write_text("sa-token-1\n", encoding="utf-8")
     config = proxy_config(
-        [static], workers=workers,
+        [static] if static else [], workers=workers,
         listen={"host": "127.0.0.1", "port": free_port(), "admin_port": free_port()},
         discovery={"namespace": NAMESPACE,
                    "api": {"url": api.url, "token_file": str(token),
@@ -252,6 +252,21 @@ async def test_discovered_backends_follow_endpoint_slices(
         await proxy.stop()
         for fake in (static, a, b, c):
             await fake.stop()
+
+
+async def test_discovered_backends_alone_without_static_ones(
+        tmp_path: Path, api: FakeApiServer) -> None:
+    fake = await FakeBackend("only").start()
+    await api.put(endpoint_slice("vllm-only", fake.port))
+    proxy = await discovery_proxy(tmp_path, api, None, workers=1)
+    try:
+        # Until the first list lands there is no backend at all (503, Retry-After).
+        await proxy.wait_for(lambda s: name_of(fake) in s["backends"], "never discovered")
+        async with aiohttp.ClientSession() as http:
+            await until_routed(http, proxy, fake, time.monotonic())
+    finally:
+        await proxy.stop()
+        await fake.stop()
 
 
 def test_slice_endpoints_ready_only_and_named_deterministically() -> None:

@@ -423,8 +423,8 @@ class ProxySpec(Model):
     requested and 1 CPU limit per (single-threaded) worker; memory from the measured idle
     process and per-connection figures (about 10x more per connection with tls) plus 20%,
     limit 1.5x (`gpuproxy-operator plan`)."""
-    backends: Annotated[list[Backend], Field(min_length=1, max_length=256)]
-    """GPU backends; names must be unique."""
+    backends: Annotated[list[Backend], Field(max_length=256)] = Field(default_factory=list)
+    """GPU backends by URL; names must be unique. Empty only with backendDiscovery."""
     backend_discovery: Annotated[list[BackendDiscovery], Field(max_length=16)] = Field(
         default_factory=list)
     """More backends from Services or EndpointSlice labels, followed within 5 s by the proxy
@@ -470,6 +470,13 @@ class ProxySpec(Model):
     """Extra pod annotations."""
 
     cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: bool(v["backends"]) or bool(v["backend_discovery"]),
+            message="at least one backend: backends or backendDiscovery",
+            cel="size(self.backends) > 0 || size(self.backendDiscovery) > 0",
+            reads=("backends", "backendDiscovery"),
+            field_path=".backends",
+        ),
         CrossFieldRule(
             # The API server enforces this through the list-map key `name` (Duplicate value).
             check=lambda v: len({b.name for b in v["backends"]}) == len(v["backends"]),
