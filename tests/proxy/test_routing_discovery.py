@@ -19,8 +19,8 @@ from tests.proxy.conftest import proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
 from tests.proxy.procs import ProxyProcess, start_proxy
 
-from gpuproxy_proxy.config import DiscoverySourceConfig
-from gpuproxy_proxy.routing.discovery import backend_name, slice_backends
+from gpuproxy_proxy.config import BackendConfig, DiscoveryConfig, DiscoverySourceConfig
+from gpuproxy_proxy.routing.discovery import DiscoveryWatcher, backend_name, slice_backends
 
 NAMESPACE = "team-a"
 SERVICE = "vllm"
@@ -53,6 +53,7 @@ class FakeApiServer:
         self.selectors: list[str] = []
         self.tokens: list[str] = []
         self.expired_before = 0  # watches from an older resourceVersion get a 410
+        self.failures = 0  # the next requests answered 500 (an API server outage)
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -102,6 +103,9 @@ class FakeApiServer:
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         self.tokens.append(request.headers.get("Authorization", ""))
+        if self.failures:
+            self.failures -= 1
+            return web.json_response({"kind": "Status", "code": 500}, status=500)
         selector = request.query.get("labelSelector", "")
         self.selectors.append(selector)
         key, _, value = selector.partition("=")
@@ -267,6 +271,37 @@ async def test_discovered_backends_alone_without_static_ones(
     finally:
         await proxy.stop()
         await fake.stop()
+
+
+async def test_an_api_outage_keeps_the_last_backends_and_recovers(
+        tmp_path: Path, api: FakeApiServer) -> None:
+    published: list[list[BackendConfig]] = []
+    config = DiscoveryConfig.model_validate({
+        "namespace": NAMESPACE, "sources": [{"name": "pool", "service": SERVICE}],
+        "api": {"url": api.url, "token_file": str(tmp_path / "absent")}})
+    await api.put(endpoint_slice("vllm-a", 8001))
+    task = asyncio.create_task(DiscoveryWatcher(config, published.append).run())
+
+    async def until(check: Any, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not check():
+            assert not task.done(), task
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.02)
+
+    try:
+        await until(lambda: published and len(published[-1]) == 1, "first list not published")
+        assert api.tokens[0] == ""  # no token file: no Authorization header
+        api.failures = 3
+        await api.expire()  # the watch ends (410); the next list and retries fail (500)
+        await until(lambda: api.failures == 0, "never retried")
+        await api.put(endpoint_slice("vllm-b", 8002))
+        await until(lambda: len(published[-1]) == 2, "never recovered")
+        assert all(published), "an outage emptied the backends"
+        assert [b.name for b in published[-1]] == ["pool-127-0-0-1-8001", "pool-127-0-0-1-8002"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def test_slice_endpoints_ready_only_and_named_deterministically() -> None:
