@@ -15,12 +15,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from tests.proxy.conftest import proxy_config
+from tests.proxy.conftest import ProxyFactory, proxy_config
 from tests.proxy.fakes import FakeBackend, free_port
-from tests.proxy.procs import ProxyProcess, start_proxy
+from tests.proxy.procs import ProxyProcess, start_proxy, write_config
 
 from gpuproxy_proxy.config import BackendConfig, DiscoveryConfig, DiscoverySourceConfig
 from gpuproxy_proxy.routing.discovery import DiscoveryWatcher, backend_name, slice_backends
+from gpuproxy_proxy.runtime import RUNTIME
 
 NAMESPACE = "team-a"
 SERVICE = "vllm"
@@ -324,3 +325,30 @@ def test_slice_endpoints_ready_only_and_named_deterministically() -> None:
     with pytest.raises(ValueError, match="not both"):
         DiscoverySourceConfig(name="x", service="a", selector="app=b")
     assert DiscoverySourceConfig(name="x", selector="app=b").label_selector == "app=b"
+
+
+async def test_a_config_reload_keeps_the_discovered_backends(
+        tmp_path: Path, api: FakeApiServer, make_proxy: ProxyFactory) -> None:
+    static = await FakeBackend("static").start()
+    try:
+        await api.put(endpoint_slice("vllm-a", 8001))
+        discovery = {"namespace": NAMESPACE, "sources": [{"name": "pool", "service": SERVICE}],
+                     "api": {"url": api.url, "token_file": str(tmp_path / "absent")}}
+        first = proxy_config([static], discovery=discovery, reload={"interval_seconds": 0.05})
+        path = tmp_path / "config.yaml"
+        write_config(path, first)
+        client = await make_proxy(first, config_path=path)
+        runtime = client.app[RUNTIME]
+        deadline = time.monotonic() + 60
+        while "pool-127-0-0-1-8001" not in runtime.pool.by_name:
+            assert time.monotonic() < deadline, "never discovered"
+            await asyncio.sleep(0.02)
+        write_config(path, proxy_config([static], discovery=discovery,
+                                        reload={"interval_seconds": 0.05},
+                                        load_balancing={"strategy": "least_connections"}))
+        while runtime.generation < 2:
+            assert time.monotonic() < deadline, "never reloaded"
+            await asyncio.sleep(0.02)
+        assert sorted(runtime.pool.by_name) == ["pool-127-0-0-1-8001", "static"]
+    finally:
+        await static.stop()
