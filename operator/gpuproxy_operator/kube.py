@@ -69,6 +69,8 @@ _KINDS = [
     ResourceKind("CronJob", "batch", "v1", "cronjobs"),
     ResourceKind("PodDisruptionBudget", "policy", "v1", "poddisruptionbudgets"),
     ResourceKind("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies"),
+    ResourceKind("Role", "rbac.authorization.k8s.io", "v1", "roles"),
+    ResourceKind("RoleBinding", "rbac.authorization.k8s.io", "v1", "rolebindings"),
     ResourceKind("Lease", "coordination.k8s.io", "v1", "leases"),
     ResourceKind("PrometheusRule", "monitoring.coreos.com", "v1", "prometheusrules"),
     ResourceKind("ServiceMonitor", "monitoring.coreos.com", "v1", "servicemonitors"),
@@ -81,8 +83,8 @@ CLUSTER = REGISTRY[KIND]
 CLEANUP_ONLY_KINDS: tuple[str, ...] = ("DaemonSet",)
 # The kinds a GpuProxyCluster owns, in apply order; reconcile observes exactly these.
 CHILD_KINDS: tuple[str, ...] = (
-    "ServiceAccount", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet",
-    "DaemonSet", "CronJob", "PodDisruptionBudget", "NetworkPolicy", "PrometheusRule",
+    "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret", "Service", "Deployment",
+    "StatefulSet", "DaemonSet", "CronJob", "PodDisruptionBudget", "NetworkPolicy", "PrometheusRule",
     "ServiceMonitor",
 )
 

@@ -21,6 +21,7 @@ from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.reload import CONFIG_PATH, reload_ctx
 from gpuproxy_proxy.routes import pipeline_ctx
 from gpuproxy_proxy.routing.backends import build_pool
+from gpuproxy_proxy.routing.discovered import discovery_ctx
 from gpuproxy_proxy.routing.health import health_ctx
 from gpuproxy_proxy.routing.scraper import signals_ctx
 from gpuproxy_proxy.runtime import RUNTIME, Runtime, client_timeout
@@ -47,7 +48,7 @@ def build_app(
     # Order is the contract: services first, then the pipeline that resolves them once.
     app.cleanup_ctx.extend([
         db_ctx, partitions_ctx, auth_ctx, revocations_ctx, ratelimit_ctx, tokens_ctx, metering_ctx,
-        upstream_ctx, health_ctx, signals_ctx, pipeline_ctx, dependencies_ctx, reload_ctx,
-        secrets_ctx,
+        upstream_ctx, health_ctx, discovery_ctx, signals_ctx, pipeline_ctx, dependencies_ctx,
+        reload_ctx, secrets_ctx,
     ])
     return app

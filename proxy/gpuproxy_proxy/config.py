@@ -416,6 +416,55 @@ class SecretFilesConfig(_Frozen):
     redis_password: str | None = None
 
 
+class DiscoverySourceConfig(_Frozen):
+    """Backends from a Service's (or a label selector's) EndpointSlices in the namespace."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=30)]
+    service: str | None = None
+    selector: str | None = None  # a labelSelector over EndpointSlices, e.g. "app=vllm"
+    # The EndpointSlice port's name, or its number; None: the slice's only port.
+    port: int | str | None = None
+    scheme: Literal["http", "https"] = "http"
+    health_path: str = "/health"
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DiscoverySourceConfig:
+        if (self.service is None) == (self.selector is None):
+            raise ValueError(f"discovery source {self.name!r}: set service or selector, not both")
+        return self
+
+    @property
+    def label_selector(self) -> str:
+        if self.service is not None:
+            return f"kubernetes.io/service-name={self.service}"
+        return self.selector or ""
+
+
+class DiscoveryApiConfig(_Frozen):
+    """Where the Kubernetes API is; the defaults are the in-cluster ServiceAccount's."""
+
+    url: str | None = None  # None: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    ca_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    watch_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 290
+
+
+class DiscoveryConfig(_Frozen):
+    """Backend discovery: the proxy watches EndpointSlices itself (routing/discovery.py)."""
+
+    sources: list[DiscoverySourceConfig] = Field(default_factory=list)
+    namespace: str | None = None  # None: the pod's own (the ServiceAccount's namespace file)
+    api: DiscoveryApiConfig = Field(default_factory=DiscoveryApiConfig)
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> DiscoveryConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError("discovery source names must be unique")
+        return self
+
+
 class ProxyConfig(_Frozen):
     """Everything one proxy pod needs, except secrets (those are files or env vars)."""
 
@@ -436,6 +485,7 @@ class ProxyConfig(_Frozen):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
     secret_files: SecretFilesConfig = Field(default_factory=SecretFilesConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
 
     @model_validator(mode="after")
     def _unique_backends(self) -> ProxyConfig:

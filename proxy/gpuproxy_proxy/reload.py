@@ -28,6 +28,7 @@ from gpuproxy_proxy.limits.tokens import TOKEN_GATE
 from gpuproxy_proxy.metering.meter import USAGE_METER
 from gpuproxy_proxy.routes import PIPELINE
 from gpuproxy_proxy.routing.backends import build_pool
+from gpuproxy_proxy.routing.discovered import all_backends
 from gpuproxy_proxy.routing.health import HEALTH_CHECKER
 from gpuproxy_proxy.runtime import RUNTIME
 
@@ -73,7 +74,8 @@ def apply_config(app: web.Application, new: ProxyConfig,
     config = effective_config(runtime.config, new)
     if config == runtime.config:
         return
-    pool = build_pool(config.backends, config.load_balancing, app[METRICS], previous=runtime.pool)
+    pool = build_pool(all_backends(config, runtime.discovered), config.load_balancing,
+                      app[METRICS], previous=runtime.pool)
     runtime.apply(config, pool)  # also the server's limits and the logging (Worker)
     checker = app.get(HEALTH_CHECKER)
     if checker is not None:

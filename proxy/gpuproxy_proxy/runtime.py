@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from gpuproxy_proxy.config import ProxyConfig
+from gpuproxy_proxy.config import BackendConfig, ProxyConfig
 from gpuproxy_proxy.routing.backends import BackendPool
 
 
@@ -40,6 +40,9 @@ class Runtime:
     in_flight: int = 0
     connections_rejected: int = 0
     started_at: float = field(default_factory=time.time)
+    # Backends found by discovery (routing/discovered.py); the pool is built from
+    # config.backends plus these.
+    discovered: list[BackendConfig] = field(default_factory=list)
     # Called with (old, new) after a reload, by the parts the app does not own (the server's
     # connection limits, the process's logging).
     listeners: list[Callable[[ProxyConfig, ProxyConfig], None]] = field(default_factory=list)

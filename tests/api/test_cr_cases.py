@@ -129,6 +129,11 @@ HAND_WRITTEN = [
         "metricsFrom": [{"namespaceSelector": {"kubernetes.io/metadata.name": "monitoring"}},
                         {"podSelector": {"app": "prom"}}]}),
     change("proxy-network-policy-off", None, spec__proxy__networkPolicy={"enabled": False}),
+    change("backend-discovery-only", None, spec__proxy__backends=[],
+           spec__proxy__backendDiscovery=[{"name": "h100", "service": "vllm", "port": 8000}]),
+    change("backend-discovery-from-a-service-and-labels", None, spec__proxy__backendDiscovery=[
+        {"name": "h100", "service": "vllm-h100", "port": "http"},
+        {"name": "l4", "selector": {"app": "vllm-l4"}, "port": 8000, "scheme": "https"}]),
     change("client-timeouts-for-slow-uploads", None, spec__proxy__clientTimeouts={
         "bodySeconds": 600, "bodyMinBytesPerSecond": 0, "writeSeconds": 120}),
     change("external-redis-with-password", None, spec__redis={
@@ -221,6 +226,14 @@ HAND_WRITTEN = [
            spec__autoscaling__behavior__scaleUp__policies=[]),
     change("network-peer-without-selectors", "a peer needs namespaceSelector or podSelector",
            spec__proxy__networkPolicy={"metricsFrom": [{}]}),
+    change("backend-discovery-service-and-selector",
+           "backendDiscovery: service or selector, not both", spec__proxy__backendDiscovery=[
+               {"name": "h100", "service": "vllm", "selector": {"app": "vllm"}, "port": 80}]),
+    change("backend-discovery-neither-service-nor-selector",
+           "backendDiscovery: service or selector, not both",
+           spec__proxy__backendDiscovery=[{"name": "h100", "port": 80}]),
+    change("backend-discovery-without-port", "",
+           spec__proxy__backendDiscovery=[{"name": "h100", "service": "vllm"}]),
     change("client-cidr-not-a-cidr", "", spec__proxy__networkPolicy={"clientCidrs": ["10.0.0.0"]}),
     change("client-namespace-not-a-name", "",
            spec__proxy__networkPolicy={"clientNamespaces": ["Not_A_Name"]}),
@@ -245,7 +258,10 @@ HAND_WRITTEN = [
     change("object-as-string", "", spec__proxy__auth="on"),
     change("missing-database", "", spec__database=REMOVE),
     change("missing-backend-url", "", spec__proxy__backends__0__url=REMOVE),
-    change("no-backends", "", spec__proxy__backends=[]),
+    change("no-backends", "at least one backend: backends or backendDiscovery",
+           spec__proxy__backends=[]),
+    change("backends-absent", "at least one backend: backends or backendDiscovery",
+           spec__proxy__backends=REMOVE),
     change("backend-url-not-a-url", "", spec__proxy__backends__0__url="not a url"),
     change("backend-url-other-scheme", "", spec__proxy__backends__0__url="ftp://a/b"),
     change("backend-url-with-credentials", "",

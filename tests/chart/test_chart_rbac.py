@@ -261,6 +261,16 @@ def child_resources() -> set[tuple[str, str]]:
             if k not in kube.CLEANUP_ONLY_KINDS}
 
 
+def escalation_needs() -> set[Grant]:
+    """What the Roles the operator builds grant (the proxy's, for backend discovery): the API
+    server lets it create a Role only with those permissions of its own."""
+    built = build_all(parse_cluster(full_cluster_body()),
+                      BuildInputs(DatabaseCredentials("gpuproxy", "pw")))
+    roles = [m for m in built if m["kind"] == "Role"]
+    assert roles, "the full cluster builds no Role: the chart's escalation grants go untested"
+    return grants(roles)
+
+
 def cleanup_only_needs() -> set[Grant]:
     """Kinds reconcile only observes and deletes (left over from older operators)."""
     return {(kube.REGISTRY[k].group, kube.REGISTRY[k].plural, verb)
@@ -284,6 +294,7 @@ def needed(code_calls: set[Grant]) -> tuple[set[Grant], set[Grant]]:
     child_verbs = {verb for group, res, verb in code_calls if (group, res) in children}
     namespaced = {(g, r, v) for g, r in children for v in child_verbs}
     namespaced |= code_calls | kopf_needs() | KOPF_EVENTS | OWNER_FINALIZERS | cleanup_only_needs()
+    namespaced |= escalation_needs()
     return namespaced, set(KOPF_CLUSTER_SCOPED)
 
 

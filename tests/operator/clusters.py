@@ -109,6 +109,17 @@ def lean_body() -> dict[str, Any]:
     return body
 
 
+def discovery_body() -> dict[str, Any]:
+    """The minimal cluster plus backends discovered from a Service and from slice labels."""
+    body = minimal_body()
+    body["spec"]["proxy"]["backendDiscovery"] = [
+        {"name": "h100", "service": "vllm-h100", "port": "http"},
+        {"name": "l4", "selector": {"app": "vllm-l4", "tier": "gpu"}, "port": 8000,
+         "scheme": "https", "healthPath": "/v1/models"},
+    ]
+    return body
+
+
 def cluster(body: dict[str, Any]) -> GpuProxyCluster:
     return parse_cluster(copy.deepcopy(body))
 
@@ -124,6 +135,7 @@ def variants() -> dict[str, tuple[GpuProxyCluster, BuildInputs]]:
             BuildInputs(database_credentials=CREDENTIALS, proxy_replicas=7),
         ),
         "lean": (cluster(lean_body()), BuildInputs(database_credentials=CREDENTIALS)),
+        "discovery": (cluster(discovery_body()), BuildInputs(database_credentials=CREDENTIALS)),
     }
 
 

@@ -47,6 +47,15 @@ derives the needs from the operator's code and fails when a rule here is missing
 - apiGroups: ["batch"]
   resources: ["cronjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Backend discovery (spec.proxy.backendDiscovery): the proxy's own Role and RoleBinding.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Never used by the operator itself: RBAC escalation prevention lets it create the proxy's
+# Role (list/watch EndpointSlices) only if it holds those permissions too.
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
 # Disruption budget of the proxy pods.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, HttpUrl
+from pydantic import BeforeValidator, Field, HttpUrl, WithJsonSchema
 
 from gpuproxy_operator.api.base import (
     FreeForm,
@@ -58,6 +58,43 @@ class Backend(Model):
     """Path probed by the proxy's active health checks."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Free-form labels (e.g. gpu: a100), reported in /stats."""
+
+
+# A Service port's name or an EndpointSlice port number, as Kubernetes writes `targetPort`.
+DiscoveryPort = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
+
+
+class BackendDiscovery(Model):
+    """Backends found at run time: the ready endpoints of a Service (or of EndpointSlices
+    matching labels) in the cluster's namespace, watched by the proxy itself."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=30)]
+    """Prefix of the discovered backends' names (<name>-<ip>-<port>), in metrics and usage."""
+    service: Name | None = None
+    """A Service in the cluster's namespace: its EndpointSlices."""
+    selector: dict[str, str] | None = None
+    """Or: labels of the EndpointSlices (matchLabels)."""
+    port: DiscoveryPort
+    """The EndpointSlice port's name (the Service port's, e.g. http) or number. The proxy's
+    NetworkPolicy admits egress to it; a name there means the pods' container port name, so
+    name the Service port like the container port (or give the number)."""
+    scheme: Literal["http", "https"] = "http"
+    """Scheme of the discovered backends' URLs."""
+    health_path: Annotated[str, Field(pattern=r"^/")] = "/health"
+    """Path probed by the proxy's active health checks."""
+
+    cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: (v["service"] is None) != (v["selector"] is None),
+            message="backendDiscovery: service or selector, not both",
+            cel="has(self.service) != has(self.selector)",
+        ),
+    )
+
+    def label_selector(self) -> str | None:
+        if self.selector is None:
+            return None
+        return ",".join(f"{k}={v}" for k, v in sorted(self.selector.items()))
 
 
 class LoadBalancing(Model):
@@ -452,8 +489,12 @@ class ProxySpec(Model):
     requested and 1 CPU limit per (single-threaded) worker; memory from the measured idle
     process and per-connection figures (about 10x more per connection with tls) plus 20%,
     limit 1.5x (`gpuproxy-operator plan`)."""
-    backends: Annotated[list[Backend], Field(min_length=1, max_length=256)]
-    """GPU backends; names must be unique."""
+    backends: Annotated[list[Backend], Field(max_length=256)] = Field(default_factory=list)
+    """GPU backends by URL; names must be unique. Empty only with backendDiscovery."""
+    backend_discovery: Annotated[list[BackendDiscovery], Field(max_length=16)] = Field(
+        default_factory=list)
+    """More backends from Services or EndpointSlice labels, followed within 5 s by the proxy
+    (its ServiceAccount gets list/watch on endpointslices in this namespace)."""
     load_balancing: LoadBalancing = Field(default_factory=LoadBalancing)
     """Backend selection."""
     health_check: HealthCheck = Field(default_factory=HealthCheck)
@@ -497,6 +538,13 @@ class ProxySpec(Model):
     """Extra pod annotations."""
 
     cross_field_rules = (
+        CrossFieldRule(
+            check=lambda v: bool(v["backends"]) or bool(v["backend_discovery"]),
+            message="at least one backend: backends or backendDiscovery",
+            cel="size(self.backends) > 0 || size(self.backendDiscovery) > 0",
+            reads=("backends", "backendDiscovery"),
+            field_path=".backends",
+        ),
         CrossFieldRule(
             # The API server enforces this through the list-map key `name` (Duplicate value).
             check=lambda v: len({b.name for b in v["backends"]}) == len(v["backends"]),

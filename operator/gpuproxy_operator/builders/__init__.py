@@ -22,6 +22,10 @@ from gpuproxy_operator.builders.pgbouncer import (
     build_pgbouncer_service,
 )
 from gpuproxy_operator.builders.proxy import build_proxy_configmap, build_proxy_deployment
+from gpuproxy_operator.builders.proxy_rbac import (
+    build_proxy_discovery_role,
+    build_proxy_discovery_role_binding,
+)
 from gpuproxy_operator.builders.proxy_services import (
     build_proxy_metrics_service,
     build_proxy_pdb,
@@ -39,7 +43,8 @@ __all__ = ["BuildInputs", "DatabaseCredentials", "Manifest", "OperandImages", "O
 
 
 def build_all(cluster: GpuProxyCluster, inputs: BuildInputs) -> list[Manifest]:
-    """Every child manifest in apply order: ServiceAccount, ConfigMaps, Secrets, Services,
+    """Every child manifest in apply order: ServiceAccount, its Role and RoleBinding (backend
+    discovery only), ConfigMaps, Secrets, Services,
     workloads, PodDisruptionBudget, NetworkPolicies, the backup CronJob, then the
     prometheus-operator objects (last, since their CRDs may be missing and must not block the
     rest). Node tuning is not among them: it is the platform's (the chart's DaemonSet), never
@@ -48,6 +53,8 @@ def build_all(cluster: GpuProxyCluster, inputs: BuildInputs) -> list[Manifest]:
     bundled_redis = cluster.spec.redis.mode == "bundled"
     candidates: list[Manifest | None] = [
         build_proxy_service_account(cluster),
+        build_proxy_discovery_role(cluster),
+        build_proxy_discovery_role_binding(cluster),
         build_proxy_configmap(cluster),
         build_pgbouncer_configmap(cluster),
         build_redis_configmap(cluster) if bundled_redis else None,

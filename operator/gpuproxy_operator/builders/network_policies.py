@@ -21,7 +21,7 @@ DNS_PORTS = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
 _SCHEME_PORTS = {"http": 80, "https": 443, "redis": REDIS_PORT, "rediss": REDIS_PORT}
 
 
-def _tcp(port: int) -> dict[str, Any]:
+def _tcp(port: int | str) -> dict[str, Any]:
     return {"protocol": "TCP", "port": port}
 
 
@@ -155,7 +155,25 @@ def _proxy_egress(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
                       "ports": [_tcp(REDIS_PORT)]})
     elif redis.url is not None:
         targets.append(_host_port(redis.url))
-    return rules + _address_rules(targets)
+    return rules + _address_rules(targets) + _discovery_egress(cluster)
+
+
+# Where the in-cluster API server listens (the kubernetes Service's 443, or the apiserver's
+# own 6443 that some CNIs match after DNAT). Not a pod, so by port only.
+API_SERVER_PORTS = (443, 6443)
+
+
+def _discovery_egress(cluster: GpuProxyCluster) -> list[dict[str, Any]]:
+    """Backend discovery: the API server (the EndpointSlice watch) and the discovered pods'
+    port, by port only (their addresses come and go)."""
+    sources = cluster.spec.proxy.backend_discovery
+    if not sources:
+        return []
+    ports: dict[int | str, None] = {s.port: None for s in sources}
+    return [
+        {"ports": [_tcp(port) for port in API_SERVER_PORTS]},
+        {"ports": [{"protocol": "TCP", "port": port} for port in ports]},
+    ]
 
 
 def build_proxy_network_policy(cluster: GpuProxyCluster, operator: OperatorPeer | None

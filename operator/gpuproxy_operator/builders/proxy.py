@@ -141,7 +141,9 @@ def _pod_spec(cluster: GpuProxyCluster) -> dict[str, Any]:
     sysctls = proxy_pod_sysctls()
     pod: dict[str, Any] = {
         "serviceAccountName": child_name(cluster.metadata.name, "proxy"),
-        "automountServiceAccountToken": False,
+        # A token only for backend discovery (the proxy's own EndpointSlice watch); the
+        # ServiceAccount itself mounts none, so no other pod gets one by accident.
+        "automountServiceAccountToken": bool(proxy.backend_discovery),
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(proxy),
         "securityContext": pod_security_context(PROXY_UID, sysctls),

@@ -129,11 +129,26 @@ def _admission(admission: Admission) -> dict[str, Any]:
     }
 
 
+def _discovery(cluster: GpuProxyCluster) -> dict[str, Any]:
+    """The proxy watches EndpointSlices itself (an operator-pushed ConfigMap would take the
+    kubelet's ~60 s sync, past the 5 s promise)."""
+    sources = []
+    for d in cluster.spec.proxy.backend_discovery:
+        source: dict[str, Any] = {"name": d.name, "port": d.port, "scheme": d.scheme,
+                                  "health_path": d.health_path}
+        if d.service is not None:
+            source["service"] = d.service
+        else:
+            source["selector"] = d.label_selector()
+        sources.append(source)
+    return {"namespace": cluster.metadata.namespace, "sources": sources}
+
+
 def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
     """Everything one proxy pod needs except secrets, keyed like the proxy's YAML."""
     proxy = cluster.spec.proxy
     rl = proxy.rate_limits
-    return {
+    config: dict[str, Any] = {
         "listen": _listen(cluster),
         "workers": proxy.workers,
         "backends": [
@@ -211,3 +226,7 @@ def build_proxy_config(cluster: GpuProxyCluster) -> dict[str, Any]:
         },
         "secret_files": secret_files(cluster),
     }
+    if proxy.backend_discovery:
+        # Only then: an unchanged config keeps existing pods (the config hash) on upgrade.
+        config["discovery"] = _discovery(cluster)
+    return config

@@ -74,7 +74,8 @@ def build_proxy_metrics_service(cluster: GpuProxyCluster) -> Manifest:
 
 
 def build_proxy_service_account(cluster: GpuProxyCluster) -> Manifest:
-    """The proxy never talks to the Kubernetes API, so it gets no token."""
+    """No token by default: only the proxy pods of a cluster with backend discovery ask for
+    one (builders/proxy.py), to watch EndpointSlices."""
     return with_spec_hash({
         "apiVersion": "v1",
         "kind": "ServiceAccount",

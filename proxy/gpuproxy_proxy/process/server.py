@@ -33,6 +33,8 @@ from gpuproxy_proxy.process.gcwatch import (
 )
 from gpuproxy_proxy.process.heartbeat import DRAINING, SERVING, send_beats
 from gpuproxy_proxy.process.lifecycle import DrainPlan, ProcessLifecycle, drain
+from gpuproxy_proxy.routing.discovered import DISCOVERY_FILE
+from gpuproxy_proxy.routing.discovery import SNAPSHOT_NAME as DISCOVERY_SNAPSHOT
 from gpuproxy_proxy.routing.scraper import SIGNALS_FILE, SNAPSHOT_NAME
 from gpuproxy_proxy.runtime import RUNTIME, Runtime
 
@@ -256,6 +258,7 @@ async def serve_worker(config: ProxyConfig, secrets: Secrets, config_path: Path,
     # The supervisor scrapes the backends once for the pod and publishes next to the status
     # sockets (routing/scraper.py): the workers only read that file.
     worker.app[SIGNALS_FILE] = status_path.parent / SNAPSHOT_NAME
+    worker.app[DISCOVERY_FILE] = status_path.parent / DISCOVERY_SNAPSHOT
     sock = reuseport_socket(config.listen.host, config.listen.port, config.listen.backlog)
     await worker.start(sock, status_path=status_path, admin_api=admin_api_socket(config))
     worker.install_signals()

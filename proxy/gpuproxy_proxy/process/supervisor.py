@@ -17,12 +17,16 @@ from typing import Any
 
 from aiohttp import web
 
-from gpuproxy_proxy.config import ProxyConfig, load_config
+from gpuproxy_proxy.config import BackendConfig, ProxyConfig, load_config
 from gpuproxy_proxy.observability.logging import reconfigure_logging
 from gpuproxy_proxy.observability.status import UnixSource, build_status_app
 from gpuproxy_proxy.process.heartbeat import WorkerSlot, beat_interval
 from gpuproxy_proxy.process.server import admin_socket
 from gpuproxy_proxy.reload import effective_config, file_signature
+from gpuproxy_proxy.routing.discovered import all_backends
+from gpuproxy_proxy.routing.discovery import SNAPSHOT_NAME as DISCOVERY_SNAPSHOT
+from gpuproxy_proxy.routing.discovery import DiscoveryWatcher
+from gpuproxy_proxy.routing.discovery import file_publisher as write_discovered
 from gpuproxy_proxy.routing.scraper import SNAPSHOT_NAME, SignalScraper, file_publisher
 
 log = logging.getLogger("gpuproxy.supervisor")
@@ -44,6 +48,7 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(workers)]
         self.dir = Path(tempfile.mkdtemp(prefix="gpuproxy-"))
         self.paths = [self.dir / f"worker-{i}.sock" for i in range(workers)]
+        self.discovered: list[BackendConfig] = []
 
     @property
     def heartbeat_timeout(self) -> float:
@@ -148,6 +153,16 @@ class Supervisor:
                 reconfigure_logging(new.logging)
             self.config = new
 
+    def _discovered(self, backends: list[BackendConfig]) -> None:
+        self.discovered = backends
+        write_discovered(self.dir / DISCOVERY_SNAPSHOT)(backends)
+
+    def _scraped_config(self) -> ProxyConfig:
+        if not self.discovered:
+            return self.config
+        return self.config.model_copy(
+            update={"backends": all_backends(self.config, self.discovered)})
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -160,8 +175,12 @@ class Supervisor:
         keepers = [asyncio.create_task(self._keep_running(i)) for i in range(self.workers)]
         watchers = [asyncio.create_task(self._watch_heartbeats(), name="heartbeats")]
         # Engine signals once per pod, not per worker: the workers read this file.
-        scraper = SignalScraper(lambda: self.config, file_publisher(self.dir / SNAPSHOT_NAME))
+        scraper = SignalScraper(self._scraped_config, file_publisher(self.dir / SNAPSHOT_NAME))
         watchers.append(asyncio.create_task(scraper.run(), name="signals-scrape"))
+        if self.config.discovery.sources:
+            # EndpointSlices watched once per pod too: the workers follow backends.json.
+            discovery = DiscoveryWatcher(self.config.discovery, self._discovered)
+            watchers.append(asyncio.create_task(discovery.run(), name="discovery-watch"))
         if self.config.reload.enabled:
             watchers.append(asyncio.create_task(self._watch_config(), name="config-watch"))
         log.info("supervisor serving admin port %d with %d workers on port %d",

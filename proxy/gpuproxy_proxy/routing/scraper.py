@@ -171,7 +171,9 @@ async def signals_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(watch_snapshot(path, lambda: runtime.pool),
                                    name="signals-watch")
     else:
-        scraper = SignalScraper(lambda: runtime.config,
+        # Discovered backends are scraped too: the pool's backends, not only the file's.
+        scraper = SignalScraper(lambda: runtime.config.model_copy(update={"backends": [
+                                    b.config for b in runtime.pool.backends]}),
                                 lambda signals: apply_to_pool(runtime.pool, signals))
         task = asyncio.create_task(scraper.run(), name="signals-scrape")
     yield
