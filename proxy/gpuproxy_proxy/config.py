@@ -214,6 +214,11 @@ class AdmissionConfig(_Frozen):
     # Requests in flight one backend takes from the whole pod (split over its workers) before
     # it counts as saturated.
     max_in_flight_per_backend: Annotated[int, Field(ge=1)] = 64
+    # A backend whose fresh engine signals (routing/scraper.py) show more KV-cache use or more
+    # waiting requests than these is saturated too, whatever our in-flight count says (the
+    # Gateway API Inference Extension's defaults); 1.0 / None turn either test off.
+    max_kv_cache_usage: Annotated[float, Field(gt=0, le=1)] = 0.8
+    max_engine_queue: Annotated[int, Field(ge=0)] | None = 5
     # Waiting requests per worker; one more is refused at once with 503.
     max_queue: Annotated[int, Field(ge=0)] = 1000
     queue_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0

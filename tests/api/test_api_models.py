@@ -80,7 +80,8 @@ def test_quantities_accept_ints_and_strings() -> None:
         ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "spec.autoscaling",
          "minReplicas must be less than or equal to maxReplicas"),
         ({"redis": {"mode": "external"}}, "spec.redis", "url is required"),
-        ({"proxy": {"backends": []}}, "spec.proxy.backends", "at least 1 item"),
+        ({"proxy": {"backends": []}}, "spec.proxy", "at least one backend: backends or "
+         "backendDiscovery"),
         ({"proxy": {"backends": [{"name": "Bad_Name", "url": "http://a"}]}},
          "spec.proxy.backends[0].name", "should match pattern"),
         ({"proxy": {"backends": [{"name": "a", "url": "ftp://a"}]}},

@@ -21,6 +21,8 @@ from gpuproxy_proxy.observability.aggregate import merge_stats
 from gpuproxy_proxy.observability.metrics import ProxyMetrics
 from gpuproxy_proxy.observability.status import LocalSource
 from gpuproxy_proxy.routing.admission import ADMISSION, AdmissionQueue, tenant_of
+from gpuproxy_proxy.routing.signals import BackendSignals
+from gpuproxy_proxy.runtime import RUNTIME
 
 _DEADLINE = 30.0  # generous: the machine may be loaded
 
@@ -317,3 +319,45 @@ def test_priority_header_is_honored_only_for_granted_principals() -> None:
     assert queue.priority_of(granted, "platinum") == "default"
     assert tenant_of(granted, "10.0.0.1") == "k:k-gold"
     assert tenant_of(ANONYMOUS, "10.0.0.1") == "ip:10.0.0.1"
+
+
+def _engine(client: Any, name: str, **signals: float) -> None:
+    """What the pod's scraper would hand this backend: fresh engine signals."""
+    pool = client.server.app[RUNTIME].pool
+    (backend,) = [b for b in pool.backends if b.name == name]
+    backend.apply_signals(BackendSignals(scraped_at=time.monotonic(), engine="vllm", **signals))
+
+
+async def test_engine_signals_saturate_a_backend_whatever_the_in_flight_count(
+        gated: Any, make_proxy: ProxyFactory) -> None:
+    """The Gateway API Inference Extension's thresholds: a backend whose KV cache is over 0.8
+    or whose engine queue is over 5 takes nothing new; all such: requests wait in the queue."""
+    a, b = await gated("a"), await gated("b")
+    client = await make_proxy(_config([a, b], admission=_admission(64)))
+    queue = client.server.app[ADMISSION]
+    _engine(client, "a", kv_usage=0.95, waiting=0)
+    _engine(client, "b", kv_usage=0.1, waiting=0)
+    first = [asyncio.create_task(client.post("/v1/chat/completions", json={}))
+             for _ in range(4)]
+    await _until(lambda: len(b.arrived) == 4, "all four on the backend with room")
+    assert a.arrived == []
+    _engine(client, "b", kv_usage=0.1, waiting=9)  # now b's engine queue is long too
+    queued = asyncio.create_task(client.post("/v1/chat/completions", json={}))
+    await _until(lambda: queue.depth == 1, "queued while every engine is full")
+    _engine(client, "a", kv_usage=0.2, waiting=0)  # a's cache drained
+    b.release_one()  # a request ends: the queue looks again and finds a
+    await _until(lambda: len(a.arrived) == 1, "the queued request went to a")
+    a.release_one()
+    while not all(t.done() for t in first):
+        b.release_one()
+        await asyncio.sleep(0.01)
+    assert (await queued).status == 200
+    assert [(await t).status for t in first] == [200] * 4
+
+
+def test_engine_thresholds_reach_the_rendered_config() -> None:
+    config = ProxyConfig.model_validate({"admission": {"max_kv_cache_usage": 0.9,
+                                                       "max_engine_queue": None}})
+    assert (config.admission.max_kv_cache_usage, config.admission.max_engine_queue) == (0.9, None)
+    assert ProxyConfig().admission.max_kv_cache_usage == 0.8
+    assert ProxyConfig().admission.max_engine_queue == 5

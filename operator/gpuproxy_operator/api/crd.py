@@ -99,15 +99,18 @@ def _structural(node: Any, defs: dict[str, Any], models: dict[str, type[BaseMode
         _factory_defaults(model, out["properties"])
     if out.get("type") == "object" and "properties" in out:
         unset = _defaults_to_none(model)
+        required = set(out.get("required", ()))
         for alias, prop in out["properties"].items():
             # A defaulted sub-object defaults to {} so the apiserver fills its nested defaults;
-            # one that defaults to None stays unset (unset means "derived", e.g. resources).
+            # one that defaults to None stays unset (unset means "derived", e.g. resources). A
+            # required one gets none: it is never defaulted, and its rules may need input.
             if (
                 prop.get("type") == "object"
                 and "properties" in prop
                 and "default" not in prop
                 and not prop.get("required")
                 and alias not in unset
+                and alias not in required
             ):
                 prop["default"] = {}
     if rules:

@@ -189,6 +189,12 @@ class Admission(Model):
     max_in_flight_per_backend: Annotated[int, Field(ge=1, le=100000)] = 64
     """Requests one backend takes from one proxy pod before it counts as saturated (about its
     batch size divided by the proxy replicas)."""
+    max_kv_cache_usage_percent: Annotated[int, Field(ge=1, le=100)] = 80
+    """A backend whose scraped KV-cache use is above this (fresh engine signals) is saturated
+    too; 100 turns the test off."""
+    max_engine_queue: Annotated[int, Field(ge=0, le=100000)] = 5
+    """A backend with more requests waiting in the engine than this (fresh engine signals) is
+    saturated too; 100000 turns the test off in practice."""
     max_queue: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
     """Waiting requests per worker; more are refused at once with 503."""
     queue_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 30

@@ -119,6 +119,8 @@ def _admission(admission: Admission) -> dict[str, Any]:
     return {
         "enabled": admission.enabled,
         "max_in_flight_per_backend": admission.max_in_flight_per_backend,
+        "max_kv_cache_usage": admission.max_kv_cache_usage_percent / 100,
+        "max_engine_queue": admission.max_engine_queue,
         "max_queue": admission.max_queue,
         "queue_timeout_seconds": float(admission.queue_timeout_seconds),
         "retry_after_seconds": admission.retry_after_seconds,

@@ -21,18 +21,31 @@ from gpuproxy_proxy.routing.backends import BackendPool, BackendState
 PRIORITY_HEADER = "x-gpuproxy-priority"
 
 
-def headroom(backend: BackendState, per_backend: int) -> int:
-    """Requests `backend` still takes from this worker before it is saturated.
+@dataclass(frozen=True, slots=True)
+class Saturation:
+    """When a backend counts as saturated: this worker's share of in-flight requests, and
+    the engine's own KV-cache use and queue while its scraped signals are fresh."""
 
-    Engine signals plug in here: once the backend's scraped KV-cache use or queue depth is at
-    hand, return 0 when KV cache > 0.8 or queue > 5 (the Gateway API Inference Extension's
-    defaults), whatever the in-flight count says.
-    """
-    return per_backend - backend.in_flight
+    per_backend: int
+    max_kv: float = 1.0
+    max_queue: int | None = None
 
 
-def saturated(backend: BackendState, per_backend: int) -> bool:
-    return headroom(backend, per_backend) <= 0
+def headroom(backend: BackendState, limits: Saturation, now: float) -> int:
+    """Requests `backend` still takes from this worker before it is saturated: 0 when its
+    fresh engine signals say the GPU is full (KV cache or queue over the limits)."""
+    signals = backend.signals
+    if signals is not None and signals.fresh(now, backend.signals_max_age):
+        kv, waiting = signals.kv_usage, signals.waiting
+        if (kv is not None and kv > limits.max_kv) or (
+                limits.max_queue is not None and waiting is not None
+                and waiting > limits.max_queue):
+            return 0
+    return limits.per_backend - backend.in_flight
+
+
+def saturated(backend: BackendState, limits: Saturation, now: float) -> bool:
+    return headroom(backend, limits, now) <= 0
 
 
 @dataclass(slots=True, eq=False)
@@ -72,6 +85,8 @@ class AdmissionQueue:
         self.config = config
         # The setting is per pod: each worker takes its share of a backend (at least one).
         self.per_backend = max(1, math.ceil(config.max_in_flight_per_backend / workers))
+        self.limits = Saturation(self.per_backend, config.max_kv_cache_usage,
+                                 config.max_engine_queue)
         self.retry_after = {"Retry-After": str(config.retry_after_seconds)}
 
     # --- the hot path ------------------------------------------------------------------------
@@ -85,13 +100,14 @@ class AdmissionQueue:
         for backend in pool.backends:
             if backend.available(now):
                 any_up = True
-                if not saturated(backend, self.per_backend):
+                if not saturated(backend, self.limits, now):
                     return True
         return not any_up  # nothing up: forwarding answers 503 at once, do not queue
 
     def saturated_names(self, pool: BackendPool) -> frozenset[str]:
         """Backends the balancer should pass over for an admitted request (any strategy)."""
-        full = [b.name for b in pool.backends if saturated(b, self.per_backend)]
+        now = time.monotonic()
+        full = [b.name for b in pool.backends if saturated(b, self.limits, now)]
         return frozenset(full) if full else frozenset()
 
     def release(self, pool: BackendPool) -> None:
@@ -148,7 +164,7 @@ class AdmissionQueue:
 
     def _dispatch(self, pool: BackendPool) -> None:
         now = time.monotonic()
-        free = sum(max(0, headroom(b, self.per_backend)) for b in pool.backends
+        free = sum(max(0, headroom(b, self.limits, now)) for b in pool.backends
                    if b.available(now)) - self.handoffs
         if not any(b.available(now) for b in pool.backends):
             free = self.depth  # nothing up: let them all through to a quick 503
