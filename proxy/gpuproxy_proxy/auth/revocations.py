@@ -30,6 +30,8 @@ CHANNEL = "gpuproxy:revocations"
 _TIMEOUT_SECONDS = 2.0
 # A silent link (a partition sends no RST) is noticed by unanswered pings.
 _PING_SECONDS = 5.0
+# Longest the subscriber's and publisher's connections get to close at shutdown.
+_CLOSE_SECONDS = 5.0
 _SILENT_SECONDS = 3 * _PING_SECONDS
 _READ_SECONDS = 1.0
 _BACKOFF_MIN_SECONDS = 0.25
@@ -153,10 +155,12 @@ class RevocationFeed:
                     raise TimeoutError(f"no answer from Redis for {now - last_heard:.0f} s")
         finally:
             self._set_subscribed(False)
-            with contextlib.suppress(*_FAILURES):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            with contextlib.suppress(*_FAILURES):
-                await pool.disconnect()
+            with contextlib.suppress(*_FAILURES, TimeoutError):
+                async with asyncio.timeout(_CLOSE_SECONDS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(*_FAILURES, TimeoutError):
+                async with asyncio.timeout(_CLOSE_SECONDS):
+                    await pool.disconnect()
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -190,15 +194,18 @@ class RevocationFeed:
             self._up.set(1 if up else 0)
 
     async def close(self) -> None:
+        """Bounded: a wedged Redis socket must not hold up the process's shutdown."""
         with contextlib.suppress(ValueError):
             self._store.revocation_listeners.remove(self.publish)
+        pending = set(self._closing)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await asyncio.gather(*self._closing, return_exceptions=True)
-        with contextlib.suppress(*_FAILURES):
-            await self._publisher.aclose(close_connection_pool=True)
+            pending.add(self._task)
+        if pending:
+            await asyncio.wait(pending, timeout=_CLOSE_SECONDS)
+        with contextlib.suppress(*_FAILURES, TimeoutError):
+            async with asyncio.timeout(_CLOSE_SECONDS):
+                await self._publisher.aclose(close_connection_pool=True)
 
 
 REVOCATIONS = web.AppKey("revocations", RevocationFeed)
