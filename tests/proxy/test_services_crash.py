@@ -40,6 +40,23 @@ def _env(pgbouncer: Any) -> dict[str, str]:
     return {"GPUPROXY_DB_USER": pgbouncer.user, "GPUPROXY_DB_PASSWORD": pgbouncer.password}
 
 
+async def _spooling_proxy(tmp_path: Path, backends: list[FakeBackend], pgbouncer: Any, *,
+                          workers: int = 1, metering: dict[str, Any] | None = None,
+                          **backend_kwargs: Any) -> tuple[ProxyProcess, Path]:
+    """One fake backend and the real CLI in front of it, metering through PgBouncer onto a
+    spool in `tmp_path`; returns the proxy and its spool directory."""
+    backend = await FakeBackend("gpu", **backend_kwargs).start()
+    backends.append(backend)
+    spool = tmp_path / "spool"
+    config = _config(backend, spool, pgbouncer, workers=workers)
+    if metering:
+        config = config.model_copy(update={
+            "metering": config.metering.model_copy(update=metering)})
+    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
+                              env=_env(pgbouncer))
+    return proxy, spool
+
+
 class Client:
     """Concurrent requests, half of them streams; logs every id answered with headers 200."""
 
@@ -121,7 +138,7 @@ async def test_kill_9_under_load_loses_and_duplicates_no_admitted_record(
     backends.append(backend)
     spool = tmp_path / "spool"
     config = _config(backend, spool, pgbouncer_server)
-    path = tmp_path / "proxy.yaml"
+    path = tmp_path / "proxy.yaml"  # the restart below reuses it, spool and all
     proxy = await start_proxy(path, config, tmp_path / "proxy.log", env=_env(pgbouncer_server))
     tag = uuid.uuid4().hex
     client = Client(proxy, tag)
@@ -173,12 +190,8 @@ async def test_a_killed_worker_is_replayed_by_its_replacement(
 ) -> None:
     # Two workers share the spool directory; one is SIGKILLed under load, the supervisor
     # starts another, which replays the dead worker's spool while its sibling serves on.
-    backend = await FakeBackend("gpu", chunks=20, delay=0.05).start()
-    backends.append(backend)
-    spool = tmp_path / "spool"
-    config = _config(backend, spool, pgbouncer_server, workers=2)
-    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
-                              env=_env(pgbouncer_server))
+    proxy, spool = await _spooling_proxy(tmp_path, backends, pgbouncer_server, workers=2,
+                                         chunks=20, delay=0.05)
     tag = uuid.uuid4().hex
     client = Client(proxy, tag)
     load = asyncio.create_task(client.run(concurrency=24))
@@ -221,12 +234,7 @@ async def _metric(proxy: ProxyProcess, name: str) -> float:
 async def test_postgres_outage_requests_admitted_into_the_spool_all_rows_arrive(
     tmp_path: Path, backends: list[FakeBackend], postgres_server: Any, pgbouncer_server: Any
 ) -> None:
-    backend = await FakeBackend("gpu").start()
-    backends.append(backend)
-    spool = tmp_path / "spool"
-    config = _config(backend, spool, pgbouncer_server)
-    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
-                              env=_env(pgbouncer_server))
+    proxy, _ = await _spooling_proxy(tmp_path, backends, pgbouncer_server)
     tag = uuid.uuid4().hex
     try:
         postgres_server.stop()
@@ -255,13 +263,8 @@ async def test_postgres_outage_requests_admitted_into_the_spool_all_rows_arrive(
 async def test_spool_full_rejects_with_503_until_the_database_takes_the_records(
     tmp_path: Path, backends: list[FakeBackend], postgres_server: Any, pgbouncer_server: Any
 ) -> None:
-    backend = await FakeBackend("gpu").start()
-    backends.append(backend)
-    config = _config(backend, tmp_path / "spool", pgbouncer_server)
-    config = config.model_copy(update={"metering": config.metering.model_copy(
-        update={"spool_max_bytes": 64 * 1024, "on_spool_full": "reject"})})
-    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
-                              env=_env(pgbouncer_server))
+    proxy, _ = await _spooling_proxy(tmp_path, backends, pgbouncer_server, metering={
+        "spool_max_bytes": 64 * 1024, "on_spool_full": "reject"})
     tag = uuid.uuid4().hex
     accepted: list[str] = []
     try:
@@ -304,12 +307,8 @@ async def test_spool_full_rejects_with_503_until_the_database_takes_the_records(
 async def test_a_clean_stop_commits_everything_and_leaves_no_spool(
     tmp_path: Path, backends: list[FakeBackend], pgbouncer_server: Any
 ) -> None:
-    backend = await FakeBackend("gpu", chunks=5, delay=0.05).start()
-    backends.append(backend)
-    spool = tmp_path / "spool"
-    config = _config(backend, spool, pgbouncer_server, workers=2)
-    proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log",
-                              env=_env(pgbouncer_server))
+    proxy, spool = await _spooling_proxy(tmp_path, backends, pgbouncer_server, workers=2,
+                                         chunks=5, delay=0.05)
     tag = uuid.uuid4().hex
     client = Client(proxy, tag)
     load = asyncio.create_task(client.run(concurrency=8))

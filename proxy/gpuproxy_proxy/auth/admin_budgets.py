@@ -3,11 +3,14 @@ or team) set, read (limit, spent, reserved, remaining, resets_at) and remove one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gpuproxy_proxy.auth.admin import AdminRequest, _bad_request, _require_admin, _with_request_id
@@ -26,10 +29,11 @@ _MAX_ID = 200
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
-def _target(request: AdminRequest) -> tuple[TokenGate, str, str]:
+def _target(request: AdminRequest) -> tuple[TokenGate, Redis, str, str]:
     _require_admin(request)
     gate = request.app[TOKEN_GATE]
-    if not gate.budgets_on or gate.redis_client is None:
+    client = gate.redis_client
+    if not gate.budgets_on or client is None:
         raise json_error(web.HTTPConflict, "budgets_disabled",
                          "budgets are off: set budgets.enabled and a redis section in the "
                          "proxy config")
@@ -38,7 +42,18 @@ def _target(request: AdminRequest) -> tuple[TokenGate, str, str]:
         raise _bad_request(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     if not ident or len(ident) > _MAX_ID:
         raise _bad_request(f"the id must be 1 to {_MAX_ID} characters")
-    return gate, scope, ident
+    return gate, client, scope, ident
+
+
+@contextlib.contextmanager
+def _stores_answering() -> Iterator[None]:
+    """The budget stores' failures as the 503 the caller can retry."""
+    try:
+        yield
+    except BudgetDatabaseUnavailable as exc:
+        raise unavailable(f"the budget database is unavailable ({exc}); retry shortly") from exc
+    except _FAILURES as exc:
+        raise unavailable(f"Redis is unavailable ({type(exc).__name__}); retry shortly") from exc
 
 
 def _parse(body: Any, scope: str, ident: str) -> Budget:
@@ -61,49 +76,31 @@ def _parse(body: Any, scope: str, ident: str) -> Budget:
 
 
 async def put_budget(request: AdminRequest) -> web.Response:
-    gate, scope, ident = _target(request)
+    gate, client, scope, ident = _target(request)
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _bad_request("the body must be JSON") from exc
     budget = _parse(body, scope, ident)
-    client = gate.redis_client
-    assert client is not None
-    try:
+    with _stores_answering():
         await gate.budgets.put(client, budget)
         status = await gate.budgets.status(client, scope, ident)
-    except BudgetDatabaseUnavailable as exc:
-        raise unavailable(f"the budget database is unavailable ({exc}); retry shortly") from exc
-    except _FAILURES as exc:
-        raise unavailable(f"Redis is unavailable ({type(exc).__name__}); retry shortly") from exc
     return web.json_response(status)
 
 
 async def get_budget(request: AdminRequest) -> web.Response:
-    gate, scope, ident = _target(request)
-    client = gate.redis_client
-    assert client is not None
-    try:
+    gate, client, scope, ident = _target(request)
+    with _stores_answering():
         status = await gate.budgets.status(client, scope, ident)
-    except BudgetDatabaseUnavailable as exc:
-        raise unavailable(f"the budget database is unavailable ({exc}); retry shortly") from exc
-    except _FAILURES as exc:
-        raise unavailable(f"Redis is unavailable ({type(exc).__name__}); retry shortly") from exc
     if status is None:
         raise json_error(web.HTTPNotFound, "not_found_error", f"no budget for {scope} {ident!r}")
     return web.json_response(status)
 
 
 async def delete_budget(request: AdminRequest) -> web.Response:
-    gate, scope, ident = _target(request)
-    client = gate.redis_client
-    assert client is not None
-    try:
+    gate, client, scope, ident = _target(request)
+    with _stores_answering():
         found = await gate.budgets.delete(client, scope, ident)
-    except BudgetDatabaseUnavailable as exc:
-        raise unavailable(f"the budget database is unavailable ({exc}); retry shortly") from exc
-    except _FAILURES as exc:
-        raise unavailable(f"Redis is unavailable ({type(exc).__name__}); retry shortly") from exc
     if not found:
         raise json_error(web.HTTPNotFound, "not_found_error", f"no budget for {scope} {ident!r}")
     return web.json_response({"scope": scope, "id": ident, "deleted": True})
