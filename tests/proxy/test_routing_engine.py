@@ -107,6 +107,9 @@ async def proxy_for(tmp_path: Path, backends: list[Sim], workers: int = 2,
     config = proxy_config(
         backends, workers=workers,
         listen={"host": "127.0.0.1", "port": free_port(), "admin_port": free_port()},
+        # The simulators share the test's event loop with the clogging streams: on a loaded
+        # machine an answer can take past the default 30 s without anything being wrong.
+        upstream={"connect_timeout_seconds": 10.0, "read_timeout_seconds": 120.0},
         load_balancing={"signals": {"interval_seconds": 0.3, "models_interval_seconds": 1.0,
                                     "timeout_seconds": 5.0, "max_age_seconds": 5.0}, **lb})
     proxy = await start_proxy(tmp_path / "proxy.yaml", config, tmp_path / "proxy.log")
